@@ -1,0 +1,1 @@
+"""Data: tokenizers, preprocessing into indexed datasets, GPT datasets, the embedded demo corpus."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out LM loss, zero-shot multiple choice, ROUGE-L."""

@@ -1,0 +1,1 @@
+"""Teacher-logits store: format, writer, reader, precompute."""

@@ -1,0 +1,1 @@
+"""Distillation losses: vocab-parallel divergences, sparse targets, the distillation loss layer."""

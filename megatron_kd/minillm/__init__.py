@@ -1,0 +1,1 @@
+"""MiniLLM: rollouts, policy-gradient losses, trainer; SFT / KD / SeqKD baselines; GKD, DistiLLM."""

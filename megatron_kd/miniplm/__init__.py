@@ -1,0 +1,1 @@
+"""MiniPLM difference sampling: scoring and selection."""

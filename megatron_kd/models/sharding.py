@@ -1,0 +1,146 @@
+"""Full (TP=1, PP=1, unpadded-vocab) megatron state dicts <-> this rank's TP/PP shard.
+
+The *full* layout uses megatron-core local-spec names with global layer indices and the real
+vocabulary (no padding rows), so it is independent of the parallel layout:
+
+* ``embedding.word_embeddings.weight`` / ``output_layer.weight``: [vocab_size, hidden]
+* ``decoder.layers.{i}.self_attention.linear_qkv.{weight,bias}``: megatron's fused QKV, grouped per
+  KV head: for each query group g, [q heads of g; k_g; v_g] rows (head_dim rows per head)
+* ``decoder.layers.{i}.mlp.linear_fc1.weight``: [gate; up] (2*ffn rows)
+* row-parallel ``linear_proj`` / ``linear_fc2``; replicated norms.
+
+:func:`shard_full_state` slices it for a TP/PP rank (used by HF import and tests);
+:func:`gather_full_state` is the inverse (HF export).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_kd.models.config import ModelConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
+_GATED = ("mlp.linear_fc1.weight",)
+_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
+# Transformer Engine spec fuses the pre-norms into the following linear layer.
+_TE_RENAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+               "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def _layer_offset(cfg: ModelConfig) -> tuple[int, int]:
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    per_stage = cfg.num_layers // pp
+    return parallel_state.get_pipeline_model_parallel_rank() * per_stage, per_stage
+
+
+def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    return torch.chunk(t, size, dim=dim)[rank].contiguous()
+
+
+def shard_full_state(full: dict[str, torch.Tensor], cfg: ModelConfig, local_keys: set[str] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Slice a full state dict into this rank's TP/PP shard (local layer indices, padded vocab).
+
+    ``local_keys``: the keys of the local model's state dict; used to pick the TE or local
+    spelling of the fused norms and to skip keys this stage does not own.
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    first, per_stage = _layer_offset(cfg)
+    padded = cfg.padded_vocab_size(tp)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in full.items():
+        m = _LAYER.match(key)
+        if m:
+            layer, rest = int(m.group(1)), m.group(2)
+            if not first <= layer < first + per_stage:
+                continue
+            name = f"decoder.layers.{layer - first}.{rest}"
+            if local_keys is not None and name not in local_keys and rest in _TE_RENAMES:
+                name = f"decoder.layers.{layer - first}.{_TE_RENAMES[rest]}"
+            if rest in _COLUMN:
+                value = _split(value, 0, tp_rank, tp)
+            elif rest in _GATED:
+                gate, up = value.chunk(2, dim=0)
+                value = torch.cat([_split(gate, 0, tp_rank, tp), _split(up, 0, tp_rank, tp)], dim=0)
+            elif rest in _ROW:
+                value = _split(value, 1, tp_rank, tp)
+            out[name] = value
+        elif key in _VOCAB:
+            pad = torch.zeros(padded - value.shape[0], value.shape[1], dtype=value.dtype)
+            out[key] = _split(torch.cat([value, pad], dim=0), 0, tp_rank, tp)
+        else:
+            out[key] = value
+    if local_keys is not None:
+        out = {k: v for k, v in out.items() if k in local_keys}
+    return out
+
+
+def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Copy a full state dict into ``model`` (this rank's stage and shard). Strict on real weights."""
+    local = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    shard = shard_full_state(full, cfg, set(local))
+    missing = sorted(set(local) - set(shard))
+    if cfg.tie_embeddings:
+        missing = [k for k in missing if k != "output_layer.weight"]
+    if missing:
+        raise KeyError(f"full state is missing {len(missing)} weight(s) for this stage, e.g. {missing[0]}")
+    with torch.no_grad():
+        for k, v in shard.items():
+            if local[k].shape != v.shape:
+                raise ValueError(f"shape mismatch for {k}: model {tuple(local[k].shape)} vs state {tuple(v.shape)}")
+            local[k].copy_(v.to(local[k].dtype))
+
+
+def _all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    if size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_full_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`shard_full_state`: collective over TP and PP; every rank gets the result."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    first, _ = _layer_offset(cfg)
+    te_back = {v: k for k, v in _TE_RENAMES.items()}
+    stage: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if value is None or key.endswith("_extra_state"):
+            continue
+        value = value.detach().float().cpu()
+        m = _LAYER.match(key)
+        if m:
+            layer, rest = int(m.group(1)), m.group(2)
+            rest = te_back.get(rest, rest)
+            if rest in _COLUMN:
+                value = _all_gather(value, 0, tp_group)
+            elif rest in _GATED:
+                gate, up = value.chunk(2, dim=0)
+                value = torch.cat([_all_gather(gate, 0, tp_group), _all_gather(up, 0, tp_group)], dim=0)
+            elif rest in _ROW:
+                value = _all_gather(value, 1, tp_group)
+            stage[f"decoder.layers.{layer + first}.{rest}"] = value
+        elif key in _VOCAB:
+            stage[key] = _all_gather(value, 0, tp_group)[: cfg.vocab_size]
+        else:
+            stage[key] = value
+    if cfg.tie_embeddings:
+        stage.pop("output_layer.weight", None)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) == 1:
+        return stage
+    gathered: list = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(gathered, stage, group=pp_group)
+    full: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        for k, v in part.items():
+            full.setdefault(k, v)  # tied embeddings exist on first and last stage
+    return full

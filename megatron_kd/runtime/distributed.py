@@ -1,0 +1,137 @@
+"""Process-group setup: torch.distributed from torchrun's environment, megatron parallel_state.
+
+One process without torchrun works too (world size 1, a private TCP rendezvous on loopback).
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_kd.runtime import cpu
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. The data-parallel size is what is left of the world size."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel (TP) size: attention heads and the vocabulary are split this many ways."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel (PP) size: the layers are split into this many consecutive stages."""
+    context_parallel: int = 1
+    """Context-parallel (CP) size (GPU only: the local SDPA attention does not shard the sequence)."""
+
+    def validate(self, world_size: int) -> None:
+        """Raise ``ValueError`` (one line) if this layout does not fit ``world_size`` processes."""
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        mp = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel*"
+                f"context_parallel={mp}: launch a multiple of {mp} processes or change parallel.*"
+            )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local CUDA GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(parallel: ParallelConfig | None = None, backend: str | None = None) -> None:
+    """Initialise torch.distributed (NCCL with CUDA, else gloo) and megatron's parallel_state.
+
+    Reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` as set by
+    ``torchrun``; without them runs as a single process. Installs the CPU compatibility layer when
+    CUDA is absent. Safe to call twice with the same layout.
+    """
+    from megatron.core import parallel_state
+
+    parallel = parallel or ParallelConfig()
+    cpu.install()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        world_size = int(os.environ["WORLD_SIZE"])
+        parallel.validate(world_size)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)
+    else:
+        parallel.validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() == parallel.tensor_parallel
+            and parallel_state.get_pipeline_model_parallel_world_size() == parallel.pipeline_parallel
+        ):
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+    )
+
+
+def destroy_distributed() -> None:
+    """Tear down parallel_state and the default process group (tests, end of a command)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's model-parallel RNG tracker.
+
+    Every rank gets the same base seed; megatron derives distinct tensor-parallel streams
+    (for dropout inside TP regions) from it. Requires :func:`init_distributed` first.
+    """
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)  # on CPU the tracker seeding above touches the default generator
+
+
+def rank() -> int:
+    """Global rank (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Global world size (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the one that prints progress and writes shared files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Barrier across all ranks (no-op for a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

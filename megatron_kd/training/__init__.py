@@ -1,0 +1,1 @@
+"""Training loop on megatron-core schedules: DDP, optimizer, LR schedules, checkpoints, logging."""

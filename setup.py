@@ -1,0 +1,28 @@
+"""megatron-kd: knowledge distillation for LLM pre- and post-training on Megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-kd",
+    version="0.1.0",
+    description="Knowledge distillation (logit KD, MiniPLM, MiniLLM) for LLMs on Megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_kd", "megatron_kd.*"]),
+    install_requires=[
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "nltk",
+        "tqdm",
+        "psutil",  # hidden dependency of megatron-core dist_checkpointing
+        "safetensors",
+        "tokenizers",
+        "transformers>=4.45",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    entry_points={"console_scripts": ["megatron-kd=megatron_kd.cli:main"]},
+)

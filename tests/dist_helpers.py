@@ -1,0 +1,76 @@
+"""Run a test function in N spawned processes that form a gloo process group (CPU).
+
+Usage in a test module (the worker must be a module-level function)::
+
+    def _worker(rank, world_size, x):
+        init_distributed(ParallelConfig(tensor_parallel=2))
+        return some_number
+
+    def test_tp2():
+        results = run_workers(_worker, 2, 3.0)   # list, one entry per rank
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world_size, port, args, queue):
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from megatron_kd.runtime import destroy_distributed
+
+            destroy_distributed()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return per-rank results."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("worker failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
