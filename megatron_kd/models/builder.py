@@ -78,18 +78,25 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
 
 def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype | str = torch.float32,
                     use_te: bool | None = None, pre_process: bool | None = None,
-                    post_process: bool | None = None, **config_overrides) -> GPTModel:
+                    post_process: bool | None = None, padded_vocab_size: int | None = None,
+                    **config_overrides) -> GPTModel:
     """The local pipeline stage of a ``GPTModel`` for ``cfg`` (parallel_state must be initialised).
 
     Logits come out vocab-parallel ([b, s, padded_vocab/TP]); the padded columns beyond
     ``cfg.vocab_size`` are meaningless and should be masked with :func:`mask_padded_vocab`.
+    ``padded_vocab_size`` overrides the Megatron rule (multiple of 128*TP); checkpoints record the
+    size they were saved with so they load at another TP (it must be divisible by the new TP).
     """
     params_dtype = parse_dtype(params_dtype)
     tconf = transformer_config(cfg, params_dtype, **config_overrides)
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    padded = padded_vocab_size or cfg.padded_vocab_size(tp)
+    if padded % tp or padded < cfg.vocab_size:
+        raise ValueError(f"padded vocab size {padded} must be >= model.vocab_size={cfg.vocab_size} and "
+                         f"divisible by tensor_parallel={tp}")
     model = GPTModel(
         config=tconf, transformer_layer_spec=layer_spec(cfg, use_te),
-        vocab_size=cfg.padded_vocab_size(tp), max_sequence_length=cfg.max_position_embeddings,
+        vocab_size=padded, max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
         post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings, position_embedding_type="rope",

@@ -42,8 +42,8 @@ def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return torch.chunk(t, size, dim=dim)[rank].contiguous()
 
 
-def shard_full_state(full: dict[str, torch.Tensor], cfg: ModelConfig, local_keys: set[str] | None = None
-                     ) -> dict[str, torch.Tensor]:
+def shard_full_state(full: dict[str, torch.Tensor], cfg: ModelConfig, local_keys: set[str] | None = None,
+                     padded_vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     """Slice a full state dict into this rank's TP/PP shard (local layer indices, padded vocab).
 
     ``local_keys``: the keys of the local model's state dict; used to pick the TE or local
@@ -52,7 +52,7 @@ def shard_full_state(full: dict[str, torch.Tensor], cfg: ModelConfig, local_keys
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     first, per_stage = _layer_offset(cfg)
-    padded = cfg.padded_vocab_size(tp)
+    padded = padded_vocab_size or cfg.padded_vocab_size(tp)
     out: dict[str, torch.Tensor] = {}
     for key, value in full.items():
         m = _LAYER.match(key)
@@ -84,7 +84,8 @@ def shard_full_state(full: dict[str, torch.Tensor], cfg: ModelConfig, local_keys
 def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Copy a full state dict into ``model`` (this rank's stage and shard). Strict on real weights."""
     local = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    shard = shard_full_state(full, cfg, set(local))
+    padded = local_padded_vocab_size(model)
+    shard = shard_full_state(full, cfg, set(local), padded)
     missing = sorted(set(local) - set(shard))
     if cfg.tie_embeddings:
         missing = [k for k in missing if k != "output_layer.weight"]
@@ -95,6 +96,19 @@ def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], cfg: 
             if local[k].shape != v.shape:
                 raise ValueError(f"shape mismatch for {k}: model {tuple(local[k].shape)} vs state {tuple(v.shape)}")
             local[k].copy_(v.to(local[k].dtype))
+
+
+def local_padded_vocab_size(model: torch.nn.Module) -> int | None:
+    """Global padded vocab size of a (possibly DDP-wrapped) GPTModel stage; None on middle stages."""
+    model = getattr(model, "module", model)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    for name in ("embedding", "output_layer"):
+        sub = getattr(model, name, None)
+        if sub is not None:
+            weight = sub.word_embeddings.weight if name == "embedding" else sub.weight
+            if weight is not None:
+                return weight.shape[0] * tp
+    return None
 
 
 def _all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
