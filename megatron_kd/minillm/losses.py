@@ -24,8 +24,12 @@ from megatron_kd.minillm import vocab as vp
 
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[targets], differentiable. logits [b, T, V/tp]; targets [b, T] global ids."""
-    return -vocab_parallel_cross_entropy(logits.float(), targets)
+    """log softmax(logits)[targets], differentiable. logits [b, T, V/tp]; targets [b, T] global ids.
+
+    megatron's ``vocab_parallel_cross_entropy`` overwrites its input with the softmax, so it gets a
+    copy: callers may reuse ``logits`` (e.g. for the single-step or KD terms) afterwards.
+    """
+    return -vocab_parallel_cross_entropy(logits.float().clone(), targets)
 
 
 class _SingleStepReverseKL(torch.autograd.Function):
