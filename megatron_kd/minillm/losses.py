@@ -157,3 +157,37 @@ def ppo_clipped_surrogate(logq: torch.Tensor, log_behaviour: torch.Tensor, advan
 def token_rewards(logp_teacher: torch.Tensor, logq_student: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """r_t = (log p(y_t) - log q(y_t)) * scale (the reference's --reward-scaling 0.5 means scale 2)."""
     return (logp_teacher.detach().double() - logq_student.detach().double()) * scale
+
+
+def minillm_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                       log_behaviour: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor | None = None,
+                       clip: float = 0.2, single_step_coef: float = 1.0,
+                       single_step_importance_weight: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token MiniLLM loss [b, T] = PPO surrogate + c * (w_t) * KL(q_t || p_t), and its parts.
+
+    ``student_logits``: [b, T, V/tp] (padded columns -inf), differentiable; ``teacher_logits``
+    (same shape) or None to drop the single-step term; ``labels`` the sampled ids; the rest [b, T]
+    from the rollout. Parts: ``pg``, ``clipped``, ``ratio``, ``single_step`` (detached).
+    """
+    logq = token_log_probs(student_logits, labels)
+    pg, clipped = ppo_clipped_surrogate(logq, log_behaviour, advantages, clip)
+    parts = {"pg": pg.detach(), "clipped": clipped,
+             "ratio": torch.exp(logq.detach() - log_behaviour.detach().float())}
+    loss = pg
+    if teacher_logits is not None and single_step_coef != 0:
+        kl = single_step_reverse_kl(student_logits, teacher_logits)
+        w = weights.detach().float() if single_step_importance_weight else 1.0
+        loss = loss + single_step_coef * w * kl
+        parts["single_step"] = kl.detach()
+    return loss, parts
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """-sum_v p_v log q_v per position [b, T] (vocab-parallel, differentiable in the student logits).
+
+    The reference's forward-KD half of L_PT; equals KL(p || q) + H(p), so it has the same gradient.
+    """
+    lq = vp.log_softmax(student_logits, differentiable=True)
+    p = vp.log_softmax(teacher_logits.detach().float()).exp()
+    terms = torch.where(p > 0, p * lq, torch.zeros_like(lq))
+    return -vp.all_reduce_sum(terms.sum(-1), differentiable=True)

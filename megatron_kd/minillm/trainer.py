@@ -21,7 +21,6 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_kd.minillm import losses as L
-from megatron_kd.minillm import vocab as vp
 from megatron_kd.minillm.data import iterate_minibatches
 from megatron_kd.minillm.evaluate import EvalConfig, evaluate
 from megatron_kd.minillm.optim import OptimConfig, build_optimizer, current_lr, optimizer_step, zero_grads
@@ -86,14 +85,6 @@ class TrainLoopConfig:
     """Checkpoint every N optimizer steps (0 = only at the end)."""
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """-sum_v p_v log q_v per position (vocab-parallel, differentiable in the student logits)."""
-    lq = vp.log_softmax(student_logits, differentiable=True)
-    p = vp.log_softmax(teacher_logits.detach().float()).exp()
-    terms = torch.where(p > 0, p * lq, torch.zeros_like(lq))
-    return -vp.all_reduce_sum(terms.sum(-1), differentiable=True)
-
-
 class MiniLLMTrainer:
     """Reverse-KL policy-gradient distillation of ``student`` (DDP-wrapped) towards ``teacher``."""
 
@@ -144,17 +135,14 @@ class MiniLLMTrainer:
         p = self.cfg.ppo
         logits = mask_padded_vocab(output.float(), self.vocab_size)
         mask = batch["mask"]
-        logq = L.token_log_probs(logits, batch["labels"])
-        pg, clipped = L.ppo_clipped_surrogate(logq, batch["log_behaviour"], batch["advantages"], p.clip)
-        total = (pg * mask).sum()
-        stats = {"pg_loss": (pg * mask).sum().detach(), "clip_frac": (clipped * mask).sum(),
-                 "ratio": (torch.exp(logq.detach() - batch["log_behaviour"].float()) * mask).sum(),
-                 "tokens": mask.sum()}
-        if p.single_step:
-            kl = L.single_step_reverse_kl(logits, teacher_logits)
-            weight = batch["weights"].float() if p.single_step_importance_weight else 1.0
-            total = total + p.single_step_coef * (kl * weight * mask).sum()
-            stats["single_step_kl"] = (kl.detach() * mask).sum()
+        per_tok, parts = L.minillm_token_loss(
+            logits, teacher_logits if p.single_step else None, batch["labels"], batch["log_behaviour"],
+            batch["advantages"], batch["weights"], p.clip, p.single_step_coef, p.single_step_importance_weight)
+        total = (per_tok * mask).sum()
+        stats = {"pg_loss": (parts["pg"] * mask).sum(), "clip_frac": (parts["clipped"] * mask).sum(),
+                 "ratio": (parts["ratio"] * mask).sum(), "tokens": mask.sum()}
+        if "single_step" in parts:
+            stats["single_step_kl"] = (parts["single_step"] * mask).sum()
         return total / n_tokens, torch.tensor(1), {k: v.detach().double() for k, v in stats.items()}
 
     def _lm_loss(self, batch, teacher_logits, output, n_tokens):
@@ -165,7 +153,7 @@ class MiniLLMTrainer:
         per_tok = (1 - lm.kd_ratio) * ce
         stats = {"lm_ce": (ce.detach() * mask).sum(), "lm_tokens": mask.sum()}
         if lm.kd_ratio > 0:
-            soft = soft_cross_entropy(logits, teacher_logits)
+            soft = L.soft_cross_entropy(logits, teacher_logits)
             per_tok = per_tok + lm.kd_ratio * soft
             stats["lm_kd"] = (soft.detach() * mask).sum()
         return lm.coef * (per_tok * mask).sum() / n_tokens, torch.tensor(1), {k: v.double() for k, v in stats.items()}

@@ -1,15 +1,18 @@
 """Vocab-parallel reductions on TP-sharded logits ([..., V/tp] on each tensor-parallel rank).
 
-Megatron convention: after an all-reduce the following computation is replicated on every TP
-rank, so differentiable reductions use ``reduce_from_tensor_model_parallel_region`` (forward
-all-reduce, backward identity). Nothing here gathers the vocabulary.
+Two kinds of differentiable reductions. A reduction whose result is the *final*, replicated
+value of a loss uses megatron's ``reduce_from_tensor_model_parallel_region`` (forward all-reduce,
+backward identity: every rank back-propagates the same replicated loss). A reduction whose result
+feeds further *per-shard* computation (the normaliser inside a log-softmax) must sum the incoming
+gradients over ranks in backward, because every shard's terms depend on it. Nothing here gathers
+the vocabulary.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
 
 
 def tp_size() -> int:
@@ -38,12 +41,16 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_sum(x: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-    """SUM all-reduce over the TP group; with ``differentiable`` the backward is the identity."""
+def all_reduce_sum(x: torch.Tensor, differentiable: bool = False, shared: bool = False) -> torch.Tensor:
+    """SUM all-reduce over the TP group.
+
+    ``differentiable``: backward is the identity (the result is a replicated final value);
+    with ``shared`` too the backward all-reduces the gradients (the result feeds per-shard terms).
+    """
     if tp_size() == 1:
         return x
     if differentiable:
-        return reduce_from_tensor_model_parallel_region(x)
+        return reduce_from_tensor_model_parallel_region(copy_to_tensor_model_parallel_region(x) if shared else x)
     x = x.detach().clone()
     dist.all_reduce(x, group=_tp_group())
     return x
@@ -54,20 +61,22 @@ def shard_offset(local_vocab: int) -> int:
     return tp_rank() * local_vocab
 
 
-def logsumexp(logits: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-    """Global log-sum-exp over the sharded last dimension -> logits.shape[:-1] (float32+)."""
+def logsumexp(logits: torch.Tensor, differentiable: bool = False, shared: bool = False) -> torch.Tensor:
+    """Global log-sum-exp over the sharded last dimension -> logits.shape[:-1] (float32+).
+
+    ``shared``: the result is used by per-shard computation (see the module docstring)."""
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     m = all_reduce_max(x.max(dim=-1).values)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
-    s = all_reduce_sum(s, differentiable)
+    s = all_reduce_sum(s, differentiable, shared)
     return m + torch.log(s)
 
 
 def log_softmax(logits: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
     """This shard's columns of the global log-softmax (padded columns at -inf stay -inf)."""
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    return x - logsumexp(x, differentiable).unsqueeze(-1)
+    return x - logsumexp(x, differentiable, shared=True).unsqueeze(-1)
 
 
 def gather_target(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
