@@ -219,7 +219,7 @@ def test_tp2_equals_tp1_and_dp_whitening():
     w = L.importance_weights(lq, lp, 0.2)
     adv = torch.randn(lq.shape, generator=g, dtype=torch.float64)
     args = (s, te, labels, mask, log_beh, adv, w, None)
-    ref, = run_workers(_tp_worker, 1, *args)
+    ref = _tp_worker(0, 1, *args)  # TP=1 reference in this process
     outs = run_workers(_tp_worker, 2, *args)
     for r, out in enumerate(outs):
         for k in ("loss", "sce", "logq"):
