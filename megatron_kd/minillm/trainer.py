@@ -85,6 +85,24 @@ class TrainLoopConfig:
     """Checkpoint every N optimizer steps (0 = only at the end)."""
 
 
+def validate_loop_config(c: TrainLoopConfig, dp: int) -> None:
+    """One-line ``ValueError`` when batch sizes do not fit the data-parallel layout (call early)."""
+    if c.rollout.num_rollouts % dp or c.ppo.batch_size % dp:
+        raise ValueError(f"rollout.num_rollouts={c.rollout.num_rollouts} and ppo.batch_size={c.ppo.batch_size} "
+                         f"must be divisible by the data-parallel size {dp}")
+    if c.ppo.batch_size > c.rollout.num_rollouts:
+        raise ValueError(f"ppo.batch_size={c.ppo.batch_size} exceeds rollout.num_rollouts="
+                         f"{c.rollout.num_rollouts}: a round must hold at least one mini-batch")
+    if (c.ppo.batch_size // dp) % c.ppo.micro_batch_size:
+        raise ValueError(f"per-rank mini-batch {c.ppo.batch_size // dp} is not a multiple of "
+                         f"ppo.micro_batch_size={c.ppo.micro_batch_size}")
+    if not 0.0 <= c.rollout.mix_alpha <= 1.0:
+        raise ValueError(f"rollout.mix_alpha={c.rollout.mix_alpha} must be in [0, 1]")
+    if parallel_state.model_parallel_is_initialized() and \
+            parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("MiniLLM training supports tensor and data parallelism; set parallel.pipeline_parallel=1")
+
+
 class MiniLLMTrainer:
     """Reverse-KL policy-gradient distillation of ``student`` (DDP-wrapped) towards ``teacher``."""
 
@@ -94,30 +112,15 @@ class MiniLLMTrainer:
         self.tok, self.train_data, self.eval_data = tokenizer, train_data, eval_data
         self.lm_chunks, self.vocab_size = lm_chunks, vocab_size
         self.dp_rank, self.dp_size, _ = dp_info()
-        self._validate()
+        validate_loop_config(cfg, self.dp_size)
+        if cfg.lm.coef > 0 and cfg.lm.data and lm_chunks is None:
+            raise ValueError("lm.data is set but no pre-training chunks were given to the trainer")
         if optimizer is None:
             optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.total_steps)
         self.opt, self.sched = optimizer, scheduler
         self.stream = PromptStream(len(train_data), cfg.seed)
         self.step, self.round = 0, 0
         self.device = next(student.parameters()).device
-
-    def _validate(self) -> None:
-        c, dp = self.cfg, self.dp_size
-        if c.rollout.num_rollouts % dp or c.ppo.batch_size % dp:
-            raise ValueError(f"rollout.num_rollouts={c.rollout.num_rollouts} and ppo.batch_size={c.ppo.batch_size} "
-                             f"must be divisible by the data-parallel size {dp}")
-        if c.ppo.batch_size > c.rollout.num_rollouts:
-            raise ValueError(f"ppo.batch_size={c.ppo.batch_size} exceeds rollout.num_rollouts="
-                             f"{c.rollout.num_rollouts}: a round must hold at least one mini-batch")
-        if (c.ppo.batch_size // dp) % c.ppo.micro_batch_size:
-            raise ValueError(f"per-rank mini-batch {c.ppo.batch_size // dp} is not a multiple of "
-                             f"ppo.micro_batch_size={c.ppo.micro_batch_size}")
-        if c.lm.coef > 0 and c.lm.data and self.lm_chunks is None:
-            raise ValueError("lm.data is set but no pre-training chunks were given to the trainer")
-        if parallel_state.model_parallel_is_initialized() and \
-                parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError("MiniLLM training supports tensor and data parallelism; set parallel.pipeline_parallel=1")
 
     # ----------------------------------------------------------------- rollouts
     def collect_round(self) -> Rollouts:
