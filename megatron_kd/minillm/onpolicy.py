@@ -1,0 +1,200 @@
+"""On-policy neighbours of MiniLLM on the same rollout machinery: GKD and DistiLLM.
+
+Both train with a per-token divergence between teacher and student over the full vocabulary
+(``megatron_kd.losses.kd_loss``, vocab-parallel) on the response tokens of a batch whose
+*responses* come from one of several sources, decided per optimizer step (identically on all ranks):
+
+* **GKD** (Agarwal et al. 2024; TRL ``GKDTrainer`` defaults): with probability ``lmbda`` the student
+  samples the responses (temperature ``temperature``), else the gold responses are used (or teacher
+  samples with ``seq_kd``). Loss: generalised JSD with ``beta`` at ``temperature``.
+* **DistiLLM** (Ko et al. 2024; ``distillm/finetune.py``): skew KL (``skl``) or skew reverse KL
+  (``srkl``) with ``skew_alpha``; *adaptive off-policy* data: with probability
+  ``thr * (1 - step / total)`` the student generates fresh responses (T=1) which also go into a
+  replay buffer; otherwise with probability ``thr`` a batch is replayed from the buffer; otherwise
+  gold data. ``thr`` starts at ``init_threshold`` and rises by ``threshold_step`` whenever the
+  validation loss rises by at least ``loss_eps`` between evaluations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+
+from megatron_kd.minillm.baselines import _truncate
+from megatron_kd.minillm.data import sft_batch
+from megatron_kd.minillm.generation import GenerationConfig, generate
+from megatron_kd.minillm.optim import OptimConfig, build_optimizer, current_lr, optimizer_step, zero_grads
+from megatron_kd.minillm.rollout import PromptStream
+from megatron_kd.minillm.sampling import SamplingConfig
+from megatron_kd.minillm.steps import dp_info, dp_sum, run_microbatches
+from megatron_kd.models.builder import mask_padded_vocab
+
+
+@dataclass
+class OnPolicyConfig:
+    """GKD / DistiLLM settings (defaults: TRL GKD and the DistiLLM scripts)."""
+
+    method: str = "gkd"
+    """gkd | distillm."""
+    total_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Examples per optimizer step over all DP ranks."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward on one rank."""
+    max_prompt_length: int = 256
+    """Prompts truncated from the left."""
+    max_new_tokens: int = 128
+    """Longest generated response (TRL GKD default 128)."""
+    max_length: int = 512
+    """Prompt+response tokens kept for gold/replayed examples."""
+    seed: int = 1
+    """Seed of the data order, the source draws and the sampling noise."""
+    lmbda: float = 0.5
+    """GKD: probability of a student-generated (on-policy) batch."""
+    beta: float = 0.5
+    """GKD: generalised-JSD interpolation (0 ~ forward KL, 1 ~ reverse KL)."""
+    temperature: float = 0.9
+    """GKD: sampling and loss temperature (TRL default 0.9); DistiLLM samples at 1."""
+    seq_kd: bool = False
+    """GKD: use teacher samples instead of gold responses for the off-policy batches."""
+    loss: str = "srkl"
+    """DistiLLM: skl (skew forward KL) | srkl (skew reverse KL)."""
+    skew_alpha: float = 0.1
+    """DistiLLM: skew alpha."""
+    init_threshold: float = 0.0
+    """DistiLLM: initial student-generation threshold."""
+    threshold_step: float = 0.1
+    """DistiLLM: threshold increase when the validation loss rises."""
+    loss_eps: float = 0.1
+    """DistiLLM: validation-loss rise that triggers a threshold increase."""
+    buffer_size: int = 1000
+    """DistiLLM: replay buffer capacity (examples per rank)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, min_lr=0.0, warmup_steps=0,
+                                                                   schedule="cosine", weight_decay=1e-2))
+
+    def validate(self) -> None:
+        """One-line ``ValueError`` on bad settings."""
+        if self.method not in ("gkd", "distillm"):
+            raise ValueError(f"onpolicy.method={self.method!r} must be gkd or distillm")
+        if self.loss not in ("skl", "srkl"):
+            raise ValueError(f"onpolicy.loss={self.loss!r} must be skl or srkl")
+        for name in ("lmbda", "beta", "skew_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"onpolicy.{name}={getattr(self, name)} must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"onpolicy.temperature={self.temperature} must be > 0")
+
+
+class OnPolicyDistiller:
+    """GKD / DistiLLM training of a DDP-wrapped ``student`` against a frozen ``teacher``."""
+
+    def __init__(self, student, teacher, cfg: OnPolicyConfig, data, tokenizer, vocab_size: int,
+                 optimizer=None, scheduler=None):
+        cfg.validate()
+        self.student, self.teacher, self.cfg, self.data = student, teacher, cfg, data
+        self.tok, self.vocab_size = tokenizer, vocab_size
+        self.dp_rank, self.dp_size, _ = dp_info()
+        if cfg.batch_size % self.dp_size or (cfg.batch_size // self.dp_size) % cfg.micro_batch_size:
+            raise ValueError(f"onpolicy.batch_size={cfg.batch_size} must split into DP={self.dp_size} ranks of "
+                             f"whole micro-batches of {cfg.micro_batch_size}")
+        if optimizer is None:
+            optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.total_steps)
+        self.opt, self.sched = optimizer, scheduler
+        self.stream = PromptStream(len(data), cfg.seed)
+        self.step = 0
+        self.threshold = cfg.init_threshold
+        self.buffer: list[tuple[list[int], list[int]]] = []
+        self._last_valid: float | None = None
+        self.source_counts = {"student": 0, "teacher": 0, "gold": 0, "replay": 0}
+
+    # ------------------------------------------------------------------ data sources
+    def choose_source(self) -> str:
+        """The response source of the next step (same on every rank: seeded by the step)."""
+        c = self.cfg
+        u1, u2 = np.random.default_rng([c.seed, 7, self.step]).random(2)
+        if c.method == "gkd":
+            if u1 < c.lmbda:
+                return "student"
+            return "teacher" if c.seq_kd else "gold"
+        if u1 < self.threshold * (1.0 - self.step / max(c.total_steps, 1)):
+            return "student"
+        if u2 < self.threshold and self.buffer:
+            return "replay"
+        return "gold"
+
+    def _generate(self, model, prompts, ids, temperature) -> list[list[int]]:
+        gen = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, sampling=SamplingConfig(temperature=temperature),
+                               eos_id=self.tok.eod, pad_id=self.tok.pad, seed=self.cfg.seed)
+        return generate(model, prompts, gen, self.vocab_size, sample_ids=torch.tensor(ids)).responses()
+
+    def examples(self, source: str) -> list[tuple[list[int], list[int]]]:
+        """This rank's (prompt, response) pairs for one step from ``source``."""
+        c = self.cfg
+        local = c.batch_size // self.dp_size
+        start = self.step * c.batch_size + self.dp_rank * local
+        if source == "replay":
+            rng = np.random.default_rng([c.seed, 11, self.step, self.dp_rank])
+            return [self.buffer[int(i)] for i in rng.integers(0, len(self.buffer), size=local)]
+        idx, ids = self.stream.slice(start, local)
+        prompts = [self.data.prompt(i)[-c.max_prompt_length:] for i in idx]
+        if source == "gold":
+            return [_truncate(p, self.data.response(i), c.max_length) for p, i in zip(prompts, idx)]
+        model = self.student if source == "student" else self.teacher
+        temp = c.temperature if c.method == "gkd" else 1.0
+        responses = self._generate(model, prompts, ids, temp)
+        pairs = list(zip(prompts, responses))
+        if c.method == "distillm" and source == "student":
+            self.buffer.extend(pairs)
+            del self.buffer[: max(len(self.buffer) - c.buffer_size, 0)]
+        return pairs
+
+    # ------------------------------------------------------------------ loss and step
+    def _loss(self, batch, teacher_logits, output, n_tokens):
+        from megatron_kd.losses import kd_loss
+
+        c = self.cfg
+        logits = mask_padded_vocab(output.float(), self.vocab_size)
+        mask = batch["loss_mask"]
+        if c.method == "gkd":
+            per_tok = kd_loss(logits, teacher_logits, kind="jsd", beta=c.beta, temperature=c.temperature,
+                              loss_mask=mask)
+        else:
+            kind = "skew_forward_kl" if c.loss == "skl" else "skew_reverse_kl"
+            per_tok = kd_loss(logits, teacher_logits, kind=kind, skew=c.skew_alpha, loss_mask=mask)
+        total = (per_tok * mask).sum()
+        return total / n_tokens, torch.tensor(1), {"loss": total.detach().double(), "tokens": mask.sum().double()}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (source draw, optional generation, divergence on response tokens)."""
+        source = self.choose_source()
+        pairs = self.examples(source)
+        self.source_counts[source] += 1
+        self.student.train()
+        zero_grads(self.student, self.opt)
+        m = self.cfg.micro_batch_size
+        micro = [sft_batch([p for p, _ in pairs[s: s + m]], [r or [self.tok.eod] for _, r in pairs[s: s + m]],
+                           self.tok.pad) for s in range(0, len(pairs), m)]
+        n_tok = dp_sum(sum(b["loss_mask"].sum() for b in micro)).clamp(min=1).float()
+        n_tok = n_tok.to(next(self.student.parameters()).device)
+        s = run_microbatches(self.student, micro, partial(self._loss, n_tokens=n_tok), self.teacher, self.vocab_size)
+        ok, gnorm = optimizer_step(self.student, self.opt, self.sched)
+        self.step += 1
+        return {"loss": s["loss"] / max(s["tokens"], 1.0), "source_student": float(source == "student"),
+                "source_replay": float(source == "replay"), "threshold": self.threshold, "lr": current_lr(self.opt),
+                "grad_norm": gnorm if gnorm is not None else float("nan")}
+
+    def update_threshold(self, valid_loss: float) -> None:
+        """DistiLLM's adaptive schedule: raise the threshold when the validation loss went up."""
+        if self._last_valid is not None and valid_loss - self._last_valid >= self.cfg.loss_eps:
+            self.threshold = min(1.0, self.threshold + self.cfg.threshold_step)
+        self._last_valid = valid_loss
+
+    def train(self, on_step=None) -> None:
+        """Run ``total_steps`` optimizer steps."""
+        while self.step < self.cfg.total_steps:
+            stats = self.train_step()
+            if on_step is not None:
+                on_step(self.step, stats)
