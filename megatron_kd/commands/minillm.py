@@ -1,9 +1,10 @@
-"""``megatron-kd preprocess-instructions | sft | generate | minillm``: instruction-tuning distillation.
+"""``megatron-kd preprocess-instructions | sft | generate | minillm | onpolicy``: instruction-tuning distillation.
 
 * ``preprocess-instructions``: JSONL {prompt, response, input?} -> prompt/response indexed datasets.
 * ``sft``: SFT baseline / word-level KD (``sft.kd_ratio>0``) / SeqKD (SFT on ``generate`` output).
 * ``generate``: a checkpoint answers the prompts of a JSONL (SeqKD data), written as a new JSONL.
 * ``minillm``: reverse-KL policy-gradient distillation (MiniLLM) from an SFT-initialised student.
+* ``onpolicy``: GKD (generalised JSD on student samples) or DistiLLM (skew KL, adaptive replay).
 """
 from __future__ import annotations
 
@@ -50,6 +51,14 @@ def _minillm(args) -> int:
     return 0
 
 
+def _onpolicy(args) -> int:
+    from megatron_kd.config import load_config
+    from megatron_kd.minillm.run import OnPolicyRunConfig, run_onpolicy
+
+    run_onpolicy(load_config(OnPolicyRunConfig, args.config, args.overrides))
+    return 0
+
+
 def _generate(args) -> int:
     from megatron_kd.minillm.generation import GenerationConfig
     from megatron_kd.minillm.run import run_generate
@@ -89,6 +98,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("minillm", help="MiniLLM: reverse-KL policy-gradient distillation")
     _config_args(p)
     p.set_defaults(func=_minillm)
+
+    p = subparsers.add_parser("onpolicy", help="GKD or DistiLLM on-policy distillation (onpolicy.method=...)")
+    _config_args(p)
+    p.set_defaults(func=_onpolicy)
 
     p = subparsers.add_parser("generate", help="answer a JSONL's prompts with a checkpoint (SeqKD data)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory of the generating model")

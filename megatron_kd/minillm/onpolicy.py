@@ -186,6 +186,28 @@ class OnPolicyDistiller:
                 "source_replay": float(source == "replay"), "threshold": self.threshold, "lr": current_lr(self.opt),
                 "grad_norm": gnorm if gnorm is not None else float("nan")}
 
+    @torch.no_grad()
+    def validation_loss(self, data, max_examples: int = 500) -> float:
+        """Mean per-token divergence to the teacher on the gold responses of ``data`` (over DP)."""
+        from megatron_kd.minillm.generation import forward_logits
+
+        n = min(len(data), max_examples)
+        mine = list(range(self.dp_rank, n, self.dp_size))
+        total = torch.zeros(2, dtype=torch.float64)
+        self.student.eval()
+        for s in range(0, len(mine), self.cfg.micro_batch_size):
+            idx = mine[s: s + self.cfg.micro_batch_size]
+            pairs = [_truncate(data.prompt(i)[-self.cfg.max_prompt_length:], data.response(i), self.cfg.max_length)
+                     for i in idx]
+            b = sft_batch([p for p, _ in pairs], [r for _, r in pairs], self.tok.pad)
+            st = forward_logits(self.student, b["tokens"], self.vocab_size)
+            te = forward_logits(self.teacher, b["tokens"], self.vocab_size)
+            if st is not None:
+                _, _, stats = self._loss(b, te, st, torch.tensor(1.0))
+                total += torch.stack([stats["loss"].cpu(), stats["tokens"].cpu()])
+        total = dp_sum(total)
+        return (total[0] / total[1].clamp(min=1)).item()
+
     def update_threshold(self, valid_loss: float) -> None:
         """DistiLLM's adaptive schedule: raise the threshold when the validation loss went up."""
         if self._last_valid is not None and valid_loss - self._last_valid >= self.cfg.loss_eps:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from megatron_kd.minillm.baselines import SFTConfig, SFTTrainer
 from megatron_kd.minillm.data import InstructionDataset, LMChunks
+from megatron_kd.minillm.evaluate import EvalConfig
+from megatron_kd.minillm.onpolicy import OnPolicyConfig
 from megatron_kd.minillm.optim import build_optimizer, wrap_model
 from megatron_kd.minillm.trainer import MiniLLMTrainer, TrainLoopConfig, validate_loop_config
 from megatron_kd.runtime.distributed import ParallelConfig, init_distributed, is_main_process, set_seed
@@ -245,3 +247,83 @@ def run_generate(checkpoint: str, input_jsonl: str, output_jsonl: str, tokenizer
         print(f"generate: wrote {out['records']} records to {output_jsonl} "
               f"(mean {out['mean_response_tokens']:.1f} response tokens)", flush=True)
     return out
+
+
+@dataclass
+class OnPolicyRunConfig:
+    """``megatron-kd onpolicy``: GKD (onpolicy.method=gkd) or DistiLLM (onpolicy.method=distillm)."""
+
+    student: str = ""
+    """Checkpoint directory of the (SFT-initialised) student."""
+    teacher: str = ""
+    """Teacher checkpoint directory (same tokenizer and padded vocabulary)."""
+    tokenizer: str | None = None
+    """Tokenizer path; default: the one recorded in the student checkpoint."""
+    train_data: str = ""
+    """Prefix of the preprocessed instruction dataset."""
+    valid_data: str | None = None
+    """Validation instruction dataset: divergence on gold responses (DistiLLM's adaptive threshold)."""
+    eval_data: str | None = None
+    """Held-out instruction dataset for ROUGE-L and exact reverse KL."""
+    save: str = ""
+    """Output checkpoint directory."""
+    eval_interval: int = 100
+    """Validate / evaluate every N steps (0 = only at the end)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline parallel sizes (pipeline must be 1)."""
+    params_dtype: str = "fp32"
+    """fp32 | bf16."""
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """GKD / DistiLLM settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """ROUGE-L / reverse-KL evaluation settings."""
+
+
+def run_onpolicy(cfg: OnPolicyRunConfig) -> dict:
+    """GKD / DistiLLM from checkpoints; returns the last evaluation."""
+    from megatron_kd.minillm.evaluate import evaluate
+    from megatron_kd.minillm.onpolicy import OnPolicyDistiller
+    from megatron_kd.training.checkpoint import load_model_for_inference, save_checkpoint
+
+    for name in ("student", "teacher", "train_data", "save"):
+        _require(bool(getattr(cfg, name)), f"onpolicy needs {name}=...: set it in the YAML or as an override")
+    _require(cfg.parallel.pipeline_parallel == 1, "onpolicy supports TP and DP only: set parallel.pipeline_parallel=1")
+    cfg.onpolicy.validate()
+    init_distributed(cfg.parallel)
+    set_seed(cfg.onpolicy.seed)
+    student, s_cfg, s_meta = _load_student(cfg.student, cfg.params_dtype)
+    teacher, t_cfg, t_meta = load_model_for_inference(cfg.teacher, cfg.params_dtype)
+    tok = load_any_tokenizer(cfg.tokenizer or s_meta.get("tokenizer"))
+    vocab = _vocab(s_cfg, t_cfg, tok, s_meta, t_meta)
+    train = InstructionDataset(cfg.train_data, tok)
+    valid = InstructionDataset(cfg.valid_data, tok) if cfg.valid_data else None
+    evald = InstructionDataset(cfg.eval_data, tok) if cfg.eval_data else None
+    cfg.onpolicy.optim.precision = cfg.params_dtype
+    ddp = wrap_model(student, cfg.params_dtype)
+    trainer = OnPolicyDistiller(ddp, teacher, cfg.onpolicy, train, tok, vocab)
+    metrics = JsonlWriter(Path(cfg.save) / "metrics.jsonl")
+    bar = progress(cfg.onpolicy.total_steps, cfg.onpolicy.method, unit="step")
+    last: dict = {}
+
+    def on_step(step, stats):
+        nonlocal last
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        metrics.write({"step": step, **stats})
+        final = step >= cfg.onpolicy.total_steps
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or final:
+            if valid is not None:
+                loss = trainer.validation_loss(valid)
+                trainer.update_threshold(loss)
+                last["valid_loss"] = loss
+            if evald is not None:
+                last.update(evaluate(ddp, teacher, evald, tok, cfg.eval, vocab))
+            metrics.write({"step": step, **last})
+        if final:
+            save_checkpoint(cfg.save, [ddp], s_cfg, step, tokenizer=tok.path or None, extra={"eval": last})
+
+    trainer.train(on_step=on_step)
+    bar.close()
+    if is_main_process():
+        print(f"{cfg.onpolicy.method}: {trainer.step} steps; sources {trainer.source_counts}; last {last}", flush=True)
+    return last

@@ -125,3 +125,32 @@ def test_training_lowers_divergence_on_fixed_batch(setup, method):
     assert d.step == 12 and all(np.isfinite(s["loss"]) for s in stats)
     assert sum(s["source_student"] for s in stats) >= 6
     assert divergence() < 0.9 * before
+
+
+def test_cli_onpolicy_gkd_and_distillm(tmp_path, setup):
+    from megatron_kd.cli import main
+    from megatron_kd.minillm.synthetic import make_records, task_tokenizer, write_jsonl
+    from megatron_kd.models import ModelConfig, build_gpt_model
+    from megatron_kd.training.checkpoint import read_checkpoint_meta, save_checkpoint
+
+    tok = task_tokenizer()
+    tok.save(tmp_path / "tok.json")
+    for split, n in (("train", 32), ("valid", 8)):
+        write_jsonl(make_records(n, n), tmp_path / f"{split}.jsonl")
+        assert main(["preprocess-instructions", "--input", str(tmp_path / f"{split}.jsonl"), "--tokenizer",
+                     str(tmp_path / "tok.json"), "--template", "raw", "--output-prefix", str(tmp_path / split)]) == 0
+    for name, layers in (("teacher", 2), ("student", 1)):
+        cfg = ModelConfig(num_layers=layers, hidden_size=32, num_attention_heads=2, vocab_size=tok.vocab_size,
+                          make_vocab_size_divisible_by=8, max_position_embeddings=64)
+        save_checkpoint(tmp_path / name, [build_gpt_model(cfg)], cfg, 0, tokenizer=str(tmp_path / "tok.json"))
+    for method in ("gkd", "distillm"):
+        out = tmp_path / method
+        assert main(["onpolicy", f"student={tmp_path / 'student'}", f"teacher={tmp_path / 'teacher'}",
+                     f"train_data={tmp_path / 'train'}", f"valid_data={tmp_path / 'valid'}",
+                     f"eval_data={tmp_path / 'valid'}", f"save={out}", f"onpolicy.method={method}",
+                     "onpolicy.total_steps=3", "onpolicy.batch_size=4", "onpolicy.micro_batch_size=2",
+                     "onpolicy.max_new_tokens=4", "onpolicy.init_threshold=0.5", "eval_interval=2",
+                     "eval.num_prompts=4", "eval.max_new_tokens=4"]) == 0
+        assert read_checkpoint_meta(out)["iteration"] == 3
+        assert "rouge_l" in read_checkpoint_meta(out)["extra"]["eval"]
+    assert main(["onpolicy", f"student={tmp_path / 'student'}", "onpolicy.method=ppo"]) == 2
