@@ -60,6 +60,10 @@ class SFTRunConfig:
 
     student: str = ""
     """Checkpoint directory to start from (the student's pre-trained weights)."""
+    model: str | None = None
+    """Instead of ``student``: a model preset (e.g. cpu-student) trained from random weights."""
+    model_overrides: dict = field(default_factory=dict)
+    """ModelConfig fields overriding the preset (e.g. {num_layers: 1})."""
     teacher: str | None = None
     """Teacher checkpoint for word-level KD (needed when sft.kd_ratio > 0)."""
     tokenizer: str | None = None
@@ -178,17 +182,27 @@ def run_sft(cfg: SFTRunConfig) -> dict:
     """SFT / word-level KD from a checkpoint; keeps the lowest-validation-loss checkpoint as latest."""
     from megatron_kd.training.checkpoint import load_model_for_inference, save_checkpoint
 
-    for name in ("student", "train_data", "save"):
+    for name in ("train_data", "save"):
         _require(bool(getattr(cfg, name)), f"sft needs {name}=...: set it in the YAML or as an override")
+    _require(bool(cfg.student) != bool(cfg.model), "sft needs exactly one of student=CKPT or model=PRESET")
+    _require(bool(cfg.student) or bool(cfg.tokenizer), "sft with model=PRESET needs tokenizer=PATH")
     _require(cfg.sft.kd_ratio == 0 or bool(cfg.teacher), "sft.kd_ratio > 0 (word-level KD) needs teacher=CKPT")
     _require(cfg.parallel.pipeline_parallel == 1, "sft supports TP and DP only: set parallel.pipeline_parallel=1")
     init_distributed(cfg.parallel)
     set_seed(cfg.sft.seed)
-    student, s_cfg, s_meta = _load_student(cfg.student, cfg.params_dtype)
+    if cfg.student:
+        student, s_cfg, s_meta = _load_student(cfg.student, cfg.params_dtype)
+        tok = load_any_tokenizer(cfg.tokenizer or s_meta.get("tokenizer"))
+    else:
+        from megatron_kd.models import build_gpt_model, get_preset
+
+        tok = load_any_tokenizer(cfg.tokenizer)
+        s_cfg = get_preset(cfg.model, **{"vocab_size": tok.vocab_size, **cfg.model_overrides})
+        student = build_gpt_model(s_cfg, params_dtype=cfg.params_dtype)
+        s_meta = {"padded_vocab_size": s_cfg.padded_vocab_size(cfg.parallel.tensor_parallel)}
     teacher = t_cfg = t_meta = None
     if cfg.teacher and cfg.sft.kd_ratio > 0:
         teacher, t_cfg, t_meta = load_model_for_inference(cfg.teacher, cfg.params_dtype)
-    tok = load_any_tokenizer(cfg.tokenizer or s_meta.get("tokenizer"))
     vocab = _vocab(s_cfg, t_cfg, tok, s_meta, t_meta)
     train = InstructionDataset(cfg.train_data, tok)
     valid = InstructionDataset(cfg.valid_data, tok) if cfg.valid_data else None
