@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
 import torch
@@ -22,10 +24,10 @@ def main() -> None:
     ap.add_argument("--student", default="cpu-student", help="student model preset")
     ap.add_argument("--teacher", default="cpu-teacher", help="teacher model preset")
     ap.add_argument("--vocab", type=int, default=4096, help="vocabulary size")
-    ap.add_argument("--batch", type=int, default=16, help="sequences per generation batch")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per generation batch")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default; 1 avoids oversubscription on a shared machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,7 +50,8 @@ def main() -> None:
     prompts = [torch.randint(2, args.vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
     result: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                     "student": args.student, "teacher": args.teacher, "vocab": args.vocab, "batch": args.batch,
-                    "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens}
+                    "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
+                    "load_average_1m": os.getloadavg()[0]}
     for name, mix_teacher, alpha in (("student", None, 0.0), ("teacher_mixed", teacher, 0.2)):
         for use_cache in (True, False):
             cfg = GenerationConfig(max_new_tokens=args.new_tokens, eos_id=None, seed=1, use_cache=use_cache)
@@ -57,7 +60,9 @@ def main() -> None:
             t0 = time.perf_counter()
             out = generate(student, prompts, cfg, args.vocab, teacher=mix_teacher, mix_alpha=alpha)
             dt = time.perf_counter() - t0
-            result[f"{name}_{'kv_cache' if use_cache else 'no_cache'}_tokens_per_s"] = out.response_lengths.sum().item() / dt
+            key = f"{name}_{'kv_cache' if use_cache else 'no_cache'}_tokens_per_s"
+            result[key] = out.response_lengths.sum().item() / dt
+            print(f"{key}: {result[key]:.1f} ({dt:.1f} s)", file=sys.stderr, flush=True)
         result[f"{name}_kv_cache_speedup"] = (result[f"{name}_kv_cache_tokens_per_s"]
                                               / result[f"{name}_no_cache_tokens_per_s"])
 

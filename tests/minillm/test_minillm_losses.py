@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dist_helpers import run_workers
+from minillm_test_utils import plain, tensors
 from megatron_kd.minillm import losses as L
 
 V, PAD = 40, 35  # real vocab 35, padded to 40
@@ -197,7 +198,7 @@ def _tp_worker(rank, world_size, s, te, labels, mask, log_beh, adv, w, x_local):
     out["sce"], out["sce_grad"] = sce.detach(), xs.grad
     out["logq"] = L.token_log_probs(s[..., sl], labels)
     # Whitening over DP: at world_size 2 with TP=1 each rank whitens its half of x.
-    return out
+    return plain(out)
 
 
 def _dp_whiten_worker(rank, world_size, x, m):
@@ -208,7 +209,7 @@ def _dp_whiten_worker(rank, world_size, x, m):
     init_distributed(ParallelConfig())
     half = x.shape[0] // world_size
     sl = slice(rank * half, (rank + 1) * half)
-    return L.whiten(x[sl], m[sl], parallel_state.get_data_parallel_group())
+    return plain(L.whiten(x[sl], m[sl], parallel_state.get_data_parallel_group()))
 
 
 def test_tp2_equals_tp1_and_dp_whitening():
@@ -219,8 +220,8 @@ def test_tp2_equals_tp1_and_dp_whitening():
     w = L.importance_weights(lq, lp, 0.2)
     adv = torch.randn(lq.shape, generator=g, dtype=torch.float64)
     args = (s, te, labels, mask, log_beh, adv, w, None)
-    ref = _tp_worker(0, 1, *args)  # TP=1 reference in this process
-    outs = run_workers(_tp_worker, 2, *args)
+    ref = tensors(_tp_worker(0, 1, *args))  # TP=1 reference in this process
+    outs = tensors(run_workers(_tp_worker, 2, *args))
     for r, out in enumerate(outs):
         for k in ("loss", "sce", "logq"):
             torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)
@@ -228,5 +229,5 @@ def test_tp2_equals_tp1_and_dp_whitening():
             torch.testing.assert_close(out[k], ref[k][..., r * V // 2:(r + 1) * V // 2], atol=1e-5, rtol=1e-5)
     x = torch.randn(6, 5, generator=g, dtype=torch.float64)
     m = (torch.rand(6, 5, generator=g) > 0.3).float()
-    halves = run_workers(_dp_whiten_worker, 2, x, m)
+    halves = tensors(run_workers(_dp_whiten_worker, 2, x, m))
     torch.testing.assert_close(torch.cat(halves), L.whiten(x, m), atol=1e-12, rtol=0)

@@ -5,6 +5,7 @@ import math
 import torch
 
 from dist_helpers import run_workers
+from minillm_test_utils import plain, tensors
 from megatron_kd.minillm.sampling import SamplingConfig, apply_top_k, apply_top_p, hash_uniform, sample_next
 
 
@@ -121,7 +122,7 @@ def _tp_sampling_worker(rank, world_size, logits, teacher):
                              ("greedy", SamplingConfig(greedy=True), 0.0), ("mixed", SamplingConfig(), 0.2),
                              ("mixed_topp", SamplingConfig(top_p=0.5), 0.2)]:
         out[name] = sample_next(logits[:, s], cfg, 99, rows, 11, teacher[:, s], alpha)
-    return out
+    return plain(out)
 
 
 def test_tp2_samples_equal_tp1():
@@ -130,8 +131,8 @@ def test_tp2_samples_equal_tp1():
     teacher = torch.randn(64, 256, generator=g) * 2
     logits[:, 250:] = float("-inf")  # padded vocabulary columns
     teacher[:, 250:] = float("-inf")
-    ref, = run_workers(_tp_sampling_worker, 1, logits, teacher)
-    outs = run_workers(_tp_sampling_worker, 2, logits, teacher)
+    ref = tensors(_tp_sampling_worker(0, 1, logits, teacher))  # TP=1 reference in this process
+    outs = tensors(run_workers(_tp_sampling_worker, 2, logits, teacher))
     for out in outs:
         for name in ref:
             assert torch.equal(out[name], ref[name]), name

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dist_helpers import run_workers
+from minillm_test_utils import plain, tensors
 
 
 def _tiny_lm_corpus(prefix, vocab, seed=0):
@@ -127,7 +128,7 @@ def _train_worker(rank, world_size, tp, states, lm_prefix):
     stats = []
     trainer.train(on_step=lambda s, st: stats.append(st))
     full = gather_full_state(student.module, scfg)
-    return {"tokens": r.tokens, "adv": r.advantages, "state": full, "stats": stats}
+    return plain({"tokens": r.tokens, "adv": r.advantages, "state": full, "stats": stats})
 
 
 def _initial_states():
@@ -148,10 +149,10 @@ def test_trainer_tp2_and_dp2_equal_tp1(tmp_path):
     prefix = str(tmp_path / "lm")
     _tiny_lm_corpus(prefix, task_tokenizer().vocab_size)
     states = _initial_states()
-    ref = _train_worker(0, 1, 1, states, prefix)  # TP=1 reference in this process
+    ref = tensors(_train_worker(0, 1, 1, states, prefix))  # TP=1 reference in this process
     assert any(not torch.equal(ref["state"][k], states[1][k]) for k in ref["state"])
     for tp in (2, 1):  # TP=2 (DP=1), then DP=2 (TP=1)
-        outs = run_workers(_train_worker, 2, tp, states, prefix)
+        outs = tensors(run_workers(_train_worker, 2, tp, states, prefix))
         for rank, out in enumerate(outs):
             if tp == 2:
                 assert torch.equal(out["tokens"], ref["tokens"])
