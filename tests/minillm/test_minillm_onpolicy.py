@@ -1,4 +1,4 @@
-"""GKD and DistiLLM on the rollout machinery: source schedules (lambda, adaptive threshold, replay
+"""Word-level KD, GKD and DistiLLM on the rollout machinery: source schedules (lambda, adaptive threshold, replay
 buffer), the per-token losses against float64 references, and a few training steps that lower the
 divergence to the teacher on a fixed batch."""
 import numpy as np
@@ -154,3 +154,30 @@ def test_cli_onpolicy_gkd_and_distillm(tmp_path, setup):
         assert read_checkpoint_meta(out)["iteration"] == 3
         assert "rouge_l" in read_checkpoint_meta(out)["extra"]["eval"]
     assert main(["onpolicy", f"student={tmp_path / 'student'}", "onpolicy.method=ppo"]) == 2
+
+
+def test_word_level_kd_loss_equals_float64_reference(setup):
+    """SFT baseline with word-level KD: (1 - r) CE + r KL(p || q) on response tokens."""
+    from megatron_kd.minillm.baselines import SFTConfig, SFTTrainer
+
+    tok, data, teacher, make_student = setup
+    tr = SFTTrainer(make_student(), SFTConfig(total_steps=1, batch_size=8, micro_batch_size=8, kd_ratio=0.5,
+                                              kd_temperature=2.0), data, tok.pad, V, teacher=teacher)
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 5, V, generator=g) * 2
+    t = torch.randn(2, 5, V, generator=g) * 2
+    s[..., PAD:] = t[..., PAD:] = float("-inf")
+    labels = torch.randint(0, PAD, (2, 5), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.float32)
+    x = s.clone().requires_grad_(True)
+    out, _, _ = tr._loss({"loss_mask": mask, "labels": labels}, t, x, mask.sum())
+    out.backward()
+    ref_in = s.double().requires_grad_(True)
+    lq = torch.log_softmax(ref_in[..., :PAD], -1)
+    ce = -lq.gather(-1, labels[..., None]).squeeze(-1)
+    lq_t, lp_t = torch.log_softmax(ref_in[..., :PAD] / 2.0, -1), torch.log_softmax(t.double()[..., :PAD] / 2.0, -1)
+    kl = (lp_t.exp() * (lp_t - lq_t)).sum(-1)
+    ref = ((0.5 * ce + 0.5 * kl) * mask).sum() / mask.sum()
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_in.grad, atol=1e-6, rtol=1e-5)

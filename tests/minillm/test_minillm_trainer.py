@@ -143,6 +143,7 @@ def _initial_states():
     return [gather_full_state(build_gpt_model(c), c) for c in (tcfg, scfg)]
 
 
+@pytest.mark.slow
 def test_trainer_tp2_and_dp2_equal_tp1(tmp_path):
     from megatron_kd.minillm.synthetic import task_tokenizer
 
