@@ -1,0 +1,17 @@
+"""Evaluation tests: a world-size-1 process group in the pytest process (multi-rank layouts use
+run_workers), torn down after each module so other test modules start clean."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # evalkit, importable from spawned workers too
+
+
+@pytest.fixture(scope="module")
+def dist1():
+    from megatron_kd.runtime import ParallelConfig, destroy_distributed, init_distributed
+
+    init_distributed(ParallelConfig())
+    yield
+    destroy_distributed()
