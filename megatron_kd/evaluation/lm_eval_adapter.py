@@ -149,17 +149,18 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_harness(lm: MegatronKDLM, tasks: list[str], include_path: str | None = None, limit: float | None = None,
-                num_fewshot: int | None = None, seed: int = 1234) -> dict[str, Any]:
+                num_fewshot: int | None = None, seed: int = 1234, include_defaults: bool = True) -> dict[str, Any]:
     """Run lm_eval tasks (``"miniplm"`` expands to :data:`MINIPLM_TASKS`) on ``lm``.
 
-    ``include_path``: a directory of extra task YAMLs (e.g. local copies of the datasets).
+    ``include_path``: a directory of extra task YAMLs (e.g. local copies of the datasets);
+    ``include_defaults=False`` skips indexing lm_eval's thousands of built-in tasks (faster).
     Returns ``{"results": {task: metrics}, "headline": {...}, "tasks", "limit", "num_fewshot"}``.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     names = [t for name in tasks for t in (MINIPLM_TASKS if name == "miniplm" else [name])]
-    manager = TaskManager(include_path=include_path)
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                                   log_samples=False, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
