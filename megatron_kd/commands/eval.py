@@ -26,10 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory (its 'latest' iteration is used)")
     p.add_argument("--iteration", type=int, default=d.iteration, help="evaluate this iteration instead")
     p.add_argument("--tokenizer", default=d.tokenizer,
-                   help="tokenizer path (default: the one recorded in the checkpoint)")
+                   help="tokenizer path; None = the one recorded in the checkpoint")
     p.add_argument("--data", type=_csv, default=[], help="comma-separated indexed-dataset prefixes for LM loss")
     p.add_argument("--seq-length", type=int, default=d.seq_length,
-                   help="context tokens per LM-loss window (default min(1024, max_position_embeddings))")
+                   help="context tokens per LM-loss window; None = min(1024, max_position_embeddings)")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="LM-loss windows per forward")
     p.add_argument("--max-documents", type=int, default=d.max_documents, help="LM loss on the first N documents only")
     p.add_argument("--tasks", type=_csv, default=[], help="comma-separated JSONL multiple-choice task files")
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--harness-limit", type=float, default=d.harness_limit,
                    help="lm_eval limit: examples per task (or a fraction < 1)")
     p.add_argument("--harness-num-fewshot", type=int, default=d.harness_num_fewshot,
-                   help="lm_eval few-shot examples (default: the task's own, 0 for MiniPLM's)")
+                   help="lm_eval few-shot examples; None = the task's own (0 for MiniPLM's)")
     p.add_argument("--tensor-parallel", type=int, default=d.tensor_parallel, help="tensor-parallel size")
     p.add_argument("--pipeline-parallel", type=int, default=d.pipeline_parallel, help="pipeline-parallel size")
     p.add_argument("--params-dtype", default=d.params_dtype, choices=["fp32", "bf16", "fp16"],

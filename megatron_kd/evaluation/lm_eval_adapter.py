@@ -12,7 +12,7 @@ From the shell (lm_eval's own CLI only knows built-in models, so this module for
 registering ``megatron-kd``)::
 
     python -m megatron_kd.evaluation.lm_eval_adapter --model megatron-kd \\
-        --model_args ckpt=runs/student,tokenizer=runs/tok.model --tasks piqa,arc_easy
+        --model_args ckpt=runs/student,tokenizer=runs/tok.model --batch_size 16 --tasks piqa,arc_easy
 
 All ranks of a TP/PP group must drive the same requests: the adapter reports rank 0 / world size 1
 to lm_eval (each model-parallel replica evaluates everything), so launch it with data-parallel

@@ -198,13 +198,19 @@ def _evaluate_batches(model, batches: Iterable[dict[str, torch.Tensor]], vocab_s
     return _result(float(totals[0]), float(totals[1]))
 
 
+def strip_dataset_ext(path: str | Path) -> str:
+    """``path`` without a ``.bin``/``.idx`` extension (users pass either)."""
+    prefix = str(path)
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext):
+            return prefix[: -len(ext)]
+    return prefix
+
+
 def open_eval_dataset(prefix: str | Path):
     """Open an indexed dataset for evaluation: ``megatron_kd.data.manifest.open_indexed_dataset``
     (validated) when the data module is present, else megatron-core's ``IndexedDataset``."""
-    prefix = str(prefix)
-    for ext in (".bin", ".idx"):
-        if prefix.endswith(ext):
-            prefix = prefix[: -len(ext)]
+    prefix = strip_dataset_ext(prefix)
     for ext in (".bin", ".idx"):
         if not Path(prefix + ext).is_file():
             raise FileNotFoundError(f"indexed dataset file {prefix + ext} does not exist: pass the prefix "

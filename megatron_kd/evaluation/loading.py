@@ -53,7 +53,9 @@ class EvalTarget:
             from megatron_kd.data.manifest import check_tokenizer, read_dataset_manifest
         except ImportError:
             return
-        prefix = str(dataset_prefix)
+        from megatron_kd.evaluation.lm_loss import strip_dataset_ext
+
+        prefix = strip_dataset_ext(dataset_prefix)
         if Path(prefix + ".manifest.json").is_file():
             check_tokenizer(read_dataset_manifest(prefix), self.tokenizer)
 

@@ -85,6 +85,7 @@ def _check_file(path: str, what: str) -> None:
 
 def validate(cfg: EvalConfig) -> None:
     """One-line errors for bad inputs, before any model is loaded."""
+    from megatron_kd.evaluation.lm_loss import strip_dataset_ext
     from megatron_kd.evaluation.multiple_choice import load_mc_task
     from megatron_kd.evaluation.rouge import load_generation_task
     from megatron_kd.training.checkpoint import read_checkpoint_meta
@@ -99,9 +100,8 @@ def validate(cfg: EvalConfig) -> None:
     if not (cfg.data or cfg.tasks or cfg.rouge or cfg.harness_tasks):
         raise ValueError("nothing to evaluate: pass --data, --tasks, --rouge and/or --harness-tasks")
     for prefix in cfg.data:
-        stem = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
         for ext in (".bin", ".idx"):
-            _check_file(stem + ext, "indexed dataset file")
+            _check_file(strip_dataset_ext(prefix) + ext, "indexed dataset file")
     for task in cfg.tasks:
         load_mc_task(task, cfg.limit)
     for task in cfg.rouge:
@@ -130,7 +130,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """
     from megatron.core import parallel_state
 
-    from megatron_kd.evaluation.lm_loss import evaluate_lm_loss, open_eval_dataset
+    from megatron_kd.evaluation.lm_loss import evaluate_lm_loss, open_eval_dataset, strip_dataset_ext
     from megatron_kd.evaluation.loading import load_eval_target
     from megatron_kd.evaluation.multiple_choice import evaluate_multiple_choice
     from megatron_kd.evaluation.rouge import evaluate_rouge
@@ -159,11 +159,11 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
                    "iteration": target.identity["iteration"],
                    **{k: v for k, v in value.items() if k != "predictions"}})
 
-    for prefix in cfg.data:
+    for prefix in map(strip_dataset_ext, cfg.data):
         target.check_dataset_tokenizer(prefix)
         res = evaluate_lm_loss(target.model, open_eval_dataset(prefix), target.vocab_size, seq_length,
                                cfg.micro_batch_size, max_documents=cfg.max_documents, tokenizer=target.tokenizer)
-        results["lm_loss"][Path(prefix).name] = {"dataset": str(prefix), **res}
+        results["lm_loss"][Path(prefix).name] = {"dataset": prefix, **res}
         record("lm_loss", Path(prefix).name, res)
     for task in cfg.tasks:
         res = evaluate_multiple_choice(target.model, target.tokenizer, task, target.vocab_size, cfg.batch_size,

@@ -102,3 +102,32 @@ def test_cli_bad_inputs_fail_in_one_line(setup, capsys, monkeypatch):
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("megatron-kd eval: error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_evaluate_checkpoint_lm_loss(setup):
+    from megatron_kd.evaluation import evaluate_checkpoint_lm_loss, evaluate_lm_loss
+
+    root, model, docs = setup
+    got = evaluate_checkpoint_lm_loss(root / "ckpt", root / "held", seq_length=8, micro_batch_size=2)
+    want = evaluate_lm_loss(model, [np.array(d) for d in docs], 300, 8, show_progress=False)
+    assert got["tokens"] == want["tokens"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert got["dataset"] == str(root / "held") and got["seq_length"] == 8
+
+
+def test_cli_with_the_checkpoint_tokenizer(setup, tmp_path, capsys):
+    """With megatron_kd.data present: the tokenizer recorded in the checkpoint is used."""
+    tokenizers = pytest.importorskip("megatron_kd.data.tokenizers")
+    from megatron_kd.cli import main
+    from megatron_kd.evaluation import evaluate_multiple_choice
+    from megatron_kd.training.checkpoint import save_checkpoint
+
+    root, model, _ = setup
+    texts = [e["context"] + " " + " ".join(e["choices"]) for e in MC_EXAMPLES] * 20
+    tok = tokenizers.train_sentencepiece(texts, 300, str(tmp_path / "tok"))
+    save_checkpoint(tmp_path / "ckpt", [model], model_config(), iteration=1, tokenizer=str(tmp_path / "tok.model"))
+    out = tmp_path / "r.json"
+    assert main(["eval", "--ckpt", str(tmp_path / "ckpt"), "--tasks", str(root / "mc.jsonl"), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["multiple_choice"]["mc"]
+    want = evaluate_multiple_choice(model, tok, root / "mc.jsonl", vocab_size=300, show_progress=False)
+    assert (got["acc"], got["acc_norm"], got["n"]) == (want["acc"], want["acc_norm"], want["n"])
+    assert json.loads(capsys.readouterr().out)["multiple_choice"]["mc"]["n"] == len(MC_EXAMPLES)

@@ -96,3 +96,15 @@ def test_bad_task_files_fail_in_one_line(tmp_path):
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:1 is not valid JSON"):
         load_mc_task(tmp_path / "broken.jsonl")
+
+
+def test_is_greedy_flags(dist1):
+    from evalkit import ref_greedy
+
+    model, _ = build_model()
+    ctx = [EOD] + list(b"Once upon a time")
+    greedy = ref_greedy(model, ctx, 4, eod=-1)
+    wrong = greedy[:-1] + [(greedy[-1] + 1) % 257]
+    out = score_continuations(model, [(ctx, greedy), (ctx, wrong), (ctx, greedy[:1])], 300, 64, show_progress=False)
+    assert [g for _, g in out] == [True, False, True]
+    assert out[1][0] < out[0][0]
