@@ -216,6 +216,7 @@ def kd_loss(
     loss_mask: Optional[torch.Tensor] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: Optional[int] = None,
+    retain_graph: bool = False,
 ) -> torch.Tensor:
     """Per-token distillation divergence between student and teacher logits (see :data:`KINDS`).
 
@@ -233,6 +234,8 @@ def kd_loss(
             model parallel is initialised with TP > 1, else a single process.
         chunk_size: tokens per chunk; ``None`` picks ~2M elements / V_local. Peak scratch memory
             is a few [chunk, V_local] fp32 buffers plus one gradient shaped like the logits.
+        retain_graph: allow more than one backward through the result (``retain_graph=True``,
+            ``torch.autograd.gradcheck``); costs one more logits-sized tensor per backward.
 
     Returns:
         [...] per-token loss in nats, float32 (float64 for float64 inputs), identical on every
@@ -261,4 +264,5 @@ def kd_loss(
         student_logits.detach().reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab),
         kind, float(temperature), float(skew), float(beta), tp, cdtype,
     )
-    return run_chunked(student_logits, kernel, auto_chunk(vocab, chunk_size), loss_mask, cdtype)
+    return run_chunked(student_logits, kernel, auto_chunk(vocab, chunk_size), loss_mask, cdtype,
+                       retain_graph)

@@ -134,6 +134,7 @@ def sparse_kd_loss(
     loss_mask: Optional[torch.Tensor] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: Optional[int] = None,
+    retain_graph: bool = False,
 ) -> torch.Tensor:
     """Per-token forward KL from a sparse (top-k) teacher target to the student's full softmax.
 
@@ -149,6 +150,7 @@ def sparse_kd_loss(
         loss_mask: optional [...]; 0 = token skipped (loss 0, gradient 0).
         tp_group: as in :func:`megatron_kd.losses.kd_loss`.
         chunk_size: tokens per chunk (``None``: ~2M elements / V_local).
+        retain_graph: allow more than one backward through the result (see ``kd_loss``).
 
     Returns:
         [...] per-token loss in nats, float32 (float64 for float64 logits); gradients flow to
@@ -178,4 +180,5 @@ def sparse_kd_loss(
         student_logits.detach().reshape(-1, vocab), target_ids.reshape(-1, k),
         target_logprobs.detach().reshape(-1, k), float(temperature), bool(residual), tp, cdtype,
     )
-    return run_chunked(student_logits, kernel, auto_chunk(vocab, chunk_size), loss_mask, cdtype)
+    return run_chunked(student_logits, kernel, auto_chunk(vocab, chunk_size), loss_mask, cdtype,
+                       retain_graph)

@@ -15,6 +15,7 @@ This module holds what the dense and sparse losses share:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
@@ -54,9 +55,8 @@ def resolve_tp(tp_group: Optional[dist.ProcessGroup] = None) -> TPContext:
     collectives), e.g. TP=1 training, unit tests, notebooks.
     """
     if tp_group is None:
-        try:
-            from megatron.core import parallel_state
-        except ImportError:  # pragma: no cover - megatron-core is a hard dependency
+        parallel_state = sys.modules.get("megatron.core.parallel_state")
+        if parallel_state is None:  # never imported, so never initialised: skip the slow import
             return TPContext(None, 0, 1)
         if (
             not parallel_state.model_parallel_is_initialized()
@@ -134,13 +134,15 @@ class ChunkedLoss(torch.autograd.Function):
     memory is one logits-sized tensor plus O(chunk x V_local) scratch. Rows outside ``mask`` get
     loss 0 and gradient 0 and are never computed.
 
-    Backward scales the buffer in place by the incoming per-token gradient and returns it, so it
-    can run once per forward (``retain_graph=True`` double backward raises). Other inputs (the
-    teacher, sparse targets) are captured by the kernel and receive no gradient.
+    Backward scales the buffer in place by the incoming per-token gradient and returns it, so by
+    default it can run once per forward (a second backward raises). With ``retain=True`` backward
+    returns a scaled copy and keeps the buffer, so it can run again (``retain_graph=True``,
+    ``torch.autograd.gradcheck``) at the cost of one more logits-sized tensor. Other inputs (the
+    teacher, sparse targets) are only read by the kernel in forward and receive no gradient.
     """
 
     @staticmethod
-    def forward(ctx, student2d, kernel, chunk, mask, out_dtype):  # noqa: D102
+    def forward(ctx, student2d, kernel, chunk, mask, out_dtype, retain):  # noqa: D102
         need_grad = bool(ctx.needs_input_grad[0])
         num_rows = student2d.shape[0]
         loss = torch.zeros(num_rows, dtype=out_dtype, device=student2d.device)
@@ -158,6 +160,7 @@ class ChunkedLoss(torch.autograd.Function):
                 if need_grad:
                     grad.index_copy_(0, rows, row_grad.to(grad.dtype))
         ctx.grad_buffer = grad
+        ctx.retain = retain
         return loss
 
     @staticmethod
@@ -166,20 +169,23 @@ class ChunkedLoss(torch.autograd.Function):
         if grad is None:
             if ctx.needs_input_grad[0]:
                 raise RuntimeError(
-                    "ChunkedLoss: backward ran twice (retain_graph=True); the analytic gradient "
-                    "buffer is consumed by the first backward - recompute the loss instead"
+                    "KD loss backward ran twice on one graph: the analytic gradient buffer is "
+                    "consumed by the first backward - pass retain_graph=True to the loss function"
                 )
-            return None, None, None, None, None
+            return None, None, None, None, None, None
+        if ctx.retain:
+            return grad * grad_loss.unsqueeze(-1), None, None, None, None, None
         ctx.grad_buffer = None
         grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def run_chunked(student: torch.Tensor, kernel: KernelFn, chunk: int,
-                loss_mask: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+                loss_mask: Optional[torch.Tensor], out_dtype: torch.dtype,
+                retain_graph: bool = False) -> torch.Tensor:
     """Apply :class:`ChunkedLoss` to ``student`` [..., V_local]; returns the loss [...]."""
     lead = student.shape[:-1]
     student2d = student.reshape(-1, student.shape[-1])
     mask = flat_mask(loss_mask, lead)
-    loss = ChunkedLoss.apply(student2d, kernel, chunk, mask, out_dtype)
+    loss = ChunkedLoss.apply(student2d, kernel, chunk, mask, out_dtype, bool(retain_graph))
     return loss.view(lead)
