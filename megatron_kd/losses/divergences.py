@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron_kd.losses.vocab_parallel import (
     Rows,
     TPContext,
+    Workspace,
     all_reduce_,
     auto_chunk,
     compute_dtype,
@@ -58,24 +59,30 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def _mask_absent(S: torch.Tensor, Tt: torch.Tensor) -> torch.Tensor:
+def _mask_absent(S: torch.Tensor, Tt: torch.Tensor, ws: Workspace) -> torch.Tensor:
     """Set columns that are -inf on either side to :data:`ABSENT` on both; return that mask."""
-    absent = torch.isneginf(S)
-    absent |= torch.isneginf(Tt)
+    n = S.shape[0]
+    absent = torch.isneginf(S, out=ws.get("absent", n, torch.bool))
+    absent |= torch.isneginf(Tt, out=ws.get("absent_t", n, torch.bool))
     if absent.any():
         S.masked_fill_(absent, ABSENT)
         Tt.masked_fill_(absent, ABSENT)
     return absent
 
 
-def _softmax_stats(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext, want_max: bool = False):
+def _softmax_stats(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext, want_max: bool = False,
+                   ws: Optional[Workspace] = None):
     """Shift S, Tt in place by their global row max; return exp(S), exp(Tt), global row sums
     (and, with ``want_max``, the student's global row max: :data:`ABSENT` if all columns are)."""
     mx = torch.stack((S.amax(-1), Tt.amax(-1)))
     all_reduce_(mx, tp, "max")
     S.sub_(mx[0].unsqueeze(-1))
     Tt.sub_(mx[1].unsqueeze(-1))
-    Es, Et = torch.exp(S), torch.exp(Tt)
+    if ws is None:
+        Es, Et = torch.exp(S), torch.exp(Tt)
+    else:
+        Es = torch.exp(S, out=ws.get("exp_s", S.shape[0], S.dtype))
+        Et = torch.exp(Tt, out=ws.get("exp_t", S.shape[0], S.dtype))
     z = torch.stack((Es.sum(-1), Et.sum(-1)))
     all_reduce_(z, tp)
     if want_max:
@@ -91,24 +98,33 @@ def _probs(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext):
     return Et.div_(zt.unsqueeze(-1)), Es.div_(zs.unsqueeze(-1)), lp, lq
 
 
-def _kl_family(kind: str, S, Tt, tp: TPContext, need_grad: bool):
-    """forward_kl, soft_ce, reverse_kl: loss and d loss / d S (tempered student logits)."""
-    Es, Et, zs, zt, smax = _softmax_stats(S, Tt, tp, want_max=True)
+def _kl_family(kind: str, S, Tt, tp: TPContext, need_grad: bool, out, inv_t: float,
+               ws: Workspace):
+    """forward_kl, soft_ce, reverse_kl: loss and d loss / d student logits (1/T included).
+
+    The hot path: probabilities are never normalised in a separate pass; the gradient is written
+    straight into ``out`` (a slice of the gradient buffer) when given.
+    """
+    Es, Et, zs, zt, smax = _softmax_stats(S, Tt, tp, want_max=True, ws=ws)
     lzs, lzt = zs.log(), zt.log()
-    q = Es.div_(zs.unsqueeze(-1))
+    target = Es if out is None else out
     if kind == "reverse_kl":
         D = Tt.sub_(S)  # log p - log q + const per row
-        qd = all_reduce_(_dot(q, D), tp)
+        qd = all_reduce_(_dot(Es, D) / zs, tp)
         loss = lzt - lzs - qd
-        grad = q.mul_(D.sub_(qd.unsqueeze(-1)).neg_()) if need_grad else None
-        return loss, grad
-    p = Et.div_(zt.unsqueeze(-1))
+        if not need_grad:
+            return loss, None
+        D.sub_(qd.unsqueeze(-1)).mul_((-inv_t / zs).unsqueeze(-1))  # (sum q D - D) / (T zs)
+        return loss, torch.mul(Es, D, out=target)
     if kind == "soft_ce":
-        loss = lzs - all_reduce_(_dot(p, S), tp)
+        loss = lzs - all_reduce_(_dot(Et, S) / zt, tp)
         loss = torch.where(smax > ABSENT, loss, 0.0)  # all columns absent: 0, not log V
     else:
-        loss = all_reduce_(_dot(p, Tt.sub_(S)), tp) - lzt + lzs
-    return loss, (q.sub_(p) if need_grad else None)
+        loss = all_reduce_(_dot(Et, Tt.sub_(S)) / zt, tp) - lzt + lzs
+    if not need_grad:
+        return loss, None
+    torch.mul(Es, (inv_t / zs).unsqueeze(-1), out=target)  # q / T
+    return loss, target.addcmul_(Et, (-inv_t / zt).unsqueeze(-1))  # - p / T
 
 
 def _skew_forward(a: float, S, Tt, tp: TPContext, need_grad: bool):
@@ -172,17 +188,19 @@ def _mse(S, Tt, absent: torch.Tensor, tp: TPContext, need_grad: bool):
 
 def _dense_kernel(student2d, teacher2d, kind, temperature, skew, beta, tp, cdtype):
     inv_t = 1.0 / temperature
+    ws = Workspace(student2d.shape[-1], student2d.device)
 
-    def kernel(rows: Rows, need_grad: bool):
-        S = take_rows(student2d, rows, cdtype)
-        Tt = take_rows(teacher2d, rows, cdtype)
+    def kernel(rows: Rows, need_grad: bool, out: Optional[torch.Tensor]):
+        n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+        S = take_rows(student2d, rows, cdtype, ws.get("s", n, cdtype))
+        Tt = take_rows(teacher2d, rows, cdtype, ws.get("t", n, cdtype))
         if inv_t != 1.0:
             S.mul_(inv_t)
             Tt.mul_(inv_t)
-        absent = _mask_absent(S, Tt)
+        absent = _mask_absent(S, Tt, ws)
         if kind in ("forward_kl", "reverse_kl", "soft_ce"):
-            loss, grad = _kl_family(kind, S, Tt, tp, need_grad)
-        elif kind == "skew_forward_kl":
+            return _kl_family(kind, S, Tt, tp, need_grad, out, inv_t, ws)
+        if kind == "skew_forward_kl":
             loss, grad = _skew_forward(skew, S, Tt, tp, need_grad)
         elif kind == "skew_reverse_kl":
             loss, grad = _skew_reverse(skew, S, Tt, tp, need_grad)
@@ -194,7 +212,7 @@ def _dense_kernel(student2d, teacher2d, kind, temperature, skew, beta, tp, cdtyp
             loss, grad = _mse(S, Tt, absent, tp, need_grad)
         if grad is not None and inv_t != 1.0:
             grad.mul_(inv_t)
-        return loss, grad
+        return loss, grad  # ChunkedLoss copies it into the gradient buffer
 
     return kernel
 

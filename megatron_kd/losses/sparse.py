@@ -36,6 +36,7 @@ from megatron_kd.losses.divergences import check_temperature
 from megatron_kd.losses.vocab_parallel import (
     Rows,
     TPContext,
+    Workspace,
     all_reduce_,
     auto_chunk,
     compute_dtype,
@@ -52,8 +53,11 @@ def _sparse_kernel(student2d, ids2d, lp2d, temperature, residual, tp: TPContext,
     offset = tp.vocab_offset(v_local)
     tiny = torch.finfo(cdtype).tiny
 
-    def kernel(rows: Rows, need_grad: bool):
-        S = take_rows(student2d, rows, cdtype)
+    ws = Workspace(v_local, student2d.device)
+
+    def kernel(rows: Rows, need_grad: bool, out: Optional[torch.Tensor]):
+        n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+        S = take_rows(student2d, rows, cdtype, ws.get("s", n, cdtype))
         if inv_t != 1.0:
             S.mul_(inv_t)
         ids = take_rows(ids2d, rows, torch.int64)
@@ -67,8 +71,7 @@ def _sparse_kernel(student2d, ids2d, lp2d, temperature, residual, tp: TPContext,
         smax = torch.where(torch.isfinite(smax), smax, 0.0)  # an all -inf row stays harmless
         S.sub_(smax.unsqueeze(-1))
         sv = torch.where(owned, S.gather(-1, lidx), 0.0)
-        E = torch.exp(S)
-        del S
+        E = S.exp_()  # S itself is not needed any more
         sums = [E.sum(-1, keepdim=True)]
         if residual:  # zero the kept columns (prod-scatter: deterministic with repeated indices)
             E.scatter_reduce_(-1, lidx, (~owned).to(cdtype), reduce="prod")
@@ -94,8 +97,9 @@ def _sparse_kernel(student2d, ids2d, lp2d, temperature, residual, tp: TPContext,
             loss = torch.where(p > 0, p * (lp_hat - lq), 0.0).sum(-1)
             if not need_grad:
                 return loss, None
-            grad = E.mul_((has.to(cdtype) / zs).unsqueeze(-1))  # q, or 0 for target-less rows
-            grad.scatter_add_(-1, lidx, torch.where(apply, -p, 0.0))
+            scale = has.to(cdtype) * inv_t / zs  # q / T, or 0 for target-less rows
+            grad = torch.mul(E, scale.unsqueeze(-1), out=E if out is None else out)
+            return loss, grad.scatter_add_(-1, lidx, torch.where(apply, -p * inv_t, 0.0))
         else:
             rest = red[:, 1]
             p = torch.where(present, lp.exp(), 0.0)
@@ -114,12 +118,10 @@ def _sparse_kernel(student2d, ids2d, lp2d, temperature, residual, tp: TPContext,
             # d/dS_j = c q_j + [j kept] (rho q_j - p_j), c = P_K - rho Q_K (= P_K + R_p - rho).
             c = torch.where(bucket, p_kept + r_p - rho, p_kept)
             q = torch.where(present, lq.exp(), 0.0)
-            grad = E.mul_((c / zs).unsqueeze(-1))  # kept columns are already 0 in E
+            # kept columns are already 0 in E; T = 1 in residual mode
+            grad = torch.mul(E, (c / zs).unsqueeze(-1), out=E if out is None else out)
             kept_grad = (c + rho).unsqueeze(-1) * q - p
-            grad.scatter_add_(-1, lidx, torch.where(apply, kept_grad, 0.0))
-        if inv_t != 1.0:
-            grad.mul_(inv_t)
-        return loss, grad
+            return loss, grad.scatter_add_(-1, lidx, torch.where(apply, kept_grad, 0.0))
 
     return kernel
 

@@ -25,10 +25,12 @@ import torch.distributed as dist
 Rows = Union[slice, torch.Tensor]
 """A chunk of flattened token rows: a slice, or an int64 index tensor (masked tokens skipped)."""
 
-KernelFn = Callable[[Rows, bool], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
-"""``kernel(rows, need_grad) -> (loss[n], grad[n, V_local] or None)`` in the compute dtype.
+KernelFn = Callable[[Rows, bool, Optional[torch.Tensor]], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
+"""``kernel(rows, need_grad, out) -> (loss[n], grad[n, V_local] or None)`` in the compute dtype.
 
-``grad`` is d(loss)/d(student logits of those rows), already including the 1/T factor."""
+``grad`` is d(loss)/d(student logits of those rows), already including the 1/T factor. ``out``,
+when not None, is the gradient buffer's slice for these rows (same dtype): a kernel may write the
+gradient there and return it, saving a copy."""
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
 """Token chunk size target, in elements of one [chunk, V_local] fp32 buffer (8 MiB)."""
@@ -83,11 +85,36 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def take_rows(x2d: torch.Tensor, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
-    """A fresh ``dtype`` copy of ``x2d[rows]`` that the caller may modify in place."""
+def take_rows(x2d: torch.Tensor, rows: Rows, dtype: torch.dtype,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A ``dtype`` copy of ``x2d[rows]`` (into ``out`` if given) that the caller may modify."""
+    if out is None:
+        if isinstance(rows, slice):
+            return x2d[rows].to(dtype, copy=True)
+        return x2d.index_select(0, rows).to(dtype)
     if isinstance(rows, slice):
-        return x2d[rows].to(dtype, copy=True)
-    return x2d.index_select(0, rows).to(dtype)
+        return out.copy_(x2d[rows])
+    if x2d.dtype == dtype:
+        return torch.index_select(x2d, 0, rows, out=out)
+    return out.copy_(x2d.index_select(0, rows))
+
+
+class Workspace:
+    """Scratch buffers reused by every chunk of one loss call, so the hot loop does not allocate
+    (and page-fault) several [chunk, V_local] tensors per chunk. Views handed out for one chunk
+    are overwritten by the next: copy anything that must survive."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.width, self.device = width, device
+        self._bufs: dict = {}
+
+    def get(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """A [rows, width] ``dtype`` view of the buffer called ``name``."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < rows or buf.dtype != dtype:
+            buf = torch.empty(rows, self.width, dtype=dtype, device=self.device)
+            self._bufs[name] = buf
+        return buf[:rows]
 
 
 def auto_chunk(local_vocab: int, chunk_size: Optional[int]) -> int:
@@ -149,11 +176,13 @@ class ChunkedLoss(torch.autograd.Function):
         grad = None
         if need_grad:
             grad = torch.zeros_like(student2d) if mask is not None else torch.empty_like(student2d)
+        direct = need_grad and grad.dtype == out_dtype
         for rows in plan_chunks(num_rows, chunk, mask):
-            row_loss, row_grad = kernel(rows, need_grad)
+            out = grad[rows] if direct and isinstance(rows, slice) else None
+            row_loss, row_grad = kernel(rows, need_grad, out)
             if isinstance(rows, slice):
                 loss[rows] = row_loss
-                if need_grad:
+                if need_grad and row_grad is not out:
                     grad[rows] = row_grad
             else:
                 loss.index_copy_(0, rows, row_loss.to(out_dtype))
