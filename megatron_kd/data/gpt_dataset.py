@@ -15,6 +15,7 @@ random tokens and without files (for tests).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -171,6 +172,19 @@ def _rank_zero_without_process_group() -> Iterator[None]:
         dist.get_rank = original
 
 
+@contextlib.contextmanager
+def _quiet_mock_cache_warning(active: bool) -> Iterator[None]:
+    """Synthetic datasets are never cached, which megatron reports as a WARNING per split."""
+    logger = logging.getLogger("megatron.core.datasets.gpt_dataset")
+    level = logger.level
+    if active:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _check_prefixes(prefixes: list[str], tok: Tokenizer | None, check_manifest: bool) -> list[dict]:
     infos = []
     for prefix in prefixes:
@@ -266,7 +280,7 @@ def build_gpt_datasets(
         if cfg.weights is not None and any(s is None for s in sizes):
             raise ValueError("data.weights needs explicit train/valid/test sample counts (None given)")
     builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or (lambda: True), config)
-    with _rank_zero_without_process_group():
+    with _rank_zero_without_process_group(), _quiet_mock_cache_warning(cfg.synthetic):
         train, valid, test = builder.build()
     return train, valid, test
 

@@ -124,8 +124,6 @@ def preprocess(
         The manifest of the first key's dataset (each dataset's manifest is also written as
         ``{dataset}.manifest.json``). Fields: see ``docs/data.md``.
     """
-    from megatron.core.datasets.indexed_dataset import DType
-
     t_start = time.perf_counter()
     json_keys = tuple(json_keys)
     _validate(json_keys, workers, on_error, text_unit)
@@ -135,12 +133,15 @@ def preprocess(
         raise ValueError(f"inputs mix JSONL and plain text ({files[0]} ...): preprocess them separately "
                          "or force one with --input-format")
     fmt = formats.pop()
+    prefixes = output_prefixes(output_prefix, json_keys if fmt == "jsonl" else ("text",), split_sentences)
+    check_outputs(prefixes, overwrite)
     tok = load_tokenizer(tokenizer)
+
+    from megatron.core.datasets.indexed_dataset import DType
+
     dtype = DType.optimal_dtype(tok.vocab_size)
     opts = EncodeOptions(json_keys=json_keys, input_format=fmt, append_eod=append_eod,
                          meta_keys=tuple(meta_keys), write_meta=write_meta, dtype=dtype.__name__)
-    prefixes = output_prefixes(output_prefix, opts.output_keys, split_sentences)
-    check_outputs(prefixes, overwrite)
     sources = [Source(path=f, format=fmt) for f in files]
     splitter_info = None
     if split_sentences:
