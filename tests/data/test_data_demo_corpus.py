@@ -51,3 +51,16 @@ def test_full_corpus_size_and_no_imports(tmp_path):
     assert set(sys.modules) - before <= {"pydoc_data"}  # nothing of the stdlib was imported
     assert stats["num_documents"] > 500 and stats["num_bytes"] > 2_000_000
     assert stats["domains"]["topics"] > 50
+
+
+def test_include_code_adds_source_documents():
+    from itertools import islice
+
+    from megatron_kd.data.demo_corpus import iter_demo_documents
+
+    docs = list(islice(iter_demo_documents(include_code=True), 30))
+    code = [d for d in docs if d["meta"]["kind"] == "code"]
+    assert code, "a 30-document prefix of the shuffled units holds some source files"
+    for d in code:
+        src = (stdlib_dir() / d["meta"]["source"]).read_text(encoding="utf-8")
+        assert d["text"] == f"# Lib/{d['meta']['source']}\n" + src
