@@ -124,7 +124,6 @@ def preprocess(
         The manifest of the first key's dataset (each dataset's manifest is also written as
         ``{dataset}.manifest.json``). Fields: see ``docs/data.md``.
     """
-    t_start = time.perf_counter()
     json_keys = tuple(json_keys)
     _validate(json_keys, workers, on_error, text_unit)
     files = expand_inputs(inputs)
@@ -160,6 +159,7 @@ def preprocess(
     error_examples: list[dict] = []
     bar = None
     pool = None
+    t_start = time.perf_counter()  # stats time: pool start, read, tokenize, write (not imports)
     try:
         pool = _make_pool(tok, opts, workers, start_method)
         batches = iter_batches(sources, text_unit, batch_bytes)

@@ -132,3 +132,17 @@ def test_split_sentences_with_punkt_trained_on_input(demo_docs, sp_tok, tmp_path
         assert all(sp_tok.eod not in s for s in sentences)
         # The sentences cut the text without losing a character.
         assert "".join(sp_tok.decode(s) for s in sentences) == doc["text"]
+
+
+def test_hf_tokenizer_with_workers(demo_jsonl, demo_docs, hf_tok_dir, tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+
+    reference = RustTokenizer.from_file(str(hf_tok_dir / "tokenizer.json"))
+    eod = reference.token_to_id("<|endoftext|>")
+    for w in (1, 2):
+        preprocess([str(demo_jsonl)], str(tmp_path / f"hf{w}"), str(hf_tok_dir), workers=w,
+                   batch_bytes=8192, progress=False)
+    assert _files(str(tmp_path / "hf1_text_document")) == _files(str(tmp_path / "hf2_text_document"))
+    ds = IndexedDataset(str(tmp_path / "hf2_text_document"))
+    for i in (0, len(demo_docs) // 2, len(demo_docs) - 1):
+        assert ds[i].tolist() == reference.encode(demo_docs[i]["text"], add_special_tokens=False).ids + [eod]
