@@ -11,18 +11,20 @@ network download, atomic writes, and one-line errors naming ``file:line``::
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from megatron_kd.data.encoding import BatchResult, Encoder, EncodeOptions, encode_in_worker, init_worker
 from megatron_kd.data.inputs import (TEXT_UNITS, Source, detect_format, expand_inputs, iter_batches,
                                      total_input_bytes)
 from megatron_kd.data.manifest import MANIFEST_FORMAT
 from megatron_kd.data.tokenizers import Tokenizer, load_tokenizer
+from megatron_kd.data.workers import OrderedPool
 from megatron_kd.data.writer import StagedDatasets, check_outputs
 
 DEFAULT_META_KEYS = ("domain", "meta", "id", "source", "url", "title")
@@ -61,15 +63,10 @@ def _sample_texts(sources: list[Source], opts: EncodeOptions, text_unit: str) ->
                 yield from texts
 
 
-def _make_pool(tokenizer: Tokenizer, opts: EncodeOptions, workers: int, start_method: str | None):
-    """A pool of ``workers`` encoder processes, or None for in-process encoding (``workers == 1``).
-
-    Created before any progress bar so no helper thread exists yet when workers are forked.
-    """
-    if workers == 1:
-        return None
-    method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(tokenizer, opts))
+def token_dtype(vocab_size: int) -> type:
+    """Token dtype of the ``.bin``: numpy.uint16 below 65,500 ids, else numpy.int32 (the rule of
+    megatron-core's ``DType.optimal_dtype``, which :func:`preprocess` asserts it agrees with)."""
+    return np.uint16 if vocab_size < 65500 else np.int32
 
 
 def preprocess(
@@ -118,7 +115,7 @@ def preprocess(
         max_documents: Stop after this many documents.
         batch_bytes: Bytes of input per work item sent to a worker.
         progress: Show a progress bar (bytes/s, documents/s, tokens/s) on stderr.
-        start_method: multiprocessing start method (default ``fork`` where available).
+        start_method: multiprocessing start method of the workers (default ``fork`` where available).
 
     Returns:
         The manifest of the first key's dataset (each dataset's manifest is also written as
@@ -135,10 +132,7 @@ def preprocess(
     prefixes = output_prefixes(output_prefix, json_keys if fmt == "jsonl" else ("text",), split_sentences)
     check_outputs(prefixes, overwrite)
     tok = load_tokenizer(tokenizer)
-
-    from megatron.core.datasets.indexed_dataset import DType
-
-    dtype = DType.optimal_dtype(tok.vocab_size)
+    dtype = token_dtype(tok.vocab_size)
     opts = EncodeOptions(json_keys=json_keys, input_format=fmt, append_eod=append_eod,
                          meta_keys=tuple(meta_keys), write_meta=write_meta, dtype=dtype.__name__)
     sources = [Source(path=f, format=fmt) for f in files]
@@ -151,24 +145,27 @@ def preprocess(
     if workers > 1 and isinstance(tok, Tokenizer) and tok.kind == "huggingface":
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # processes, not Rust threads
 
-    from megatron_kd.utils.progress import progress as progress_bar
-
-    staged = StagedDatasets(prefixes, dtype, with_meta=write_meta)
     counts = {"documents": 0, "tokens": {p: 0 for p in prefixes}, "sequences": {p: 0 for p in prefixes},
               "skipped": 0, "empty": 0, "bytes": 0}
     error_examples: list[dict] = []
-    bar = None
-    pool = None
-    t_start = time.perf_counter()  # stats time: pool start, read, tokenize, write (not imports)
+    bar = staged = None
+    t_start = time.perf_counter()  # stats time: workers, read, tokenize, write (not imports)
+    # Workers start before megatron-core/torch are imported here, so they fork a small process.
+    pool = OrderedPool(workers, encode_in_worker, init_worker, (tok, opts), start_method) if workers > 1 else None
     try:
-        pool = _make_pool(tok, opts, workers, start_method)
+        from megatron.core.datasets.indexed_dataset import DType
+
+        from megatron_kd.utils.progress import progress as progress_bar
+
+        assert DType.optimal_dtype(tok.vocab_size) is dtype, "megatron-core changed its dtype rule"
+        staged = StagedDatasets(prefixes, dtype, with_meta=write_meta)
         batches = iter_batches(sources, text_unit, batch_bytes)
         if pool is None:
             encoder = Encoder(tok, opts)
             results: Iterator[BatchResult] = (encoder.encode_batch(*job) for job in batches)
         else:
-            # imap keeps input order, so the output is byte-identical for any number of workers.
-            results = pool.imap(encode_in_worker, batches, chunksize=1)
+            # Results come back in input order, so the bytes are identical for any worker count.
+            results = pool.imap(batches)
         bar = progress_bar(total_input_bytes(files), desc=f"preprocess {Path(output_prefix).name}",
                            unit="B", disable=not progress)
         for res in results:
@@ -224,12 +221,15 @@ def preprocess(
     except BaseException:
         if bar is not None:
             bar.close()
-        staged.abort()
+        if staged is not None:
+            staged.abort()
+        if pool is not None:
+            pool.close(graceful=False)
+            pool = None
         raise
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.close()
     return manifests[prefixes[0]]
 
 
