@@ -5,7 +5,10 @@
 Builds the demo corpus and a SentencePiece BPE tokenizer in a temp directory (or uses
 ``--corpus``/``--tokenizer``), then times ``preprocess`` end to end (read, tokenize, write,
 checksum, manifest; imports and corpus building excluded) alternating worker counts, and reports
-the best and median run of each. Also checks that the outputs are byte-identical.
+the best and median run of each, plus the CPU seconds (this process + worker processes) each
+run used: on a shared machine the wall-clock speedup depends on free cores, the CPU ratio does
+not (``cpu_bound_speedup`` = workers x CPU(1 worker) / CPU(N workers), capped at N). Also checks
+that the outputs are byte-identical.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -32,6 +36,12 @@ MEGATRON_REFERENCE = [
 ]
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", help="JSONL corpus (default: build the demo corpus)")
@@ -39,6 +49,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocab of the trained tokenizer")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per worker count")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
+    parser.add_argument("--include-code", action="store_true", help="demo corpus with stdlib source (~15 MB)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -49,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = args.corpus or os.path.join(tmp, "demo.jsonl")
         if not args.corpus:
-            build_demo_corpus(corpus)
+            build_demo_corpus(corpus, include_code=args.include_code)
         if args.tokenizer:
             tok = load_tokenizer(args.tokenizer)
         else:
@@ -61,9 +72,11 @@ def main() -> None:
         for rep in range(args.repeats):
             for w in args.workers:
                 prefix = os.path.join(tmp, f"w{w}")
+                c0 = _cpu()
                 t0 = time.perf_counter()
                 m = preprocess([corpus], prefix, tok, workers=w, overwrite=True, progress=False)
-                runs[w].append({"seconds": time.perf_counter() - t0, "bytes": m["sources"][0]["bytes"],
+                runs[w].append({"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu() - c0,
+                                "bytes": m["sources"][0]["bytes"],
                                 "tokens": m["num_tokens"], "docs": m["num_documents"],
                                 "bin_sha256": m["checksums"]["bin"], "idx_sha256": m["checksums"]["idx"]})
         identical = len({(r["bin_sha256"], r["idx_sha256"]) for rs in runs.values() for r in rs}) == 1
@@ -74,6 +87,7 @@ def main() -> None:
             "python": platform.python_version(), "tokenizer": tok.describe()["kind"],
             "vocab_size": tok.vocab_size, "corpus_bytes": first["bytes"], "documents": first["docs"],
             "tokens": first["tokens"], "repeats": args.repeats, "outputs_identical": identical,
+            "load_average_1min": round(os.getloadavg()[0], 2),
             "workers": {},
         }
         for w, rs in runs.items():
@@ -85,12 +99,14 @@ def main() -> None:
                 "tokens_per_s": round(first["tokens"] / best),
                 "docs_per_s": round(first["docs"] / best, 1),
                 "median_mb_per_s": round(first["bytes"] / 1e6 / med, 2),
+                "cpu_seconds_median": round(statistics.median(r["cpu_seconds"] for r in rs), 3),
             }
         base = result["workers"][str(args.workers[0])]
         for w in args.workers[1:]:
             cur = result["workers"][str(w)]
             cur["speedup_best"] = round(base["best_seconds"] / cur["best_seconds"], 2)
             cur["speedup_median"] = round(base["median_seconds"] / cur["median_seconds"], 2)
+            cur["cpu_bound_speedup"] = round(min(w, w * base["cpu_seconds_median"] / cur["cpu_seconds_median"]), 2)
         result["megatron_reference"] = MEGATRON_REFERENCE
         print(json.dumps(result, indent=2))
 
