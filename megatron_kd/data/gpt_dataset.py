@@ -193,9 +193,6 @@ def _check_prefixes(prefixes: list[str], tok: Tokenizer | None, check_manifest: 
             manifest = read_dataset_manifest(prefix)
             if tok is not None:
                 check_tokenizer(manifest, tok)
-            if tok is not None and manifest["tokenizer"].get("vocab_size", tok.vocab_size) > tok.vocab_size:
-                raise ValueError(f"dataset {prefix} has ids up to {manifest['tokenizer']['vocab_size']} "
-                                 f"but the tokenizer has {tok.vocab_size}: use the tokenizer of the manifest")
         infos.append(info)
     return infos
 
