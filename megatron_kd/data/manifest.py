@@ -118,7 +118,8 @@ def read_dataset_manifest(dataset_prefix: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"dataset manifest {path} does not exist: the dataset was not written "
                                 "by megatron-kd preprocess/merge-datasets (re-run preprocess on it)")
     manifest = read_json(path, "dataset manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    # Other megatron-kd producers (e.g. MiniPLM's selection) may omit "format"; a different one is foreign.
+    if not isinstance(manifest, dict) or manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a megatron-kd dataset manifest (format != {MANIFEST_FORMAT!r}): "
                          "re-run preprocess")
     for key in ("tokenizer", "num_documents", "num_tokens", "dtype", "checksums"):
@@ -130,7 +131,9 @@ def read_dataset_manifest(dataset_prefix: str | os.PathLike) -> dict[str, Any]:
 def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, what: str = "dataset") -> None:
     """Raise a one-line ``ValueError`` if ``tokenizer`` (a :class:`Tokenizer`, or its identity
     string) is not the tokenizer that wrote ``manifest``."""
-    recorded = manifest.get("tokenizer", {})
+    recorded = manifest.get("tokenizer") or {}
+    if isinstance(recorded, str):  # a bare identity string
+        recorded = {"identity": recorded}
     identity = tokenizer if isinstance(tokenizer, str) else tokenizer.identity
     if recorded.get("identity") != identity:
         name = manifest.get("name") or manifest.get("files", {}).get("bin", what)

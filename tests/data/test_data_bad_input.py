@@ -175,3 +175,22 @@ def test_cli_reports_one_line(tmp_path, sp_tok, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("megatron-kd preprocess: error: input file") and "\n" not in err
+
+
+def test_manifest_from_another_producer(tmp_path, demo_dataset, sp_tok):
+    """A manifest without "format" (e.g. written by MiniPLM's selection) is accepted when it has
+    the required fields; a foreign format or a missing field is refused."""
+    for ext in (".bin", ".idx"):
+        shutil.copy(demo_dataset + ext, str(tmp_path / "d") + ext)
+    original = read_dataset_manifest(demo_dataset)
+    minimal = {k: original[k] for k in ("num_documents", "num_tokens", "dtype")}
+    minimal.update(tokenizer=sp_tok.identity, checksums={"bin_sha256": original["checksums"]["bin"]})
+    (tmp_path / "d.manifest.json").write_text(json.dumps(minimal))
+    assert len(open_indexed_dataset(tmp_path / "d", tokenizer=sp_tok)) == original["num_documents"]
+    (tmp_path / "d.manifest.json").write_text(json.dumps({**minimal, "format": "something-else"}))
+    with pytest.raises(ValueError, match="not a megatron-kd dataset manifest"):
+        open_indexed_dataset(tmp_path / "d")
+    del minimal["dtype"]
+    (tmp_path / "d.manifest.json").write_text(json.dumps(minimal))
+    with pytest.raises(ValueError, match="lacks the field 'dtype'"):
+        open_indexed_dataset(tmp_path / "d")
