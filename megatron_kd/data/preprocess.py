@@ -129,6 +129,9 @@ def preprocess(
         raise ValueError(f"inputs mix JSONL and plain text ({files[0]} ...): preprocess them separately "
                          "or force one with --input-format")
     fmt = formats.pop()
+    if fmt == "text" and json_keys != ("text",):
+        raise ValueError(f"--json-keys {' '.join(json_keys)} applies to JSONL input only, but {files[0]} is "
+                         "plain text (its dataset key is 'text'): drop --json-keys or pass JSONL")
     prefixes = output_prefixes(output_prefix, json_keys if fmt == "jsonl" else ("text",), split_sentences)
     check_outputs(prefixes, overwrite)
     tok = load_tokenizer(tokenizer)

@@ -194,3 +194,9 @@ def test_manifest_from_another_producer(tmp_path, demo_dataset, sp_tok):
     (tmp_path / "d.manifest.json").write_text(json.dumps(minimal))
     with pytest.raises(ValueError, match="lacks the field 'dtype'"):
         open_indexed_dataset(tmp_path / "d")
+
+
+def test_json_keys_with_plain_text_refused(tmp_path, sp_tok):
+    (tmp_path / "a.txt").write_text("plain text\n")
+    with pytest.raises(ValueError, match="applies to JSONL input only"):
+        preprocess([str(tmp_path / "a.txt")], str(tmp_path / "o"), sp_tok, json_keys=("body",), progress=False)
