@@ -45,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--distributed-optimizer", action="store_true", help="shard optimizer state over DP (GPU)")
     p.add_argument("--steps", type=int, default=10 if gpu else 8, help="timed steps")
     p.add_argument("--warmup", type=int, default=3 if gpu else 2, help="untimed warm-up steps")
+    p.add_argument("--baseline", action="store_true", help="also time a plain PyTorch step (HF transformers "
+                   "LlamaForCausalLM of the same shape, torch AdamW) in the same process, one process only")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per GPU for MFU "
                    "(default: looked up from the GPU name)")
     return p.parse_args()
@@ -58,6 +60,36 @@ def peak_flops(override_tflops: float | None) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def baseline_step_time(cfg, batches, steps: int, warmup: int) -> float:
+    """Mean seconds per step of the same model shape as plain PyTorch (HF Llama, torch AdamW)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_epsilon,
+        rope_theta=cfg.rotary_base, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.add_qkv_bias,
+        max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa"))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hf.to(dev).train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.1)
+    times = []
+    for step in range(warmup + steps):
+        batch = batches[step % len(batches)]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = hf(input_ids=batch["tokens"].to(dev)).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(dev).flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    return sum(times) / len(times)
 
 
 def main() -> int:
@@ -101,16 +133,17 @@ def main() -> int:
 
     data_iter = cycle()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for step in range(total):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         metrics = trainer.train_step(data_iter)
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         losses.append(metrics["loss"])
     step_time = sum(times) / len(times)
     tokens_per_s = gbs * args.seq_length / step_time
@@ -125,10 +158,18 @@ def main() -> int:
         "precision": args.precision, "timed_steps": args.steps,
         "step_time_s": round(step_time, 4), "tokens_per_s": round(tokens_per_s, 1),
         "model_tflops_per_s": round(model_flops / 1e12, 3),
+        # CPU seconds this process used per step: on a shared, oversubscribed CPU this shows the
+        # work itself, while step_time_s also counts waiting for a core.
+        "process_cpu_s_per_step": round(sum(cpu_times) / len(cpu_times), 4),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "mfu": round(model_flops / (peak * world_size()), 4) if peak else None,
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
         "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
+    if args.baseline and world_size() == 1 and gbs == args.micro_batch_size:
+        base = baseline_step_time(cfg, batches, args.steps, args.warmup)
+        result["baseline_hf_torch_tokens_per_s"] = round(gbs * args.seq_length / base, 1)
+        result["speed_vs_baseline"] = round(base / step_time, 3)
     if is_main_process():
         print(json.dumps(result))
     from megatron_kd.runtime import destroy_distributed

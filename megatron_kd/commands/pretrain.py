@@ -19,7 +19,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.dry_run:
         model_cfg = prepare_config(cfg)
-        print(yaml.safe_dump({**to_dict(cfg), "resolved_model": model_cfg.to_dict()}, sort_keys=False))
+        shown = to_dict(cfg)
+        shown["model"] = {k: v for k, v in shown["model"].items() if v is not None}
+        print(yaml.safe_dump({**shown, "resolved_model": model_cfg.to_dict()}, sort_keys=False))
         return 0
     result = run_pretrain(cfg)
     return 0 if result["iteration"] > 0 else 1

@@ -41,6 +41,9 @@ class TrainConfig:
     exit_interval: int = 0
     """Stop (after checkpointing) once the iteration count is a multiple of this (0 = run to the end);
     for jobs split over several time-limited allocations."""
+    exit_duration_mins: float = 0.0
+    """Stop (after checkpointing) once this many minutes of training have passed (0 = no limit);
+    set it a little below a Slurm time limit so every allocation ends with a checkpoint."""
 
 
 @dataclass
@@ -184,7 +187,7 @@ def validate_train(train: TrainConfig, data_parallel: int) -> int:
     for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters"):
         if getattr(train, name) < 1:
             raise ValueError(f"train.{name}={getattr(train, name)} must be >= 1")
-    for name in ("eval_interval", "eval_iters", "log_interval", "exit_interval"):
+    for name in ("eval_interval", "eval_iters", "log_interval", "exit_interval", "exit_duration_mins"):
         if getattr(train, name) < 0:
             raise ValueError(f"train.{name}={getattr(train, name)} must be >= 0")
     per_round = train.micro_batch_size * data_parallel

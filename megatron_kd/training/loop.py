@@ -83,6 +83,7 @@ class Trainer:
         self.consumed_samples = 0
         self.num_microbatches = num_microbatches(train)
         self._stop_requested = False
+        self._fit_start = time.perf_counter()
 
     # ----------------------------------------------------------------------------- checkpoints
     def resume(self) -> bool:
@@ -174,13 +175,15 @@ class Trainer:
     # ----------------------------------------------------------------------------- the loop
     def fit(self, make_train_iterator: Callable[[int], Iterator],
             make_valid_iterator: Callable[[], Iterator] | None = None) -> dict[str, Any]:
-        """Train until ``train.train_iters`` (or ``exit_interval`` / SIGTERM), checkpointing and evaluating.
+        """Train until ``train.train_iters`` (or ``exit_interval`` / ``exit_duration_mins`` / SIGTERM),
+        checkpointing and evaluating.
 
         ``make_train_iterator(consumed_samples)`` returns this rank's micro-batch iterator starting
         at that global sample; ``make_valid_iterator()`` a fresh validation iterator (each evaluation
         sees the same batches). Returns ``{"iteration", "train": last step metrics, "valid": last eval}``.
         """
         train_cfg = self.train_cfg
+        self._fit_start = time.perf_counter()
         for chunk in self.model_chunks:
             chunk.train()
         data_iterator = make_train_iterator(self.consumed_samples)
@@ -224,14 +227,16 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         """Agree across ranks on stopping early (exit_interval, or SIGTERM seen by any rank)."""
-        exit_interval = self.train_cfg.exit_interval
+        exit_interval, minutes = self.train_cfg.exit_interval, self.train_cfg.exit_duration_mins
         local = self._stop_requested or bool(exit_interval and self.iteration % exit_interval == 0)
+        local = local or bool(minutes and time.perf_counter() - self._fit_start > 60.0 * minutes)
         if dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([int(local)], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             local = bool(flag.item())
         if local and self.iteration < self.train_cfg.train_iters:
-            self._print(f"stopping early at iteration {self.iteration} (exit_interval or SIGTERM)")
+            self._print(f"stopping early at iteration {self.iteration} (exit_interval, exit_duration_mins "
+                        "or SIGTERM)")
         return local
 
     def _install_sigterm(self):

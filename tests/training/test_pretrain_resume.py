@@ -94,3 +94,23 @@ def test_finetune_starts_from_weights_with_a_fresh_run(uninterrupted, tmp_path):
     assert sorted(ft) == [1, 2, 3]  # a new run: iteration 0, fresh optimizer and schedule
     # step 1 sees samples 0..7 with the trained weights: far below a fresh model's ln(256)
     assert ft[1] < losses[STEPS] + 0.3 and ft[1] < losses[1] - 1.5
+
+
+@pytest.mark.slow
+def test_tp2_pp2_checkpoint_resumes_at_tp1_pp1(tmp_path):
+    """4 processes (TP2 x PP2) save at step 10 and go on to 12; a single process resumes step 10
+    and must reproduce steps 11-12 (dist_checkpointing reshards model and optimizer state)."""
+    save = tmp_path / "tp2pp2"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "-m", "megatron_kd"]
+    cmd = _cmd(save, "checkpoint.save_interval=10", "train.train_iters=12", "parallel.tensor_parallel=2",
+               "parallel.pipeline_parallel=2")
+    subprocess.run(torchrun + cmd[3:], env=_env(), check=True, timeout=900, capture_output=True)
+    reference = _losses(save)
+    (save / "latest").write_text("iter_0000010\n")  # as if the run had died after step 10
+    out = subprocess.run(_cmd(save, "checkpoint.save_interval=10", "train.train_iters=12"), env=_env(),
+                         check=True, timeout=600, capture_output=True, text=True)
+    assert "resumed from" in out.stdout and "iter_0000010" in out.stdout
+    resumed = _losses(save)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in (11, 12):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step

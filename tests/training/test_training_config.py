@@ -1,10 +1,13 @@
 """Pretrain config: loading with presets/overrides, and bad configs failing in one line before any model."""
+from pathlib import Path
+
 import pytest
 
 from megatron_kd.cli import main
 from megatron_kd.config import ConfigError, load_config
 from megatron_kd.training.config import PretrainConfig, resolve_model_config, validate_pretrain_config
 
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.preset=tiny", "model.vocab_size=256", "data.synthetic=true", "train.train_iters=10"]
 
 
@@ -15,9 +18,13 @@ def test_preset_plus_overrides_resolve():
     assert validate_pretrain_config(cfg, world_size=1, on_gpu=False) == model
 
 
-def test_example_yaml_validates():
-    cfg = load_config(PretrainConfig, "examples/cpu/pretrain_tiny.yaml")
+def test_example_yamls_validate():
+    cfg = load_config(PretrainConfig, REPO / "examples/cpu/pretrain_tiny.yaml")
     validate_pretrain_config(cfg, world_size=2, on_gpu=False)
+    gpu = load_config(PretrainConfig, REPO / "examples/gpu/pretrain_qwen2.5_0.5b.yaml",
+                      ["logging.tensorboard_dir=null"])
+    model = validate_pretrain_config(gpu, world_size=8, on_gpu=True)
+    assert model.vocab_size == 151936 and gpu.train.global_batch_size // (4 * 8) == 8
 
 
 @pytest.mark.parametrize("overrides, world, message", [
