@@ -23,6 +23,10 @@ setup(
         "transformers>=4.45",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        # lm-evaluation-harness adapter (megatron_kd.evaluation.lm_eval_adapter); brings rouge-score.
+        "eval": ["lm_eval>=0.4.13,<0.5", "rouge-score"],
+    },
     entry_points={"console_scripts": ["megatron-kd=megatron_kd.cli:main"]},
 )

@@ -14,9 +14,9 @@ from megatron_kd.runtime.distributed import is_main_process
 
 def progress(total: int | None, desc: str, unit: str = "it", **kwargs) -> tqdm:
     """A tqdm bar shown on rank 0 only (disabled elsewhere); rate and ETA included."""
+    disable = kwargs.pop("disable", False) or not is_main_process()
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                disable=not is_main_process() or kwargs.pop("disable", False), file=sys.stderr,
-                mininterval=1.0, **kwargs)
+                disable=disable, file=sys.stderr, mininterval=1.0, **kwargs)
 
 
 class JsonlWriter:

@@ -1,0 +1,184 @@
+"""Manifests of indexed datasets, and validated opening of megatron ``.bin``/``.idx`` pairs.
+
+A dataset prefix ``P`` (the path without extension) owns ``P.bin``, ``P.idx``,
+``P.manifest.json`` and, optionally, ``P.meta.jsonl`` (see ``docs/data.md``). Consumers call
+:func:`open_indexed_dataset`, which checks the files *before* megatron-core maps them (a truncated
+``.bin`` or a foreign ``.idx`` otherwise surfaces as a numpy traceback or, worse, as garbage), and
+:func:`check_tokenizer`, which refuses a dataset tokenized by another tokenizer.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_FORMAT = "megatron-kd/indexed-dataset"
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
+# megatron.core.datasets.indexed_dataset.DType codes -> numpy dtypes (kept here so that validating
+# a file does not import megatron-core).
+_DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+                7: np.float32, 8: np.uint16}
+
+
+def dataset_paths(prefix: str | os.PathLike) -> dict[str, Path]:
+    """The files of dataset ``prefix``: ``bin``, ``idx``, ``manifest``, ``meta``."""
+    p = str(prefix)
+    return {"bin": Path(p + ".bin"), "idx": Path(p + ".idx"),
+            "manifest": Path(p + ".manifest.json"), "meta": Path(p + ".meta.jsonl")}
+
+
+def _strip_ext(prefix: str | os.PathLike) -> str:
+    p = str(prefix)
+    for ext in (".bin", ".idx", ".manifest.json", ".meta.jsonl"):
+        if p.endswith(ext):
+            return p[: -len(ext)]
+    return p
+
+
+def read_idx_header(idx_path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check the header of a megatron ``.idx`` file without megatron-core.
+
+    Returns ``{"dtype", "itemsize", "sequence_count", "document_count"}``. Raises ``ValueError``
+    (one line naming the file) if it is not a version-1 megatron index or its size does not match
+    the counts it declares.
+    """
+    path = Path(idx_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index file {path} does not exist: check the dataset prefix "
+                                "(pass the path without .bin/.idx) or re-run preprocess")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(_IDX_HEADER_BYTES)
+    if len(head) < _IDX_HEADER_BYTES or head[:9] != _IDX_MAGIC:
+        raise ValueError(f"{path} is not a megatron indexed-dataset index (bad header): "
+                         "re-run preprocess to rebuild it")
+    (version,) = struct.unpack("<Q", head[9:17])
+    code = head[17]
+    n_seq, n_doc = struct.unpack("<QQ", head[18:34])
+    if version != 1:
+        raise ValueError(f"{path} has index version {version}, only version 1 is supported: "
+                         "re-run preprocess to rebuild it")
+    if code not in _DTYPE_CODES:
+        raise ValueError(f"{path} declares an unknown token dtype code {code}: the file is corrupt, "
+                         "re-run preprocess")
+    expected = _IDX_HEADER_BYTES + n_seq * (4 + 8) + n_doc * 8
+    # Multimodal indexes append one int8 mode per sequence; text datasets never do.
+    if size not in (expected, expected + n_seq):
+        raise ValueError(f"{path} is {size} bytes but its header declares {n_seq} sequences and "
+                         f"{n_doc} document boundaries ({expected} bytes): the file is truncated or "
+                         "corrupt, re-run preprocess")
+    dtype = _DTYPE_CODES[code]
+    return {"dtype": np.dtype(dtype).name, "itemsize": np.dtype(dtype).itemsize,
+            "sequence_count": n_seq, "document_count": n_doc, "multimodal": size != expected}
+
+
+def validate_indexed_files(prefix: str | os.PathLike) -> dict[str, Any]:
+    """Check that ``prefix.idx`` is a sound megatron index and ``prefix.bin`` holds exactly the
+    tokens it points to. Returns the header info plus ``num_tokens`` and ``num_documents``."""
+    prefix = _strip_ext(prefix)
+    paths = dataset_paths(prefix)
+    info = read_idx_header(paths["idx"])
+    if not paths["bin"].is_file():
+        raise FileNotFoundError(f"data file {paths['bin']} does not exist (its index {paths['idx']} "
+                                "does): re-run preprocess or restore the .bin")
+    n_seq, n_doc = info["sequence_count"], info["document_count"]
+    offset = _IDX_HEADER_BYTES
+    lengths = np.fromfile(paths["idx"], dtype=np.int32, count=n_seq, offset=offset)
+    pointers = np.fromfile(paths["idx"], dtype=np.int64, count=n_seq, offset=offset + 4 * n_seq)
+    docs = np.fromfile(paths["idx"], dtype=np.int64, count=n_doc, offset=offset + 12 * n_seq)
+    num_tokens = int(lengths.sum(dtype=np.int64))
+    bin_size = paths["bin"].stat().st_size
+    expected_bin = num_tokens * info["itemsize"]
+    if bin_size != expected_bin:
+        raise ValueError(f"{paths['bin']} is {bin_size} bytes but {paths['idx']} indexes {num_tokens} "
+                         f"{info['dtype']} tokens ({expected_bin} bytes): the .bin is truncated or "
+                         "does not belong to this .idx, re-run preprocess")
+    bad_docs = n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or np.any(np.diff(docs) < 0)
+    bad_ptrs = n_seq > 0 and (pointers[0] != 0 or np.any(
+        pointers[1:] != pointers[:-1] + lengths[:-1].astype(np.int64) * info["itemsize"]))
+    if bad_docs or bad_ptrs or np.any(lengths < 0):
+        raise ValueError(f"{paths['idx']} has inconsistent sequence pointers or document indices: "
+                         "the file is corrupt, re-run preprocess")
+    return {**info, "num_tokens": num_tokens, "num_documents": n_doc - 1}
+
+
+def read_dataset_manifest(dataset_prefix: str | os.PathLike) -> dict[str, Any]:
+    """Read ``{dataset_prefix}.manifest.json`` (``dataset_prefix`` = path without ``.bin``/``.idx``).
+
+    Raises ``FileNotFoundError``/``ValueError`` with one line naming the file and the fix.
+    """
+    from megatron_kd.utils.io import read_json
+
+    path = dataset_paths(_strip_ext(dataset_prefix))["manifest"]
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset manifest {path} does not exist: the dataset was not written "
+                                "by megatron-kd preprocess/merge-datasets (re-run preprocess on it)")
+    manifest = read_json(path, "dataset manifest")
+    # Other megatron-kd producers (e.g. MiniPLM's selection) may omit "format"; a different one is foreign.
+    if not isinstance(manifest, dict) or manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not a megatron-kd dataset manifest (format != {MANIFEST_FORMAT!r}): "
+                         "re-run preprocess")
+    for key in ("tokenizer", "num_documents", "num_tokens", "dtype", "checksums"):
+        if key not in manifest:
+            raise ValueError(f"dataset manifest {path} lacks the field {key!r}: re-run preprocess")
+    return manifest
+
+
+def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, what: str = "dataset") -> None:
+    """Raise a one-line ``ValueError`` if ``tokenizer`` (a :class:`Tokenizer`, or its identity
+    string) is not the tokenizer that wrote ``manifest``."""
+    recorded = manifest.get("tokenizer") or {}
+    if isinstance(recorded, str):  # a bare identity string
+        recorded = {"identity": recorded}
+    identity = tokenizer if isinstance(tokenizer, str) else tokenizer.identity
+    if recorded.get("identity") != identity:
+        name = manifest.get("name") or manifest.get("files", {}).get("bin", what)
+        current = "" if isinstance(tokenizer, str) else f" {tokenizer.path}"
+        raise ValueError(
+            f"{what} {name} was tokenized with {recorded.get('path', '?')} "
+            f"({str(recorded.get('identity', '?'))[-12:]}) but the tokenizer{current} "
+            f"is {identity[-12:]}: re-run preprocess with this tokenizer or use the original one")
+
+
+def verify_checksums(dataset_prefix: str | os.PathLike) -> None:
+    """Recompute the sha256 of ``.bin``/``.idx`` (and ``.meta.jsonl``) and compare with the
+    manifest; raise ``ValueError`` naming the first mismatching file. Reads every byte."""
+    from megatron_kd.utils.io import sha256_file
+
+    prefix = _strip_ext(dataset_prefix)
+    manifest = read_dataset_manifest(prefix)
+    paths = dataset_paths(prefix)
+    for key, digest in manifest["checksums"].items():
+        if key in paths and sha256_file(paths[key]) != digest:
+            raise ValueError(f"{paths[key]} does not match the sha256 in {paths['manifest']}: the file "
+                             "changed since it was written, re-run preprocess")
+
+
+def open_indexed_dataset(prefix: str | os.PathLike, tokenizer: Any = None, mmap: bool = True):
+    """Validate and open dataset ``prefix`` as megatron-core's ``IndexedDataset``.
+
+    ``ds[i]`` is a numpy array with document ``i``'s tokens (one sequence per document unless
+    sentence-split), ``len(ds)`` the number of sequences, ``ds.sequence_lengths`` their lengths.
+    When a manifest exists its file sizes are checked too, and ``tokenizer`` (optional) must match.
+    """
+    prefix = _strip_ext(prefix)
+    info = validate_indexed_files(prefix)
+    paths = dataset_paths(prefix)
+    if paths["manifest"].is_file():
+        manifest = read_dataset_manifest(prefix)
+        if manifest.get("num_tokens") != info["num_tokens"] or manifest.get("dtype") != info["dtype"]:
+            raise ValueError(f"{paths['manifest']} records {manifest.get('num_tokens')} "
+                             f"{manifest.get('dtype')} tokens but the files hold {info['num_tokens']} "
+                             f"{info['dtype']} tokens: the files were replaced, re-run preprocess")
+        if tokenizer is not None:
+            check_tokenizer(manifest, tokenizer)
+    elif tokenizer is not None:
+        raise FileNotFoundError(f"dataset manifest {paths['manifest']} does not exist, so the "
+                                "tokenizer cannot be checked: re-run preprocess on this data")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(prefix, multimodal=info["multimodal"], mmap=mmap)

@@ -1,0 +1,79 @@
+"""``KDLossConfig``: how the distillation loss mixes the LM loss and a KD divergence."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_kd.losses.divergences import KINDS
+
+ALPHA_SCHEDULES = ("constant", "linear", "wsd")
+"""Shapes the KD weight alpha can follow over training (see :func:`megatron_kd.losses.alpha_at`)."""
+
+
+@dataclass
+class KDLossConfig:
+    """Distillation loss: ``total = (1 - alpha) * LM + alpha * KD`` per token (``kd.*`` keys)."""
+
+    kind: str = "forward_kl"
+    """Divergence for dense teacher logits: forward_kl, reverse_kl, skew_forward_kl,
+    skew_reverse_kl, jsd, tvd, soft_ce or mse. Sparse (stored top-k) targets always use the
+    forward KL of :func:`megatron_kd.losses.sparse_kd_loss`."""
+    temperature: float = 1.0
+    """Softmax temperature T (> 0) of both teacher and student inside the KD term. The LM term is
+    always at T = 1. The PD paper found T <= 2 fine and T >= 5 harmful."""
+    alpha: float = 0.5
+    """KD weight in [0, 1]: the constant value, or the stable-phase (peak) value of ``wsd``.
+    1 = KD only (the LM loss is still computed, without gradient, for the report)."""
+    alpha_schedule: str = "constant"
+    """How alpha moves with the training step: constant | linear | wsd (warmup-stable-decay,
+    the PD paper's best recipe together with a WSD learning rate)."""
+    alpha_start: Optional[float] = None
+    """alpha at step 0. linear: default = ``alpha``; wsd: start of the warmup, default 0."""
+    alpha_end: Optional[float] = None
+    """alpha at the last step. linear: default = ``alpha``; wsd: end of the decay, default 0."""
+    wsd_warmup_fraction: float = 0.01
+    """wsd: fraction of ``total_steps`` over which alpha rises linearly from alpha_start to alpha."""
+    wsd_decay_fraction: float = 0.1
+    """wsd: final fraction of ``total_steps`` over which alpha falls linearly to alpha_end."""
+    t2_scale: bool = False
+    """Multiply the KD term by T^2 (Hinton et al.: keeps its gradient scale independent of T)."""
+    skew: float = 0.1
+    """Skew a in [0, 1] of skew_forward_kl / skew_reverse_kl (DistiLLM uses 0.1)."""
+    beta: float = 0.5
+    """Mixture weight b in [0, 1] of the generalised JSD (GKD)."""
+    residual: bool = False
+    """Sparse targets only: keep the stored top-k mass un-renormalised and match the rest as one
+    remainder bucket (needs temperature 1). False = renormalise over the kept ids (PD paper)."""
+    chunk_size: Optional[int] = None
+    """Tokens per chunk of the KD kernels; None = about 2M logits per chunk."""
+    ignore_index: int = -100
+    """Labels equal to this are excluded (like a 0 in loss_mask) from both LM and KD terms."""
+    lm_inplace: bool = False
+    """Let megatron's vocab_parallel_cross_entropy overwrite fp32 student logits in place (saves one
+    logits-sized fp32 copy; the logits tensor is garbage after the call). bf16/fp16 logits are
+    never modified either way."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kd.kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.alpha_schedule not in ALPHA_SCHEDULES:
+            raise ValueError(
+                f"kd.alpha_schedule={self.alpha_schedule!r} is not one of {', '.join(ALPHA_SCHEDULES)}"
+            )
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"kd.temperature={self.temperature} must be a finite number > 0")
+        for name in ("alpha", "alpha_start", "alpha_end", "skew", "beta",
+                     "wsd_warmup_fraction", "wsd_decay_fraction"):
+            val = getattr(self, name)
+            if val is not None and not 0.0 <= val <= 1.0:
+                raise ValueError(f"kd.{name}={val} must lie in [0, 1]")
+        if self.wsd_warmup_fraction + self.wsd_decay_fraction > 1.0:
+            raise ValueError(
+                f"kd.wsd_warmup_fraction + kd.wsd_decay_fraction = "
+                f"{self.wsd_warmup_fraction + self.wsd_decay_fraction} must be <= 1"
+            )
+        if self.residual and self.temperature != 1.0:
+            raise ValueError(f"kd.residual=true needs kd.temperature=1 (got {self.temperature})")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"kd.chunk_size={self.chunk_size} must be >= 1 or null")
