@@ -1,6 +1,7 @@
 """Held-out evaluation of an instruction-following student against its teacher.
 
-* ``rouge_l``: mean ROUGE-L F1 (x100) of greedy responses against the gold responses.
+* ``rouge_l``: mean ROUGE-L F1 (x100) of greedy responses against the gold responses
+  (``megatron_kd.evaluation.rouge``, stemming on as in MiniLLM's evaluation).
 * ``reverse_kl``: the exact sequence-level reverse KL estimate E_{y~q}[sum_t KL(q(.|y<t) || p(.|y<t))]
   on student samples (temperature 1, fixed seed): each per-position KL is summed exactly over the
   vocabulary (vocab-parallel), only the trajectory expectation is sampled.
@@ -36,32 +37,11 @@ class EvalConfig:
     """Seed of the sampled generations used for the reverse KL."""
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 in [0, 1]: the evaluation package's scorer when present, else whitespace-token LCS."""
-    try:
-        from megatron_kd.evaluation.rouge import rouge_l as _impl  # the shared implementation
-    except ImportError:
-        _impl = None
-    if _impl is not None:
-        return float(_impl(prediction, reference))
-    p, r = prediction.lower().split(), reference.lower().split()
-    if not p or not r:
-        return float(p == r)
-    lcs = _lcs(p, r)
-    if lcs == 0:
-        return 0.0
-    prec, rec = lcs / len(p), lcs / len(r)
-    return 2 * prec * rec / (prec + rec)
+    """ROUGE-L F1 in [0, 1] with MiniLLM's scorer settings (rouge-score tokenisation, Porter stemming)."""
+    from megatron_kd.evaluation.rouge import rouge_l_max
+
+    return float(rouge_l_max(prediction, [reference], use_stemmer=True))
 
 
 def _dp() -> tuple[int, int, object]:
