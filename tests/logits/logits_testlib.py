@@ -35,9 +35,14 @@ def make_teacher(rank, world_size, ckpt_dir):
     return True
 
 
-def make_dataset(prefix: str) -> None:
-    """Indexed dataset of DOC_LENGTHS random documents, each ending in EOD."""
+def make_dataset(prefix: str, tokenizer_identity: str = "synthetic-tokenizer-A") -> None:
+    """Indexed dataset of DOC_LENGTHS random documents, each ending in EOD, with a manifest like
+    the one ``megatron-kd preprocess`` writes (tokenizer identity, checksums)."""
+    import json
+
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_kd.utils.io import sha256_file
 
     rng = np.random.default_rng(0)
     b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
@@ -46,6 +51,11 @@ def make_dataset(prefix: str) -> None:
         x[-1] = EOD
         b.add_document(torch.from_numpy(x.astype(np.int64)), [n])
     b.finalize(prefix + ".idx")
+    with open(prefix + ".manifest.json", "w") as fh:
+        json.dump({"format": "megatron-kd/indexed-dataset", "num_documents": len(DOC_LENGTHS),
+                   "num_tokens": sum(DOC_LENGTHS), "dtype": "uint16",
+                   "tokenizer": {"identity": tokenizer_identity, "path": "synthetic"},
+                   "checksums": {"bin": sha256_file(prefix + ".bin"), "idx": sha256_file(prefix + ".idx")}}, fh)
 
 
 def gpt_dataset(prefix: str, seed: int, seq_length: int, num_samples: int, cache: str):
@@ -76,7 +86,7 @@ def reference_worker(rank, world_size, ckpt_dir, prefix):
     from megatron_kd.runtime import ParallelConfig, init_distributed
     from megatron_kd.training.checkpoint import load_model_for_inference
 
-    init_distributed(ParallelConfig())
+    init_distributed(ParallelConfig())  # TP=1: every rank holds the whole model
     model, cfg, _ = load_model_for_inference(ckpt_dir)
     ds = IndexedDataset(prefix)
     out = []
@@ -117,3 +127,36 @@ def precompute_worker(rank, world_size, tp, pp, ckpt_dir, prefix, out, extra):
 
 def cache_dir(base: str) -> str:
     return os.path.join(base, "gpt_cache")
+
+
+def all_worker(rank, world_size, base):
+    """Two processes build everything: the teacher; the store at TP=1 (so DP=2: each rank takes
+    half of the shards), TP=2 and PP=2; resume scenarios; the direct-forward reference (rank 0)."""
+    import shutil
+
+    from megatron_kd.logits import manifest as mf
+    from megatron_kd.runtime import ParallelConfig, barrier, init_distributed
+
+    ckpt, prefix = os.path.join(base, "ckpt"), os.path.join(base, "ds")
+    make_teacher(rank, world_size, ckpt)
+    run = lambda name, tp=1, pp=1, **extra: precompute_worker(  # noqa: E731
+        rank, world_size, tp, pp, ckpt, prefix, os.path.join(base, name), extra)
+    out = {"tp1": run("tp1"), "tp2": run("tp2", tp=2), "pp2": run("pp2", pp=2)}
+    # A run stopped after one shard per rank, then resumed.
+    out["partial"] = run("resume", max_shards=1)
+    out["partial_complete"] = mf.read_store_manifest(os.path.join(base, "resume"), require_complete=False)["complete"]
+    out["resumed"] = run("resume")
+    # A complete store with one shard deleted (file and record), then recomputed.
+    holed = os.path.join(base, "holed")
+    if rank == 0:
+        shutil.copytree(os.path.join(base, "tp1"), holed)
+        mf.shard_file(holed, 2).unlink()
+        mf.shard_record_file(holed, 2).unlink()
+    barrier()
+    out["refilled"] = run("holed")
+    # Re-running a complete store recomputes nothing.
+    out["rerun"] = run("tp1")
+    init_distributed(ParallelConfig())
+    ref = reference_worker(rank, world_size, ckpt, prefix)  # loading a checkpoint is collective
+    out["reference"] = ref if rank == 0 else None
+    return out
