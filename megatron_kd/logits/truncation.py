@@ -60,14 +60,15 @@ def select_top_p_top_k(logits: torch.Tensor, vocab_size: int, top_p: float, top_
         x = logits[c0:c0 + chunk].float()
         if start + v_local > vocab_size:  # padded vocabulary columns get probability 0
             x = x.masked_fill(torch.arange(start, start + v_local, device=x.device) >= vocab_size, float("-inf"))
-        # Global log-sum-exp: all-reduce of the max, then of the rescaled sums.
+        # Global log-sum-exp: all-reduce of the max, then of the rescaled sums (accumulated in
+        # float64 so that the top-p cut does not depend on the TP layout's summation order).
         m = x.amax(dim=-1)
         if tp > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
+        s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1, dtype=torch.float64)
         if tp > 1:
             dist.all_reduce(s, group=group)
-        lse = m + torch.log(s)
+        lse = m.double() + torch.log(s)
         vals, idx = torch.topk(x, k_local, dim=-1)
         vals = _gather_last(vals, group, tp)
         gids = _gather_last(idx + start, group, tp)
@@ -76,12 +77,12 @@ def select_top_p_top_k(logits: torch.Tensor, vocab_size: int, top_p: float, top_
         vals = vals.gather(-1, perm)
         vals, perm = torch.sort(vals, dim=-1, descending=True, stable=True)
         gids = gids.gather(-1, perm)[:, :k]
-        lp = (vals[:, :k] - lse.unsqueeze(-1))
-        p = torch.exp(lp.double())
+        lp = vals[:, :k].double() - lse.unsqueeze(-1)
+        p = torch.exp(lp)
         before = torch.cumsum(p, dim=-1) - p
         n = ((before < top_p) & torch.isfinite(lp)).sum(dim=-1).clamp_(1, k)
         out_ids.append(gids)
-        out_lp.append(lp)
+        out_lp.append(lp.float())
         out_n.append(n)
     if not out_ids:
         return (torch.zeros(0, k, dtype=torch.long, device=logits.device),
