@@ -192,6 +192,7 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
 
     header, meta, mcfg = _check_inputs(cfg)
     init_distributed(ParallelConfig(cfg.tensor_parallel, cfg.pipeline_parallel))
+    barrier()  # every rank has checked the existing store before rank 0 writes to it
     store = Path(cfg.out)
     ds = IndexedDataset(mf.strip_dataset_prefix(cfg.data), mmap=True)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
@@ -204,10 +205,11 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
             write_json_atomic(store / mf.MANIFEST, {**header, "num_documents": len(lengths),
                                                     "num_tokens": int(doc_start[-1]), "num_shards": len(shards)})
     barrier()
+    todo = [i for i in range(len(shards)) if forward_only or not mf.shard_record_file(store, i).is_file()]
+    barrier()  # all ranks read the same set of finished shards before any new one appears
     dtype = cfg.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     model, _, _ = load_model_for_inference(cfg.teacher, dtype, cfg.iteration)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    todo = [i for i in range(len(shards)) if forward_only or not mf.shard_record_file(store, i).is_file()]
     mine = todo[dp_rank::dp_size][: cfg.max_shards]
     writer_rank = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and not forward_only
     id_bits, vocab = header["settings"]["id_bits"], mcfg.vocab_size

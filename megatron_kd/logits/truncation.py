@@ -60,15 +60,15 @@ def select_top_p_top_k(logits: torch.Tensor, vocab_size: int, top_p: float, top_
         x = logits[c0:c0 + chunk].float()
         if start + v_local > vocab_size:  # padded vocabulary columns get probability 0
             x = x.masked_fill(torch.arange(start, start + v_local, device=x.device) >= vocab_size, float("-inf"))
-        # Global log-sum-exp: all-reduce of the max, then of the rescaled sums (accumulated in
-        # float64 so that the top-p cut does not depend on the TP layout's summation order).
-        m = x.amax(dim=-1)
+        # Global log-sum-exp from the per-rank ones: two all-reduces of [T] values.
+        lse = torch.logsumexp(x, dim=-1)
         if tp > 1:
+            m = lse.clone()
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1, dtype=torch.float64)
-        if tp > 1:
+            s = torch.exp(lse - m)
             dist.all_reduce(s, group=group)
-        lse = m.double() + torch.log(s)
+            lse = m + torch.log(s)
+        lse = lse.double()
         vals, idx = torch.topk(x, k_local, dim=-1)
         vals = _gather_last(vals, group, tp)
         gids = _gather_last(idx + start, group, tp)
