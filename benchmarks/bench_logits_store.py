@@ -55,6 +55,25 @@ def build_corpus(prefix: str, vocab: int, max_tokens: int) -> int:
     return tok.get_vocab_size()
 
 
+def subset_corpus(prefix: str, out_prefix: str, max_tokens: int) -> str:
+    """The first documents of ``prefix`` up to ``max_tokens`` tokens, as a new indexed dataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    ds = IndexedDataset(prefix)
+    if int(ds.sequence_lengths.sum()) <= max_tokens:
+        return prefix
+    b = IndexedDatasetBuilder(out_prefix + ".bin", dtype=ds.index.dtype)
+    total = 0
+    for i in range(len(ds)):
+        doc = np.array(ds[i])
+        b.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
+        total += len(doc)
+        if total >= max_tokens:
+            break
+    b.finalize(out_prefix + ".idx")
+    return out_prefix
+
+
 def train_teacher(rank, world_size, ckpt: str, prefix: str, vocab: int, steps: int, seq: int) -> dict:
     """A few hundred Adam steps of the cpu-teacher preset (4 layers x 256) on the corpus; saves a megatron-kd checkpoint."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -216,6 +235,8 @@ def main() -> None:
     ap.add_argument("--seq-length", type=int, default=256, help="teacher window")
     ap.add_argument("--top-p", type=float, default=0.95, help="top-p")
     ap.add_argument("--top-k", type=int, default=100, help="top-k")
+    ap.add_argument("--bench-tokens", type=int, default=None,
+                    help="measure on the first documents of the corpus up to this many tokens (default: all)")
     ap.add_argument("--repeats", type=int, default=2, help="forward-only / precompute passes (best of)")
     ap.add_argument("--kl-docs", type=int, default=20, help="documents re-run for the distortion measurement")
     args = ap.parse_args()
@@ -241,6 +262,9 @@ def main() -> None:
         result["teacher"] = "cpu-teacher preset, 4 layers x 256 (trained here)"
     else:
         result["teacher"] = teacher
+    if args.bench_tokens:
+        data = subset_corpus(data, str(work / "bench_subset"), args.bench_tokens)
+        result["bench_tokens"] = args.bench_tokens
     kwargs = dict(teacher=teacher, data=data, out=str(work / "store"), top_p=args.top_p, top_k=args.top_k,
                   seq_length=args.seq_length, overlap=0, micro_batch_size=8, shard_tokens=1 << 16, dtype="fp32")
     import shutil

@@ -140,12 +140,18 @@ def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, v
              keep: bool, forward_only: bool):
     if forward_only:
         return None
-    logits = output.reshape(-1, output.shape[-1]).index_select(0, batch["sel"])
-    ids, lp, n = select_top_p_top_k(logits, vocab, cfg.top_p, cfg.top_k)
+    flat = output.reshape(-1, output.shape[-1])
+    chunk = max(1, (1 << 26) // flat.shape[-1])  # bounds the gathered copy of the logits (~256 MiB fp32)
+    parts = []
+    for c0 in range(0, len(batch["sel"]), chunk):
+        ids, lp, n = select_top_p_top_k(flat.index_select(0, batch["sel"][c0:c0 + chunk]), vocab, cfg.top_p,
+                                        cfg.top_k)
+        if keep:
+            fi, fl = flatten_selection(ids, lp, n)
+            parts.append((n.cpu().numpy(), fi.cpu().numpy(), fl.cpu().numpy()))
     if not keep:
         return None
-    fi, fl = flatten_selection(ids, lp, n)
-    return n.cpu().numpy(), fi.cpu().numpy(), fl.cpu().numpy()
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
 def _forward_calls(model, calls, source: _BatchSource, collect, pp: int):
