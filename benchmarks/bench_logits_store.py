@@ -75,7 +75,8 @@ def subset_corpus(prefix: str, out_prefix: str, max_tokens: int) -> str:
 
 
 def train_teacher(rank, world_size, ckpt: str, prefix: str, vocab: int, steps: int, seq: int) -> dict:
-    """A few hundred Adam steps of the cpu-teacher preset (4 layers x 256) on the corpus; saves a megatron-kd checkpoint."""
+    """A few hundred Adam steps of the cpu-teacher preset (4 layers x 256) on the corpus; saves a
+    megatron-kd checkpoint."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_kd.models import build_gpt_model, get_preset
@@ -165,7 +166,8 @@ def exact_vs_stored(rank, world_size, kwargs: dict, num_docs: int) -> dict:
                 kl_resid.append(float(np.sum(ps * (s - e)) + rs * (np.log(rs) - np.log(re))))
     return {"positions_checked": n, "ids_identical_fraction": ids_equal / max(n, 1),
             "kl_renormalised_mean": float(np.mean(kl_renorm)), "kl_renormalised_max": float(np.max(kl_renorm)),
-            "kl_with_residual_mean": float(np.mean(kl_resid)), "kl_with_residual_p99": float(np.quantile(kl_resid, 0.99))}
+            "kl_with_residual_mean": float(np.mean(kl_resid)),
+            "kl_with_residual_p99": float(np.quantile(kl_resid, 0.99))}
 
 
 def storage_stats(store_path: str) -> dict:

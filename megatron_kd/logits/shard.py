@@ -117,7 +117,8 @@ class ShardReader:
         if len(self.mm) < _PREAMBLE.size:
             raise ValueError(f"logits shard {self.path} is truncated: run --verify and recompute the store")
         magic, T, p_off, p_bytes, s_off, n_seg, h_off, _ = _PREAMBLE.unpack(bytes(self.mm[:_PREAMBLE.size]))
-        if magic != MAGIC or h_off + 4 * T > len(self.mm) or s_off + 16 * n_seg > h_off or p_off + p_bytes + _PAD > s_off:
+        if (magic != MAGIC or h_off + 4 * T > len(self.mm) or s_off + 16 * n_seg > h_off
+                or p_off + p_bytes + _PAD > s_off):
             raise ValueError(f"logits shard {self.path} has a bad header (not a bitpack-v1 shard or truncated): "
                              "run --verify and recompute the store")
         self.num_tokens = T

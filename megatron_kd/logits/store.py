@@ -141,7 +141,8 @@ def verify_store(path: str | Path, checksums: bool = True) -> list[str]:
         try:
             r = ShardReader(f)
             bad = r.num_tokens != rec["token_hi"] - rec["token_lo"] or np.any(np.diff(r.seg_token) < 0)
-            bad = bad or int(np.count_nonzero(r.count)) != rec["targets"] or int(r.count.sum(dtype=np.int64)) != rec["entries"]
+            bad = (bad or int(np.count_nonzero(r.count)) != rec["targets"]
+                   or int(r.count.sum(dtype=np.int64)) != rec["entries"])
             if bad:
                 problems.append(f"shard {f} disagrees with its manifest record (token, target or entry counts)")
         except ValueError as exc:

@@ -79,7 +79,6 @@ def select_top_p_top_k(logits: torch.Tensor, vocab_size: int, top_p: float, top_
     T, v_local = logits.shape
     start = (dist.get_rank(group) if tp > 1 else 0) * v_local
     k = min(top_k, vocab_size)
-    k_local = min(k, v_local)
     chunk = chunk_tokens or max(1, (1 << 26) // max(v_local, 1))
     out_ids, out_lp, out_n = [], [], []
     for c0 in range(0, T, chunk):

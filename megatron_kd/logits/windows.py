@@ -79,8 +79,9 @@ def plan_micro_batches(windows: list[Window], seq_length: int, micro_batch_size:
     Windows are sorted by decreasing length and padded to a multiple of ``pad_multiple`` (at most
     ``seq_length``); a micro-batch holds ``micro_batch_size * seq_length // length`` rows (the
     same token budget as a full one). Each returned group shares one ``(rows, length)`` shape,
-    which a pipeline-parallel schedule needs (at most ``max_per_call`` per group); with ``fixed_rows`` the last micro-batch of a length
-    keeps all its rows (the unused ones run padding) so that its shape matches the others.
+    which a pipeline-parallel schedule needs (at most ``max_per_call`` per group); with
+    ``fixed_rows`` the last micro-batch of a length keeps all its rows (the unused ones run
+    padding) so that its shape matches the others.
     """
     order = sorted(windows, key=lambda w: (-w.length, w.doc, w.start))
     calls: list[list[MicroBatch]] = []

@@ -154,3 +154,22 @@ def test_selection_matches_float64_reference(top_p, top_k):
     fi, fl = flatten_selection(ids, lp, n)
     ci, cl = codec.flatten_rows(ids.numpy(), lp.numpy(), n.numpy())
     assert np.array_equal(fi.numpy(), ci) and np.array_equal(fl.numpy(), cl)
+
+
+def test_two_stage_selection_equals_one_stage():
+    from megatron_kd.logits import truncation
+
+    torch.manual_seed(1)
+    logits = torch.randn(256, 500) * torch.linspace(0.2, 12.0, 256).unsqueeze(1)
+    saved = truncation._first_stage_hits[0]
+    try:
+        results = []
+        for hits in (1.0, 0.0):  # first stage on (top-16, then top-k for the rest) / off
+            truncation._first_stage_hits[0] = hits
+            results.append(select_top_p_top_k(logits, 500, 0.9, 60))
+    finally:
+        truncation._first_stage_hits[0] = saved
+    (i1, l1, n1), (i2, l2, n2) = results
+    assert torch.equal(n1, n2) and 1 < n1.float().mean() < 60
+    valid = torch.arange(60).unsqueeze(0) < n1.unsqueeze(1)
+    assert torch.equal(i1[valid], i2[valid]) and torch.equal(l1[valid], l2[valid])
