@@ -55,7 +55,7 @@ shift, and differences between two absent entries are 0 instead of NaN."""
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product of two [n, V] tensors -> [n] (no [n, V] temporary)."""
+    """Row-wise dot product of two [n, V] tensors -> [n]."""
     return torch.linalg.vecdot(a, b)
 
 
@@ -64,29 +64,19 @@ def _mask_absent(S: torch.Tensor, Tt: torch.Tensor, ws: Workspace) -> torch.Tens
     n = S.shape[0]
     absent = torch.isneginf(S, out=ws.get("absent", n, torch.bool))
     absent |= torch.isneginf(Tt, out=ws.get("absent_t", n, torch.bool))
-    if absent.any():
+    if S.device.type != "cpu" or absent.any():  # on GPUs skip the test: no host sync
         S.masked_fill_(absent, ABSENT)
         Tt.masked_fill_(absent, ABSENT)
     return absent
 
 
-def _softmax_stats(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext, want_max: bool = False,
-                   ws: Optional[Workspace] = None):
-    """Shift S, Tt in place by their global row max; return exp(S), exp(Tt), global row sums
-    (and, with ``want_max``, the student's global row max: :data:`ABSENT` if all columns are)."""
-    mx = torch.stack((S.amax(-1), Tt.amax(-1)))
-    all_reduce_(mx, tp, "max")
+def _softmax_stats(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext):
+    """Shift S, Tt in place by their global row max; return exp(S), exp(Tt), global row sums."""
+    mx = all_reduce_(torch.stack((S.amax(-1), Tt.amax(-1))), tp, "max")
     S.sub_(mx[0].unsqueeze(-1))
     Tt.sub_(mx[1].unsqueeze(-1))
-    if ws is None:
-        Es, Et = torch.exp(S), torch.exp(Tt)
-    else:
-        Es = torch.exp(S, out=ws.get("exp_s", S.shape[0], S.dtype))
-        Et = torch.exp(Tt, out=ws.get("exp_t", S.shape[0], S.dtype))
-    z = torch.stack((Es.sum(-1), Et.sum(-1)))
-    all_reduce_(z, tp)
-    if want_max:
-        return Es, Et, z[0], z[1], mx[0]
+    Es, Et = torch.exp(S), torch.exp(Tt)
+    z = all_reduce_(torch.stack((Es.sum(-1), Et.sum(-1))), tp)
     return Es, Et, z[0], z[1]
 
 
@@ -102,25 +92,33 @@ def _kl_family(kind: str, S, Tt, tp: TPContext, need_grad: bool, out, inv_t: flo
                ws: Workspace):
     """forward_kl, soft_ce, reverse_kl: loss and d loss / d student logits (1/T included).
 
-    The hot path: probabilities are never normalised in a separate pass; the gradient is written
-    straight into ``out`` (a slice of the gradient buffer) when given.
+    The hot path, with three [n, V_local] scratch buffers: the shifted student logits become
+    D = t - s after exp(s) is taken, the teacher's are exponentiated in place, probabilities are
+    never normalised in a separate pass, and the gradient is written straight into ``out`` (the
+    gradient buffer's rows) when given.
     """
-    Es, Et, zs, zt, smax = _softmax_stats(S, Tt, tp, want_max=True, ws=ws)
+    mx = all_reduce_(torch.stack((S.amax(-1), Tt.amax(-1))), tp, "max")
+    S.sub_(mx[0].unsqueeze(-1))
+    Tt.sub_(mx[1].unsqueeze(-1))
+    Es = torch.exp(S, out=ws.get("exp_s", S.shape[0], S.dtype))
+    D = S if kind == "soft_ce" else torch.sub(Tt, S, out=S)  # log p - log q + const per row
+    Et = Tt.exp_()
+    z = all_reduce_(torch.stack((Es.sum(-1), Et.sum(-1))), tp)
+    zs, zt = z[0], z[1]
     lzs, lzt = zs.log(), zt.log()
     target = Es if out is None else out
     if kind == "reverse_kl":
-        D = Tt.sub_(S)  # log p - log q + const per row
         qd = all_reduce_(_dot(Es, D) / zs, tp)
         loss = lzt - lzs - qd
         if not need_grad:
             return loss, None
         D.sub_(qd.unsqueeze(-1)).mul_((-inv_t / zs).unsqueeze(-1))  # (sum q D - D) / (T zs)
         return loss, torch.mul(Es, D, out=target)
-    if kind == "soft_ce":
-        loss = lzs - all_reduce_(_dot(Et, S) / zt, tp)
-        loss = torch.where(smax > ABSENT, loss, 0.0)  # all columns absent: 0, not log V
+    if kind == "soft_ce":  # D holds the shifted student logits here
+        loss = lzs - all_reduce_(_dot(Et, D) / zt, tp)
+        loss = torch.where(mx[0] > ABSENT, loss, 0.0)  # all columns absent: 0, not log V
     else:
-        loss = all_reduce_(_dot(Et, Tt.sub_(S)) / zt, tp) - lzt + lzs
+        loss = all_reduce_(_dot(Et, D) / zt, tp) - lzt + lzs
     if not need_grad:
         return loss, None
     torch.mul(Es, (inv_t / zs).unsqueeze(-1), out=target)  # q / T
@@ -250,7 +248,7 @@ def kd_loss(
             skipped entirely (must be identical on all TP ranks).
         tp_group: TP group the vocabulary is split over; ``None``: megatron's TP group when
             model parallel is initialised with TP > 1, else a single process.
-        chunk_size: tokens per chunk; ``None`` picks ~2M elements / V_local. Peak scratch memory
+        chunk_size: tokens per chunk; ``None`` picks ~4M elements / V_local. Peak scratch memory
             is a few [chunk, V_local] fp32 buffers plus one gradient shaped like the logits.
         retain_graph: allow more than one backward through the result (``retain_graph=True``,
             ``torch.autograd.gradcheck``); costs one more logits-sized tensor per backward.

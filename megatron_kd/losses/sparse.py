@@ -151,7 +151,7 @@ def sparse_kd_loss(
         residual: keep the stored mass un-renormalised plus one remainder bucket (module doc).
         loss_mask: optional [...]; 0 = token skipped (loss 0, gradient 0).
         tp_group: as in :func:`megatron_kd.losses.kd_loss`.
-        chunk_size: tokens per chunk (``None``: ~2M elements / V_local).
+        chunk_size: tokens per chunk (``None``: ~4M elements / V_local).
         retain_graph: allow more than one backward through the result (see ``kd_loss``).
 
     Returns:

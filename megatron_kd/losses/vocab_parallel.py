@@ -32,8 +32,10 @@ KernelFn = Callable[[Rows, bool, Optional[torch.Tensor]], "tuple[torch.Tensor, O
 when not None, is the gradient buffer's slice for these rows (same dtype): a kernel may write the
 gradient there and return it, saving a copy."""
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 21
-"""Token chunk size target, in elements of one [chunk, V_local] fp32 buffer (8 MiB)."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+"""Token chunk size target, in elements of one [chunk, V_local] fp32 buffer (16 MiB). Larger
+chunks mean fewer, bigger kernels (less threading overhead); the scratch memory is a few such
+buffers (forward KL: three fp32 and two bool), independent of the number of tokens."""
 
 
 @dataclass(frozen=True)
