@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -31,6 +32,7 @@ from megatron_kd.interop.hf_config import (hf_family, hf_to_model_config, model_
                                            same_shape)
 from megatron_kd.interop.hf_weights import check_hf_tensors, hf_tensor_specs, load_hf_weights
 from megatron_kd.interop.safetensors_io import HFCheckpointReader, parse_size, write_hf_weights
+from megatron_kd.interop.vocab import vocab_fingerprint
 from megatron_kd.models.builder import build_gpt_model, parse_dtype
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.utils.io import read_json, replace_dir_atomic, write_json_atomic
@@ -43,6 +45,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 HF_CONFIG = "hf_config.json"
 HF_GENERATION_CONFIG = "hf_generation_config.json"
 TOKENIZER_DIR = "tokenizer"
+_LAYER_INDEX = re.compile(r"^decoder\.layers\.\d+\.")
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -113,7 +116,23 @@ def checkpoint_tokenizer(ckpt_dir: str | Path, meta: dict[str, Any] | None = Non
     return str(path)
 
 
-def _prepare_out(out_dir: Path, overwrite: bool, what: str) -> None:
+def _tokenizer_vocab(hf_dir: Path, cfg: ModelConfig) -> dict[str, Any] | None:
+    """Fingerprint and id count of the tokenizer shipped with a HF model (None if it has none)."""
+    if not any((hf_dir / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    try:
+        fingerprint, n_ids = vocab_fingerprint(hf_dir)
+    except (FileNotFoundError, ValueError, KeyError, ImportError):
+        return None  # unusual tokenizer layout: it is still copied, just not fingerprinted
+    if n_ids > cfg.vocab_size:
+        raise ValueError(f"the tokenizer in {hf_dir} has {n_ids} ids but config.json vocab_size={cfg.vocab_size}: "
+                         "the model cannot embed every token")
+    return {"fingerprint": fingerprint, "vocab_size": n_ids}
+
+
+def _prepare_out(out_dir: Path, overwrite: bool, what: str, source: Path) -> None:
+    if out_dir.resolve() == source.resolve() or out_dir.resolve() in source.resolve().parents:
+        raise ValueError(f"--out {out_dir} must not be or contain the source directory {source}: choose another --out")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{what} {out_dir} already exists and is not empty: pass --overwrite or choose "
@@ -137,7 +156,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tensor_parallel: int = 
     params_dtype = _hf_dtype(hf_cfg) if dtype == "auto" else parse_dtype(dtype)
     reader = HFCheckpointReader(hf_dir)
     check_hf_tensors(reader, cfg)
-    _prepare_out(out_dir, overwrite, "checkpoint directory")
+    tok_vocab = _tokenizer_vocab(hf_dir, cfg)
+    _prepare_out(out_dir, overwrite, "checkpoint directory", hf_dir)
     for w in warnings:
         _warn(w)
     start = time.perf_counter()
@@ -162,7 +182,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tensor_parallel: int = 
         bar.close()
         extra = {"converted_from": "huggingface", "hf_architecture": hf_cfg["architectures"][0],
                  "hf_source": str(hf_dir.resolve()), "params_dtype": _SHORT[params_dtype],
-                 "conversion_tensor_parallel": tensor_parallel, "conversion_pipeline_parallel": pipeline_parallel}
+                 "conversion_tensor_parallel": tensor_parallel, "conversion_pipeline_parallel": pipeline_parallel,
+                 "tokenizer_vocab": tok_vocab}
         save_checkpoint(out_dir, [model], cfg, iteration=0, extra=extra, tokenizer=tokenizer)
         del model
     return {"seconds": time.perf_counter() - start, "bytes": total, "padded_vocab_size": padded,
@@ -180,6 +201,57 @@ def _stored_dtype(iter_dir: Path, meta: dict[str, Any]) -> torch.dtype:
         if key.endswith("word_embeddings.weight") or key.endswith("output_layer.weight"):
             return ten.dtype
     return torch.float32
+
+
+def _group(key: str) -> str:
+    """Load unit of a state-dict key: one weight across all layers (megatron stores each as one
+    stacked [num_layers, ...] tensor; a single-process load must read such a tensor whole)."""
+    return _LAYER_INDEX.sub("decoder.layers.", key)
+
+
+class _GroupLoader:
+    """Loads a checkpoint into an uninitialised TP=1/PP=1 model one weight kind (all layers) at a
+    time and frees it once the next is asked for, so export never holds the whole model: peak
+    memory is the largest group (e.g. every layer's fc1) plus the read buffer of one stored chunk."""
+
+    def __init__(self, model: torch.nn.Module, iter_dir: Path):
+        self.iter_dir = iter_dir
+        self.sharded: dict[str, Any] = dict(model.sharded_state_dict(prefix=""))
+        self.params = {k: v for k, v in model.state_dict(keep_vars=True).items()
+                       if v is not None and not k.endswith("_extra_state")}
+        self.current: str | None = None
+
+    def get(self, key: str) -> torch.Tensor:
+        """The loaded tensor ``key`` (full layout, padded vocab)."""
+        group = _group(key)
+        if group != self.current:
+            self.release()
+            self._load(group)
+        return self.params[key].detach()
+
+    def _load(self, group: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        keys = [k for k in self.sharded if _group(k) == group and not k.endswith("_extra_state")]
+        if not keys:
+            raise KeyError(f"checkpoint model has no weights for {group}")
+        sub = {k: self.sharded.pop(k) for k in keys}
+        loaded = dist_checkpointing.load({"model": sub}, str(self.iter_dir))["model"]
+        with torch.no_grad():
+            for k, v in loaded.items():
+                param = self.params.get(k)
+                if param is not None and isinstance(v, torch.Tensor) and v.data_ptr() != param.data_ptr():
+                    param.data.copy_(v)  # strategies that do not load in place
+        self.current = group
+
+    def release(self) -> None:
+        """Free the storage of the current group's parameters."""
+        if self.current is None:
+            return
+        for k, p in self.params.items():
+            if _group(k) == self.current:
+                p.data = torch.empty(0, dtype=p.dtype)
+        self.current = None
 
 
 def _base_hf_config(ckpt_dir: Path, hf_config: str | Path | None) -> dict[str, Any] | None:
@@ -201,7 +273,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
     (or directory) whose extra fields to keep (default: ``CKPT/hf_config.json``). ``tokenizer``:
     directory to copy (default: the checkpoint's). Written to ``out_dir.tmp`` then renamed.
     """
-    from megatron_kd.training.checkpoint import load_checkpoint, read_checkpoint_meta
+    from megatron_kd.training.checkpoint import read_checkpoint_meta
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     meta = read_checkpoint_meta(ckpt_dir, iteration)
@@ -223,7 +295,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
     tok_src = Path(tokenizer) if tokenizer else (Path(t) if (t := checkpoint_tokenizer(ckpt_dir, meta)) else None)
     if tok_src is not None and not tok_src.exists():
         raise FileNotFoundError(f"tokenizer {tok_src} does not exist: pass --tokenizer DIR")
-    _prepare_out(out_dir, overwrite, "output directory")
+    _prepare_out(out_dir, overwrite, "output directory", ckpt_dir)
     start = time.perf_counter()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -232,13 +304,17 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
     with single_process():
         model = build_gpt_model(cfg, params_dtype=stored, padded_vocab_size=meta["padded_vocab_size"], use_te=False,
                                 perform_initialization=False)
-        load_checkpoint(ckpt_dir, [model], iteration=meta["iteration"], load_rng=False)
-        specs = hf_tensor_specs(model, cfg, out_dtype)
+        loader = _GroupLoader(model, Path(meta["path"]))
+        del model
+        specs = hf_tensor_specs(loader.get, cfg, out_dtype)
+        order = {g: i for i, g in enumerate(dict.fromkeys(_group(s.source) for s in specs))}
+        specs.sort(key=lambda s: order[_group(s.source)])  # group-major: each group loaded once
         total = sum(s.nbytes for s in specs)
         bar = progress(total, "mcore-to-hf: write", unit="B", disable=not show_progress)
         files = write_hf_weights(tmp, specs, max_bytes, on_tensor=lambda s: bar.update(s.nbytes))
         bar.close()
-        del model, specs
+        loader.release()
+        del specs, loader
     write_json_atomic(tmp / "config.json", hf_cfg)
     if (ckpt_dir / HF_GENERATION_CONFIG).is_file():
         shutil.copyfile(ckpt_dir / HF_GENERATION_CONFIG, tmp / "generation_config.json")

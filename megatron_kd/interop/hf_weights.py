@@ -170,27 +170,39 @@ def load_hf_weights(reader: HFCheckpointReader, model: torch.nn.Module, cfg: Mod
         raise KeyError(f"{len(unfilled)} model parameter(s) have no HF source, e.g. {unfilled[0]}")
 
 
-def hf_tensor_specs(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype) -> list[TensorSpec]:
-    """Lazy HF tensors of a TP=1/PP=1 ``model`` (unpadded vocab) in ``dtype``, in HF file order."""
+def model_tensors(model: torch.nn.Module) -> Callable[[str], torch.Tensor]:
+    """``get(name)`` over a model's state dict (the tensor source :func:`hf_tensor_specs` reads)."""
     local = {k: v for k, v in model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
+    return local.__getitem__
+
+
+def hf_tensor_specs(get: Callable[[str], torch.Tensor] | torch.nn.Module, cfg: ModelConfig,
+                    dtype: torch.dtype) -> list[TensorSpec]:
+    """Lazy HF tensors (unpadded vocab, ``dtype``) in HF file order.
+
+    ``get(mcore_name)`` returns a full-layout megatron tensor when a spec is produced (so a caller
+    can load weights group by group); a TP=1/PP=1 model may be passed instead.
+    """
+    if isinstance(get, torch.nn.Module):
+        get = model_tensors(get)
     shapes = hf_shapes(cfg)
     specs: list[TensorSpec] = []
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(dtype)
 
+    f = cfg.ffn_hidden_size
     for wm in weight_maps(cfg):
-        src = local[wm.mcore]
+        k = wm.mcore
         if wm.kind == "copy":
-            producers = [lambda s=src: cast(s)]
+            producers = [lambda k=k: cast(get(k))]
         elif wm.kind == "vocab":
-            producers = [lambda s=src: cast(s[: cfg.vocab_size])]
+            producers = [lambda k=k: cast(get(k)[: cfg.vocab_size])]
         elif wm.kind == "fc1":
-            f = cfg.ffn_hidden_size
-            producers = [lambda s=src: cast(s[:f]), lambda s=src: cast(s[f:])]
+            producers = [lambda k=k: cast(get(k)[:f]), lambda k=k: cast(get(k)[f:])]
         else:
-            producers = [lambda s=src, j=j: cast(split_qkv(s, cfg)[j]) for j in range(3)]
-        specs += [TensorSpec(n, dtype, shapes[n], p) for n, p in zip(wm.hf, producers)]
+            producers = [lambda k=k, j=j: cast(split_qkv(get(k), cfg)[j]) for j in range(3)]
+        specs += [TensorSpec(n, dtype, shapes[n], p, source=k) for n, p in zip(wm.hf, producers)]
     return specs
 
 

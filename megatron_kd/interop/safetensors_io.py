@@ -162,6 +162,8 @@ class TensorSpec:
     dtype: torch.dtype
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor]
+    source: str = ""
+    """Where it comes from (the megatron tensor name, for ordering); informational."""
 
     @property
     def nbytes(self) -> int:

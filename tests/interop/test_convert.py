@@ -226,6 +226,7 @@ def test_checkpoint_carries_config_tokenizer_and_padding(converted, hf_models):
         ckpt = root / f"ckpt_{name}"
         meta = read_checkpoint_meta(ckpt)
         assert meta["padded_vocab_size"] == 512  # 300 rounded up to 128 * --tp 2
+        assert meta["extra"]["tokenizer_vocab"]["vocab_size"] == TOKENIZER_SIZE
         assert ModelConfig.load(ckpt / "model_config.json").vocab_size == VOCAB
         assert json.loads((ckpt / "hf_config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
         tok = Path(checkpoint_tokenizer(ckpt))

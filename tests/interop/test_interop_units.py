@@ -195,3 +195,37 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "already exists" in err and "--overwrite" in err
     code, err = run("mcore-to-hf", "--ckpt", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert code == 2 and "has no 'latest' file" in err
+
+
+def _tokenizer_dir(path: Path, n: int, max_len: int) -> Path:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, n)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  unk_token="<unk>", model_max_length=max_len)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_vocab_rule_with_tokenizer_directories(tmp_path):
+    from megatron_kd.interop.vocab import vocab_fingerprint
+
+    a = _tokenizer_dir(tmp_path / "a", 250, 1024)
+    b = _tokenizer_dir(tmp_path / "b", 250, 4096)  # same ids, different tokenizer_config.json
+    c = _tokenizer_dir(tmp_path / "c", 260, 1024)
+    assert vocab_fingerprint(a) == vocab_fingerprint(b) != vocab_fingerprint(c)
+    assert (a / "tokenizer_config.json").read_bytes() != (b / "tokenizer_config.json").read_bytes()
+    plan = check_vocab_compatible(300, 384, str(a), str(b))
+    assert plan.kd_vocab_size == 250 and plan.tokenizer_checked
+    # Tokenizer objects whose file hashes differ fall back to the id -> token map of their path.
+    plan = check_vocab_compatible(300, 300, _TokAt("hash-a", 250, str(a)), _TokAt("hash-b", 250, str(b)))
+    assert plan.kd_vocab_size == 250
+    with pytest.raises(ValueError, match="logit KD needs the same tokenizer"):
+        check_vocab_compatible(300, 300, str(a), str(c))
+
+
+class _TokAt(_Tok):
+    def __init__(self, identity, vocab_size, path):
+        super().__init__(identity, vocab_size)
+        self.path = path
