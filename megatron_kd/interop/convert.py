@@ -180,6 +180,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tensor_parallel: int = 
         bar = progress(total, "hf-to-mcore: read", unit="B", disable=not show_progress)
         load_hf_weights(reader, model, cfg, on_tensor=bar.update)
         bar.close()
+        _presplit_gated_weights(model)
         extra = {"converted_from": "huggingface", "hf_architecture": hf_cfg["architectures"][0],
                  "hf_source": str(hf_dir.resolve()), "params_dtype": _SHORT[params_dtype],
                  "conversion_tensor_parallel": tensor_parallel, "conversion_pipeline_parallel": pipeline_parallel,
@@ -188,6 +189,31 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tensor_parallel: int = 
         del model
     return {"seconds": time.perf_counter() - start, "bytes": total, "padded_vocab_size": padded,
             "dtype": _SHORT[params_dtype], "warnings": warnings}
+
+
+def _presplit_gated_weights(model: torch.nn.Module) -> None:
+    """Make ``model.sharded_state_dict()`` return fc1's gate and up halves as tensors of their own.
+
+    megatron saves the fused [gate; up] fc1 as two halves (views), and dist_checkpointing clones
+    every view before writing, all at once: 58% of each layer's weights held twice. Splitting here
+    layer by layer, freeing each fused weight as we go, keeps the peak at the model plus one fc1.
+    The model is only good for saving afterwards.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    sharded = model.sharded_state_dict(prefix="")
+    params = dict(model.named_parameters())
+    for key in list(sharded):
+        if not isinstance(sharded[key], ShardedTensorFactory):
+            continue
+        parts = sharded[key].build()
+        for part in parts:
+            part.data = part.data.clone()
+        sharded[key] = parts
+        if key in params:
+            params[key].data = torch.empty(0, dtype=params[key].dtype)
+    # save_checkpoint asks the model for its sharded state dict: hand it the pre-split one.
+    model.sharded_state_dict = lambda prefix="", **kwargs: sharded
 
 
 def _stored_dtype(iter_dir: Path, meta: dict[str, Any]) -> torch.dtype:
