@@ -179,7 +179,8 @@ def write_safetensors(path: str | Path, specs: list[TensorSpec], metadata: dict[
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as the reference writer does

@@ -122,7 +122,8 @@ def _tokenizer(tok: Any) -> TokenizerInfo | None:
     if isinstance(tok, (str, Path)):
         identity, size = vocab_fingerprint(tok)
         return TokenizerInfo(identity, size, str(tok))
-    raise ValueError(f"tokenizer must be a path or a Tokenizer (with identity and vocab_size), got {type(tok).__name__}")
+    raise ValueError(f"tokenizer must be a path or a Tokenizer (with identity and vocab_size), "
+                     f"got {type(tok).__name__}")
 
 
 def _same_tokenizer(a: TokenizerInfo, b: TokenizerInfo) -> bool:

@@ -39,10 +39,10 @@ def test_rope_spellings_and_llama3_tables():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    old = {**BASE, "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
-    new = {**BASE, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    old = {**BASE, "rope_theta": 5e5, "rope_scaling": scaling}
+    new = {**BASE, "rope_parameters": {**scaling, "rope_theta": 5e5}}
     assert rope_settings(old, "llama") == rope_settings(new, "llama") == (5e5, True, 32.0)
     assert rope_settings({**BASE, "rope_theta": 1e6}, "llama") == (1e6, False, 8.0)
     # megatron's scaled inverse frequencies equal transformers' for a real head size (128).
@@ -90,7 +90,8 @@ def test_config_export_without_base_round_trips_and_refuses_wrong_arch():
     assert hf["architectures"] == ["LlamaForCausalLM"] and hf["rope_scaling"]["rope_type"] == "llama3"
     assert hf_to_model_config(hf)[0] == cfg
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight" or not cfg.tie_embeddings}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()
+              if k != "lm_head.weight" or not cfg.tie_embeddings}
     assert shapes == hf_shapes(cfg)
     with pytest.raises(ValueError, match="use --arch qwen2"):
         model_config_to_hf(ModelConfig(vocab_size=300, add_qkv_bias=True), family="llama")
