@@ -100,7 +100,8 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype | str = torch.fl
         pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
         post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings, position_embedding_type="rope",
-        rotary_base=int(cfg.rotary_base), parallel_output=True,
+        rotary_base=int(cfg.rotary_base), rope_scaling=cfg.rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor, parallel_output=True,
     )
     model.model_type = ModelType.encoder_or_decoder
     if torch.cuda.is_available():

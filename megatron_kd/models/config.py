@@ -32,6 +32,11 @@ class ModelConfig:
     """Longest sequence the model is built for (RoPE tables)."""
     rotary_base: float = 10000.0
     """RoPE base (theta): 10k Llama-2, 500k Llama-3, 1M Qwen2.5."""
+    rope_scaling: bool = False
+    """Llama-3.1-style RoPE frequency scaling (megatron-core's fixed low/high frequency factors 1/4
+    and original context 8192, as Llama-3.1/3.2 use)."""
+    rope_scaling_factor: float = 8.0
+    """Scaling factor when ``rope_scaling`` is on (8 for Llama-3.1, 32 for Llama-3.2)."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = False

@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[Any]:
     """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
@@ -18,9 +27,7 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[A
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; final files get the usual permissions
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file ordinary permissions
     try:
         with open(tmp, mode, **open_kwargs) as fh:
             yield fh
