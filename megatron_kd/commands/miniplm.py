@@ -15,7 +15,7 @@ def _score(args: argparse.Namespace) -> int:
         micro_batch_size=args.micro_batch_size, num_microbatches=args.num_microbatches,
         shard_size=args.shard_size, tensor_parallel=args.tensor_parallel,
         pipeline_parallel=args.pipeline_parallel, dtype=args.dtype, pad_multiple=args.pad_multiple,
-        ce_chunk_tokens=args.ce_chunk_tokens, overwrite=args.overwrite, max_shards=args.max_shards,
+        ce_chunk_tokens=args.ce_chunk_tokens, nll_kernel=args.nll_kernel, overwrite=args.overwrite, max_shards=args.max_shards,
     )
     try:
         man = score_corpus(cfg)
@@ -35,7 +35,7 @@ def _select(args: argparse.Namespace) -> int:
     report = select_corpus(SelectConfig(
         scores=args.scores, alpha=args.alpha, out=args.out, data=args.data, export_text=args.export_text,
         source_jsonl=args.source_jsonl, json_key=args.json_key, tokenizer=args.tokenizer,
-        merge_adjacent=not args.no_merge_adjacent, histogram_bins=args.histogram_bins, overwrite=args.overwrite,
+        domain_key=args.domain_key, merge_adjacent=not args.no_merge_adjacent, histogram_bins=args.histogram_bins, overwrite=args.overwrite,
     ))
     print(f"miniplm select: kept {report['kept_instances']}/{report['num_instances']} instances, "
           f"{report['kept_tokens']}/{report['tokens']} tokens -> {args.out} (report {args.out}.report.json)")
@@ -79,8 +79,11 @@ def register(subparsers) -> None:
     s.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline-parallel size for both models")
     s.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="model dtype (auto: bf16 on GPU, fp32 on CPU); NLL is always fp32/fp64")
-    s.add_argument("--pad-multiple", type=int, default=8, help="round batch sequence lengths up to this multiple")
+    s.add_argument("--pad-multiple", type=int, default=0,
+                   help="round batch sequence lengths up to this multiple (0 = auto: 8 on GPU, 1 on CPU)")
     s.add_argument("--ce-chunk-tokens", type=int, default=2048, help="tokens per vocab-parallel NLL chunk")
+    s.add_argument("--nll-kernel", default="auto", choices=("auto", "eager", "compiled"),
+                   help="shard NLL kernel: auto = compiled (torch.compile) on GPU, eager on CPU")
     s.add_argument("--max-shards", type=int, default=None, help="stop after N shards per DP rank (resume later)")
     s.add_argument("--overwrite", action="store_true", help="replace a scores directory of another run")
     s.set_defaults(func=_score)
@@ -95,6 +98,8 @@ def register(subparsers) -> None:
                    help="original JSONL (line i = document i): whole kept documents are copied verbatim")
     c.add_argument("--json-key", default="text", help="text field of --source-jsonl records")
     c.add_argument("--tokenizer", default=None, help="tokenizer for detokenising chunks (default: the scores')")
+    c.add_argument("--domain-key", default="domain",
+                   help="meta.jsonl field with the domain for the report (dotted, e.g. meta.pile_set_name)")
     c.add_argument("--no-merge-adjacent", action="store_true",
                    help="write every kept instance as its own document (default: join adjacent pieces)")
     c.add_argument("--histogram-bins", type=int, default=50, help="bins of the report's score histogram")

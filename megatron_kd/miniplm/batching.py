@@ -70,11 +70,12 @@ def build_microbatch(dataset, windows: np.ndarray, rows: np.ndarray, seq_length:
     """Tensors for one micro-batch: tokens/labels/mask/position_ids, all [rows, seq_length].
 
     Row r holds window ``rows[r]``: inputs = its first L-1 tokens, labels = tokens 1..L-1,
-    mask True on those L-1 positions; padding (and empty rows) use token 0 and mask False.
+    mask True on those L-1 positions; padding (and empty rows) has token 0, label -1 (the NLL
+    head skips negative labels) and mask False.
     """
     b = len(rows)
     tokens = np.zeros((b, seq_length), dtype=np.int64)
-    labels = np.zeros((b, seq_length), dtype=np.int64)
+    labels = np.full((b, seq_length), -1, dtype=np.int64)
     mask = np.zeros((b, seq_length), dtype=bool)
     for r, w in enumerate(rows):
         if w < 0:

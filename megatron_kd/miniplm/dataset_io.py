@@ -22,6 +22,7 @@ import numpy as np
 
 from megatron_kd.utils.io import atomic_write, read_json, sha256_file, write_json_atomic
 
+MANIFEST_FORMAT = "megatron-kd/indexed-dataset"  # shared with megatron_kd.data.manifest
 MANIFEST_SUFFIX = ".manifest.json"
 META_SUFFIX = ".meta.jsonl"
 
@@ -74,6 +75,14 @@ def dataset_tokenizer(manifest: dict[str, Any] | None) -> str | None:
     return tok
 
 
+def dataset_tokenizer_path(manifest: dict[str, Any] | None) -> str | None:
+    """A loadable tokenizer path from a dataset manifest (None when it records none)."""
+    tok = (manifest or {}).get("tokenizer")
+    if isinstance(tok, dict):
+        return tok.get("path")
+    return tok
+
+
 def dataset_identity(prefix: str | Path, ds=None) -> dict[str, Any]:
     """What identifies a dataset's content cheaply: counts, ``.idx`` SHA-256, ``.bin`` size.
 
@@ -117,12 +126,22 @@ def read_doc_meta(prefix: str | Path, num_documents: int) -> list[dict[str, Any]
     return rows
 
 
-def doc_domains(prefix: str | Path, num_documents: int) -> np.ndarray:
-    """Per-document domain names (object array; ``"all"`` when the dataset has no metadata)."""
+def _lookup(record: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(record, dict) or part not in record:
+            return None
+        record = record[part]
+    return record
+
+
+def doc_domains(prefix: str | Path, num_documents: int, key: str = "domain") -> np.ndarray:
+    """Per-document domain names from ``.meta.jsonl`` field ``key`` (a dotted path such as
+    ``meta.pile_set_name``): object array, ``"unknown"`` where missing, ``"all"`` without meta."""
     meta = read_doc_meta(prefix, num_documents)
     if meta is None:
         return np.full(num_documents, "all", dtype=object)
-    return np.array([str(m.get("domain", "unknown")) for m in meta], dtype=object)
+    values = [_lookup(m, key) for m in meta]
+    return np.array(["unknown" if v is None else str(v) for v in values], dtype=object)
 
 
 def check_writable(prefix: str | Path, overwrite: bool) -> None:
@@ -166,12 +185,15 @@ class IndexedDatasetWriter:
         self._meta_fh.close()
         for suffix in (".bin", ".idx", META_SUFFIX):
             os.replace(str(self._tmp) + suffix, f"{self.prefix}{suffix}")
+        self.manifest.setdefault("format", MANIFEST_FORMAT)
+        self.manifest.setdefault("version", 1)
         self.manifest.update({
             "num_documents": self.num_documents,
+            "num_sequences": self.num_documents,
             "num_tokens": self.num_tokens,
             "dtype": self.dtype.name,
-            "checksums": {"bin_sha256": sha256_file(bin_path(self.prefix)),
-                          "idx_sha256": sha256_file(idx_path(self.prefix))},
+            "checksums": {"bin": sha256_file(bin_path(self.prefix)), "idx": sha256_file(idx_path(self.prefix)),
+                          "meta": sha256_file(f"{self.prefix}{META_SUFFIX}")},
         })
         write_json_atomic(f"{self.prefix}{MANIFEST_SUFFIX}", self.manifest)
         return self.manifest

@@ -10,6 +10,7 @@ vocab-parallel NLL (:mod:`.nll`) is reduced per row. TP rank 0 of the last stage
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from megatron_kd.miniplm import dataset_io
 from megatron_kd.miniplm.batching import Step, build_microbatch, plan_steps
 from megatron_kd.miniplm.instances import scoring_windows, skipped_tokens, split_instances, validate_instance_args
-from megatron_kd.miniplm.nll import row_nll_sums
+from megatron_kd.miniplm.nll import resolve_kernel, token_nll_sbv
 from megatron_kd.miniplm.store import SCORE_DTYPE, ScoreStore, config_hash, shard_bounds
 from megatron_kd.utils.progress import JsonlWriter, progress
 
@@ -55,10 +56,12 @@ class ScoreConfig:
     """Pipeline-parallel size for both models (must divide both layer counts)."""
     dtype: str = "auto"
     """Weights/activations dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
-    pad_multiple: int = 8
-    """Round each batch's sequence length up to a multiple of this."""
+    pad_multiple: int = 0
+    """Round each batch's sequence length up to a multiple of this; 0 = auto (8 on GPU, 1 on CPU)."""
     ce_chunk_tokens: int = 2048
     """Tokens per NLL chunk (bounds the fp32 logits copy: chunk x vocab/TP x 4 bytes)."""
+    nll_kernel: str = "auto"
+    """Shard NLL kernel: auto (compiled on GPU, eager on CPU), eager, or compiled (torch.compile)."""
     overwrite: bool = False
     """Replace an existing scores directory of another run instead of refusing."""
     max_shards: int | None = None
@@ -81,7 +84,7 @@ def _tokenizer_identity(ref: str | None) -> str | None:
         return ref
     try:
         return str(load_tokenizer(ref).identity)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - not loadable here (e.g. already an identity string)
         return ref
 
 
@@ -94,7 +97,10 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     from megatron_kd.training.checkpoint import read_checkpoint_meta
 
     validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
-    for name in ("micro_batch_size", "shard_size", "pad_multiple", "ce_chunk_tokens"):
+    resolve_kernel(cfg.nll_kernel)
+    if cfg.pad_multiple < 0:
+        raise ValueError(f"--pad-multiple {cfg.pad_multiple} must be >= 0 (0 = auto)")
+    for name in ("micro_batch_size", "shard_size", "ce_chunk_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
     t_meta = read_checkpoint_meta(cfg.teacher)
@@ -140,46 +146,58 @@ def _on_rank0_raise_everywhere(fn) -> None:
         raise kind(err[0][1])
 
 
-def _forward_step(vocab_size: int, ce_chunk: int):
-    """megatron forward-step function: model forward, then per-row NLL sums on the last stage."""
+def install_nll_head(model, vocab_size: int, ce_chunk: int, kernel: str = "auto") -> None:
+    """Make ``model(tokens, pos, None, labels=labels)`` return per-token NLL [b, s] (fp32).
 
-    def step(data_iterator, model):
-        mb = next(data_iterator)
-        out = model(mb["tokens"], mb["position_ids"], None)
+    Binds :func:`token_nll_sbv` as this model instance's ``compute_language_model_loss`` (the
+    hook GPTModel calls with its [s, b, V/tp] logits when labels are given): padded vocabulary
+    excluded, padding positions (label -1) skipped, and no [b, s, V] transposed copy of the
+    logits is made. Only models the scorer loads itself are changed.
+    """
 
-        def reduce(logits, non_loss_data=True):
-            return row_nll_sums(logits, mb["labels"], mb["mask"], vocab_size, ce_chunk)
+    def compute_language_model_loss(self, labels, logits):
+        return token_nll_sbv(logits, labels, vocab_size, ce_chunk, kernel)
 
-        return out, reduce
-
-    return step
+    model.compute_language_model_loss = types.MethodType(compute_language_model_loss, model)
 
 
-def _run_model(model, vocab_size: int, microbatches: list[dict], seq_length: int, ce_chunk: int):
+def _forward_step(data_iterator, model):
+    """megatron forward-step function: per-token NLL on the last stage, reduced per row."""
+    mb = next(data_iterator)
+    out = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+
+    def reduce(nll, non_loss_data=True):
+        return nll.double().sum(dim=1), mb["mask"].sum(dim=1)
+
+    return out, reduce
+
+
+def _run_model(model, microbatches: list[dict], seq_length: int):
     """Forward ``microbatches`` through one model stage; per-row (sums, counts) on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
     with torch.no_grad():
-        out = fb(forward_step_func=_forward_step(vocab_size, ce_chunk), data_iterator=iter(microbatches),
-                 model=[model], num_microbatches=len(microbatches), seq_length=seq_length,
+        out = fb(forward_step_func=_forward_step, data_iterator=iter(microbatches), model=[model],
+                 num_microbatches=len(microbatches), seq_length=seq_length,
                  micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=True,
                  collect_non_loss_data=True)
     return out  # list of (sums, counts) per micro-batch on the last stage; [] elsewhere
 
 
-def _score_shard(models: list, vocab_size: int, dataset, instances: np.ndarray, cfg: ScoreConfig,
+def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
                  num_microbatches: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
     """Score one shard's instances with each model. Returns (nll_sums [n_models, n], n_pred [n], tokens)."""
     windows, owner = scoring_windows(instances, cfg.chunk_length)
+    pad = cfg.pad_multiple or (8 if device.type == "cuda" else 1)
     steps: list[Step] = plan_steps(windows["length"], cfg.micro_batch_size * cfg.chunk_length,
-                                   num_microbatches, cfg.pad_multiple, cfg.chunk_length - 1)
+                                   num_microbatches, pad, cfg.chunk_length - 1)
     sums = [torch.zeros(len(windows), dtype=torch.float64, device=device) for _ in models]
     counts = torch.zeros(len(windows), dtype=torch.int64, device=device)
     for step in steps:
         mbs = [build_microbatch(dataset, windows, rows, step.seq_length, device) for rows in step.rows]
         for m, model in enumerate(models):
-            results = _run_model(model, vocab_size, mbs, step.seq_length, cfg.ce_chunk_tokens)
+            results = _run_model(model, mbs, step.seq_length)
             for rows, (s, c) in zip(step.rows, results):
                 real = torch.from_numpy(rows[rows >= 0]).to(device)
                 sums[m].index_copy_(0, real, s[: len(real)])
@@ -231,6 +249,9 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
         teacher, _, _ = load_model_for_inference(cfg.teacher, dtype)
         reference, _, _ = load_model_for_inference(cfg.reference, dtype)
+        vocab = t_meta["model_config"]["vocab_size"]
+        for model in (teacher, reference):
+            install_nll_head(model, vocab, cfg.ce_chunk_tokens, cfg.nll_kernel)
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         n_mb = cfg.num_microbatches or (2 * pp if pp > 1 else 1)
         writer = (parallel_state.is_pipeline_last_stage()
@@ -239,12 +260,11 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
         todo_tokens = sum(int(instances["length"][slice(*shard_bounds(k, cfg.shard_size, len(instances)))]
                               .astype(np.int64).sum()) for k in remaining)
         bar = progress(todo_tokens, "miniplm score", unit="tok")
-        vocab = t_meta["model_config"]["vocab_size"]
         dev = device()
         for k in mine:
             start, end = shard_bounds(k, cfg.shard_size, len(instances))
-            t0 = time.perf_counter()
-            sums, n_pred, tokens = _score_shard([teacher, reference], vocab, ds, instances[start:end], cfg,
+            t0, c0 = time.perf_counter(), time.process_time()
+            sums, n_pred, tokens = _score_shard([teacher, reference], ds, instances[start:end], cfg,
                                                 n_mb, dev)
             if writer:
                 rows = np.empty(end - start, dtype=SCORE_DTYPE)
@@ -255,9 +275,9 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
                 denom = np.maximum(n_pred, 1)
                 rows["nll_teacher"], rows["nll_ref"] = sums[0] / denom, sums[1] / denom
                 store.write_shard(k, rows)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             bar.update(tokens * dp_size)  # rank 0's progress stands for every DP rank
-            metrics.write({"shard": k, "instances": end - start, "tokens": tokens, "seconds": round(dt, 4),
+            metrics.write({"shard": k, "instances": end - start, "tokens": tokens, "seconds": round(dt, 4), "cpu_seconds": round(cpu, 4),
                            "tokens_per_s": round(tokens / max(dt, 1e-9), 1), "dp_size": dp_size})
         bar.close()
         metrics.close()

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from megatron_kd.miniplm import dataset_io
-from megatron_kd.miniplm.export import export_text, needs_tokenizer
+from megatron_kd.miniplm.export import auto_sources, export_text, needs_tokenizer
 from megatron_kd.miniplm.report import build_report, plot_report
 from megatron_kd.miniplm.store import ScoreStore
 from megatron_kd.utils.io import write_json_atomic
+from megatron_kd.utils.progress import progress
 
 
 @dataclass
@@ -44,11 +45,14 @@ class SelectConfig:
     export_text: bool = False
     """Also write the kept text as ``PREFIX.jsonl`` (for students with another tokenizer)."""
     source_jsonl: str | None = None
-    """Original JSONL (line i = document i): whole kept documents are copied from it verbatim."""
+    """Original JSONL (non-blank line i = document i): whole kept documents are copied verbatim.
+    Default: the sources ``preprocess`` recorded (manifest ``sources`` + ``.meta.jsonl`` lines)."""
     json_key: str = "text"
     """Text field of ``source_jsonl`` records."""
     tokenizer: str | None = None
     """Tokenizer to detokenise kept chunks (default: the one recorded with the scores)."""
+    domain_key: str = "domain"
+    """Field of ``.meta.jsonl`` naming an instance's domain (dotted path, e.g. ``meta.pile_set_name``)."""
     merge_adjacent: bool = True
     """Write adjacent kept pieces of one document as one output document."""
     histogram_bins: int = 50
@@ -108,7 +112,10 @@ def _load_tokenizer(ref: str | None):
         from megatron_kd.data.tokenizers import load_tokenizer  # type: ignore[import-not-found]
     except ImportError:
         raise ValueError("--export-text needs megatron_kd.data.tokenizers to detokenise; it is not installed") from None
-    return load_tokenizer(ref)
+    try:
+        return load_tokenizer(ref)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--export-text cannot load the tokenizer {ref!r} ({exc}): pass --tokenizer") from None
 
 
 def select_corpus(cfg: SelectConfig, tokenizer=None) -> dict[str, Any]:
@@ -132,26 +139,35 @@ def select_corpus(cfg: SelectConfig, tokenizer=None) -> dict[str, Any]:
     kept = rows[keep]
     p_doc, p_off, p_len, p_first = merge_pieces(kept["doc"], kept["offset"], kept["length"], cfg.merge_adjacent)
     doc_lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
-    if cfg.export_text and tokenizer is None and needs_tokenizer(p_doc, p_off, p_len, doc_lengths, cfg.source_jsonl):
-        tokenizer = _load_tokenizer(cfg.tokenizer or man.get("tokenizer"))
-    domains = dataset_io.doc_domains(data, len(doc_lengths))
+    doc_meta = dataset_io.read_doc_meta(data, len(doc_lengths))
     src_manifest = dataset_io.read_dataset_manifest(data) or {}
+    auto = None if cfg.source_jsonl else auto_sources(src_manifest, doc_meta)
+    if cfg.export_text and tokenizer is None and needs_tokenizer(p_doc, p_off, p_len, doc_lengths,
+                                                                 bool(cfg.source_jsonl or auto)):
+        tokenizer = _load_tokenizer(cfg.tokenizer or man.get("tokenizer")
+                                    or dataset_io.dataset_tokenizer_path(src_manifest))
+    domains = dataset_io.doc_domains(data, len(doc_lengths), cfg.domain_key)
     manifest = {
-        "format": "megatron-kd/indexed-dataset/v1", "produced_by": "megatron-kd miniplm select",
+        "format": dataset_io.MANIFEST_FORMAT, "version": 1, "produced_by": "megatron-kd miniplm select",
         "tokenizer": src_manifest.get("tokenizer") or man.get("tokenizer"),
         "source": {"prefix": str(Path(data).resolve()), "idx_sha256": man["dataset"]["idx_sha256"]},
+        "sources": src_manifest.get("sources"),  # the meta lines' "file" indexes refer to these
         "selection": {"alpha": cfg.alpha, "num_instances": int(len(rows)), "kept_instances": int(keep.sum()),
                       "rounding": "floor(alpha * N)", "scores": str(Path(cfg.scores).resolve()),
                       "teacher": man["teacher"]["path"], "reference": man["reference"]["path"]},
     }
+    bar = progress(int(p_len.sum()), "miniplm select", unit="tok")
     with dataset_io.IndexedDatasetWriter(cfg.out, ds.index.dtype, manifest) as writer:
         for d, o, n, f in zip(p_doc, p_off, p_len, p_first):
+            bar.update(int(n))
             tokens = ds.get(int(d), offset=int(o), length=int(n))
+            src = {k: doc_meta[d][k] for k in ("file", "line") if doc_meta and k in doc_meta[d]}
             writer.add(tokens, {"source_doc": int(d), "offset": int(o), "length": int(n),
-                                "domain": str(domains[d]), "first_instance": int(kept["instance"][f])})
+                                "domain": str(domains[d]), "first_instance": int(kept["instance"][f]), **src})
+    bar.close()
     if cfg.export_text:
         export_text(f"{cfg.out}.jsonl", ds, p_doc, p_off, p_len, doc_lengths, domains,
-                    tokenizer, cfg.source_jsonl, cfg.json_key)
+                    tokenizer, cfg.source_jsonl, cfg.json_key, auto, doc_meta)
     report = build_report(rows, r, keep, domains[rows["doc"]], cfg.alpha, cfg.histogram_bins)
     report["output"] = {"prefix": str(Path(cfg.out).resolve()), "documents": int(len(p_doc)),
                         "tokens": int(p_len.sum()), "text_jsonl": f"{cfg.out}.jsonl" if cfg.export_text else None}

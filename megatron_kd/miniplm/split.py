@@ -57,8 +57,8 @@ def split_dataset(cfg: SplitConfig) -> dict[str, Any]:
     n = len(ds)
     src_meta = dataset_io.read_doc_meta(cfg.data, n)
     src_manifest = dataset_io.read_dataset_manifest(cfg.data) or {}
-    base = {"format": "megatron-kd/indexed-dataset/v1", "produced_by": "megatron-kd miniplm split",
-            "tokenizer": src_manifest.get("tokenizer"),
+    base = {"format": dataset_io.MANIFEST_FORMAT, "version": 1, "produced_by": "megatron-kd miniplm split",
+            "tokenizer": src_manifest.get("tokenizer"), "sources": src_manifest.get("sources"),
             "source": {"prefix": str(Path(cfg.data).resolve()),
                        "idx_sha256": dataset_io.dataset_identity(cfg.data, ds)["idx_sha256"]},
             "split": {"holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed,

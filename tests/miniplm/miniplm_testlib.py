@@ -11,13 +11,16 @@ REFERENCE = dict(num_layers=2, hidden_size=32, num_attention_heads=2, num_query_
                  vocab_size=VOCAB, max_position_embeddings=256)
 
 
-def make_dataset(prefix, docs, domains=None, tokenizer="test-tokenizer"):
+def make_dataset(prefix, docs, domains=None, tokenizer="test-tokenizer", meta=None, manifest=None):
     """Write ``docs`` (list of int arrays) as an indexed dataset with meta + manifest."""
     from megatron_kd.miniplm.dataset_io import IndexedDatasetWriter
 
-    with IndexedDatasetWriter(prefix, np.int32, {"tokenizer": tokenizer}) as w:
+    with IndexedDatasetWriter(prefix, np.int32, {"tokenizer": tokenizer, **(manifest or {})}) as w:
         for i, d in enumerate(docs):
-            w.add(np.asarray(d), {"domain": domains[i]} if domains is not None else {})
+            m = dict(meta[i]) if meta is not None else {}
+            if domains is not None:
+                m["domain"] = domains[i]
+            w.add(np.asarray(d), m)
     return str(prefix)
 
 

@@ -86,7 +86,7 @@ def test_select_keeps_floor_alpha_n_highest_in_order(corpus, alpha):
     assert sum(m["length"] for m in meta) == report["kept_tokens"] == len(want)
     man = json.load(open(f"{out}.manifest.json"))
     assert man["num_tokens"] == len(want) and man["selection"]["kept_instances"] == k
-    assert man["tokenizer"] == "test-tokenizer" and len(man["checksums"]["bin_sha256"]) == 64
+    assert man["tokenizer"] == "test-tokenizer" and len(man["checksums"]["bin"]) == 64
     thr = report["thresholds"]
     assert thr["r_min_kept"] == pytest.approx(min(r[expected])) and thr["r_max_dropped"] <= thr["r_min_kept"]
     for dom in ("web", "code"):
@@ -113,6 +113,33 @@ def test_export_copies_whole_documents_from_source_jsonl(corpus):
     assert [t["text"] for t in text] == [src[t["source_doc"]] for t in text]
 
 
+def test_export_finds_sources_from_preprocess_side_files(tmp_path):
+    """meta.jsonl's file/line + the manifest's sources (what preprocess writes) locate the records."""
+    tok = ByteTokenizer()
+    docs = [np.array(tok.encode(t) + [tok.eod]) for t in ("HELLO", "WORLD", "ABC", "XYZZY", "QQ")]
+    with open(tmp_path / "part0.jsonl", "w") as fh:  # record i on line 2*i+1, blank lines between
+        for t in ("HELLO", "WORLD", "ABC"):
+            fh.write(json.dumps({"body": "src0:" + t}) + "\n\n")
+    with open(tmp_path / "part1.jsonl", "w") as fh:
+        for t in ("XYZZY", "QQ"):
+            fh.write(json.dumps({"body": "src1:" + t}) + "\n")
+    meta = [{"file": 0, "line": 1}, {"file": 0, "line": 3}, {"file": 0, "line": 5}, {"file": 1, "line": 1},
+            {"file": 1, "line": 2}]
+    for i, m in enumerate(meta):  # the Pile keeps its domain in meta.pile_set_name
+        m["meta"] = {"pile_set_name": "ArXiv" if i < 2 else "Github"}
+    sources = [{"path": str(tmp_path / f"part{i}.jsonl"), "format": "jsonl"} for i in range(2)]
+    data = make_dataset(tmp_path / "src", docs, meta=meta, manifest={"sources": sources, "json_key": "body"})
+    _fake_scores(tmp_path / "scores", data, mode="document")
+    report = select_corpus(SelectConfig(scores=str(tmp_path / "scores"), alpha=1.0, out=str(tmp_path / "sel"),
+                                        export_text=True, domain_key="meta.pile_set_name"))  # no tokenizer needed
+    assert {d: v["instances"] for d, v in report["domains"].items()} == {"ArXiv": 2, "Github": 3}
+    text = [json.loads(line) for line in open(tmp_path / "sel.jsonl")]
+    assert [t["text"] for t in text] == ["src0:HELLO", "src0:WORLD", "src0:ABC", "src1:XYZZY", "src1:QQ"]
+    out_meta = [json.loads(line) for line in open(tmp_path / "sel.meta.jsonl")]
+    assert [(m["file"], m["line"]) for m in out_meta] == [(m["file"], m["line"]) for m in meta]
+    assert json.load(open(tmp_path / "sel.manifest.json"))["sources"] == sources
+
+
 def test_select_refuses_bad_inputs(corpus):
     tmp, data, _, _ = corpus
     _fake_scores(tmp / "scores", data)
@@ -122,7 +149,7 @@ def test_select_refuses_bad_inputs(corpus):
         select_corpus(SelectConfig(**cfg))
     with pytest.raises(ValueError, match="--alpha"):
         select_corpus(SelectConfig(**{**cfg, "alpha": 1.5, "overwrite": True}))
-    with pytest.raises(ValueError, match="no tokenizer is known"):
+    with pytest.raises(ValueError, match="--export-text .*tokenizer"):
         select_corpus(SelectConfig(**{**cfg, "overwrite": True, "export_text": True}))
     shard = tmp / "scores" / "shard_00001.npy"
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)

@@ -122,6 +122,23 @@ def test_nll_matches_float64_single_process():
     torch.testing.assert_close(sums_full, ref.sum(-1), atol=1e-4, rtol=0)
 
 
+def test_compiled_nll_kernel_matches_float64():
+    """The torch.compile'd fused kernel (the GPU default) on CPU: same numbers, bf16 input too."""
+    from megatron_kd.miniplm import nll as nll_mod
+
+    logits, targets, mask, vocab, ref = _nll_case()
+    sums, counts = nll_mod.row_nll_sums(logits.clone(), targets, mask, vocab, chunk_tokens=3, kernel="compiled")
+    assert not nll_mod._compile_failed, "torch.compile is unavailable: the compiled kernel fell back to eager"
+    ours = nll_mod.vocab_parallel_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), vocab, "compiled")
+    _check_nll(ours.reshape(targets.shape), sums, counts, ref)
+    bf16 = logits.bfloat16()
+    ref16 = -torch.log_softmax(bf16[..., :vocab].double(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    out16 = nll_mod.vocab_parallel_nll(bf16.reshape(-1, logits.shape[-1]), targets.reshape(-1), vocab, "compiled")
+    torch.testing.assert_close(out16.double(), ref16.reshape(-1), atol=2e-5, rtol=0)  # fp32 maths on bf16 input
+    with pytest.raises(ValueError, match="--nll-kernel"):
+        nll_mod.resolve_kernel("triton")
+
+
 def _nll_worker(rank, world_size):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
