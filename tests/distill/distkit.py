@@ -58,10 +58,11 @@ def distill_config(teacher: str | None, tp: int = 1, pp: int = 1, steps: int = 3
     return load_config(DistillConfig, None, items + list(overrides or []))
 
 
-def build(cfg, student_state: dict | None = None):
+def build(cfg, student_state: dict | None = None, mode: str | None = None):
     """Initialise the runtime for ``cfg`` and build its trainer; load ``student_state`` (full layout).
 
-    Returns ``(trainer, make_train, make_valid, student_state)``.
+    ``mode`` switches ``kd.mode`` after validation and data building (offline runs fed by a test
+    iterator instead of a store). Returns ``(trainer, make_train, make_valid, student_state)``.
     """
     from megatron_kd.distill.run import build_distill_data_iterators, build_distill_trainer, prepare_distill_config
     from megatron_kd.models.sharding import gather_full_state, load_full_state
@@ -71,12 +72,15 @@ def build(cfg, student_state: dict | None = None):
     model_cfg, spec = prepare_distill_config(cfg)
     init_distributed(cfg.parallel)
     set_seed(cfg.train.seed)
+    make_train, make_valid = build_distill_data_iterators(cfg, model_cfg)
+    if mode is not None:
+        cfg.kd.mode = mode
+        spec = spec if mode == "online" else None
     trainer = build_distill_trainer(cfg, model_cfg, spec)
     student = unwrap_model(trainer.model_chunks[0])
     if student_state is None:
         student_state = {k: v.clone() for k, v in gather_full_state(student, model_cfg).items()}
     load_full_state(student, student_state, model_cfg)
-    make_train, make_valid = build_distill_data_iterators(cfg, model_cfg)
     return trainer, make_train, make_valid, student_state
 
 
