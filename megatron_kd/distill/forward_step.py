@@ -69,13 +69,21 @@ class DistillForwardStep:
 
     def __call__(self, data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module):
         batch = batch_to_device(next(data_iterator))
-        output = model(batch["tokens"], batch["position_ids"], None)
-        teacher = model.pop_teacher_output() if self.mode == "online" else None
-        return output, partial(self.loss_func, batch, teacher)
+        teacher, aux = None, None
+        if self.mode == "online":
+            model.loss_mask = batch["loss_mask"]  # for intermediate-layer losses
+            output = model(batch["tokens"], batch["position_ids"], None)
+            teacher, aux = model.pop_teacher_output(), model.pop_aux_loss()
+        else:
+            output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(self.loss_func, batch, teacher, aux)
 
     def loss_func(self, batch: dict[str, torch.Tensor], teacher_logits: Optional[torch.Tensor],
-                  output_tensor: torch.Tensor):
-        """Loss of one micro-batch from the student logits ``output_tensor`` [b, s, V/tp]."""
+                  aux_loss: Optional[torch.Tensor], output_tensor: torch.Tensor):
+        """Loss of one micro-batch from the student logits ``output_tensor`` [b, s, V/tp].
+
+        ``aux_loss``: this stage's weighted intermediate-layer loss (scalar), added to the total.
+        """
         student = mask_padded_vocab(output_tensor, self.kd_vocab_size)
         labels, loss_mask = batch["labels"], batch["loss_mask"]
         use_targets = self.mode == "offline" and not self.evaluation
@@ -94,6 +102,8 @@ class DistillForwardStep:
             kwargs = {"target_ids": batch["target_ids"], "target_logprobs": batch["target_logprobs"]}
         loss_sum, num_tokens, report = self.loss(student, labels, loss_mask, step=self.state.step,
                                                  total_steps=self.state.total_steps, **kwargs)
+        if aux_loss is not None:  # (reported by DistillTrainer, which sees the pairs of every stage)
+            loss_sum = loss_sum + aux_loss
         if self.evaluation:
             report.pop("total", None)
             report.pop("alpha", None)

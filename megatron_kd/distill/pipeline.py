@@ -29,6 +29,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_kd.distill.intermediate import InjectAuxLoss
+
 
 class ForwardTimer:
     """Accumulated wall time of timed blocks: CUDA events on GPU (no host sync while timing),
@@ -72,7 +74,7 @@ class DistillationModel(torch.nn.Module):
     """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, student_hidden: int,
-                 teacher_hidden: int):
+                 teacher_hidden: int, intermediate: Any = None):
         super().__init__()
         self.module = student
         # A plain attribute, not a sub-module: invisible to state_dict(), parameters(), train().
@@ -82,8 +84,10 @@ class DistillationModel(torch.nn.Module):
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.teacher_timer, self.student_timer = ForwardTimer(), ForwardTimer()
-        self.hooks: list[Callable[..., Any]] = []  # intermediate-layer losses (see intermediate.py)
+        self.intermediate = intermediate  # IntermediateLosses of this stage's pairs, or None
+        self.loss_mask: Optional[torch.Tensor] = None  # [b, s] of the next forward (set by the forward step)
         self._teacher_output: Optional[torch.Tensor] = None
+        self._aux: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ schedule interface
     def set_input_tensor(self, input_tensor: Any) -> None:
@@ -108,10 +112,30 @@ class DistillationModel(torch.nn.Module):
             teacher_out = self.teacher(input_ids, position_ids, attention_mask)
         with self.student_timer():
             student_out = self.module(input_ids, position_ids, attention_mask, **kwargs)
+        aux = None
+        if self.intermediate is not None:
+            if torch.is_grad_enabled():
+                aux = self.intermediate.compute(self.loss_mask)
+            else:  # evaluation: no intermediate losses
+                self.intermediate.clear()
         if self.is_last_stage:
-            self._teacher_output = teacher_out
+            self._teacher_output, self._aux = teacher_out, aux
             return student_out
-        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
+        out = torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
+        if aux is not None:  # back-propagated together with this stage's output (intermediate.py)
+            out = InjectAuxLoss.apply(out, aux, self._loss_scale(out))
+        return out
+
+    def _loss_scale(self, like: torch.Tensor) -> float:
+        config = get_attr_wrapped_model(self.module, "config", allow_none=False)
+        if config.grad_scale_func is None:
+            return 1.0
+        return float(config.grad_scale_func(torch.ones(1, device=like.device)))
+
+    def pop_aux_loss(self) -> Optional[torch.Tensor]:
+        """The last stage's weighted intermediate loss of the last forward (scalar), or None."""
+        out, self._aux = self._aux, None
+        return out
 
     def pop_teacher_output(self) -> Optional[torch.Tensor]:
         """The teacher logits [b, s, V/tp] of the last forward on the last stage (then forgotten)."""

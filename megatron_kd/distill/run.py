@@ -22,14 +22,16 @@ from megatron.core import parallel_state
 from megatron_kd.config import save_config, to_dict
 from megatron_kd.distill.config import DistillConfig, validate_kd_settings
 from megatron_kd.distill.forward_step import DistillForwardStep, KDState
+from megatron_kd.distill.intermediate import IntermediateLosses, attach_projections, resolve_pairs
 from megatron_kd.distill.pipeline import DistillationModel, install_schedule_hooks, make_adjust_tensor_shapes_fn
 from megatron_kd.distill.teacher import TeacherSpec, inspect_teacher, load_teacher, student_padded_vocab
 from megatron_kd.losses import alpha_at
+from megatron_kd.models.builder import build_gpt_model
 from megatron_kd.models.config import ModelConfig
-from megatron_kd.runtime.distributed import destroy_distributed, init_distributed, is_main_process, set_seed
+from megatron_kd.runtime.distributed import destroy_distributed, device, init_distributed, is_main_process, set_seed
 from megatron_kd.training.checkpoint import read_checkpoint_meta
 from megatron_kd.training.loop import Trainer, resume_dir
-from megatron_kd.training.model_setup import setup_model_and_optimizer
+from megatron_kd.training.model_setup import setup_model_and_optimizer, unwrap_model
 from megatron_kd.training.pretrain import build_data_iterators, prepare_config
 
 IteratorFactories = tuple[Callable[[int], Iterator], Optional[Callable[[], Iterator]]]
@@ -38,12 +40,16 @@ IteratorFactories = tuple[Callable[[int], Iterator], Optional[Callable[[], Itera
 class DistillTrainer(Trainer):
     """The training loop plus KD bookkeeping: sets the alpha-schedule step before every optimizer
     step and adds ``teacher_time_s`` / ``student_time_s`` / ``teacher_time_frac`` to the step
-    metrics (online; this rank's teacher forwards vs. the rest of the step)."""
+    metrics (online; this rank's teacher forwards vs. the rest of the step). With intermediate-layer
+    pairs (``intermediate=(num_pairs, weight)``) it reports their mean per-token loss
+    (``intermediate``) and adds ``alpha * weight * num_pairs * intermediate`` to ``total``/``loss``:
+    the pairs may live on any stage, so only a collective over all ranks sees all of them."""
 
     def __init__(self, *args: Any, kd_state: KDState, distill_model: DistillationModel | None = None,
-                 **kwargs: Any):
+                 intermediate: tuple[int, float] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.kd_state, self.distill_model = kd_state, distill_model
+        self.intermediate = intermediate
 
     def train_step(self, data_iterator: Iterator) -> dict[str, float]:
         """One optimizer step at alpha(iteration); see :meth:`Trainer.train_step`."""
@@ -57,7 +63,22 @@ class DistillTrainer(Trainer):
             teacher, _ = self.distill_model.timings()
             metrics.update(teacher_time_s=round(teacher, 6), student_time_s=round(elapsed - teacher, 6),
                            teacher_time_frac=round(teacher / elapsed, 4) if elapsed > 0 else float("nan"))
+        if self.intermediate is not None:
+            num_pairs, weight = self.intermediate
+            mean = self._intermediate_mean()
+            metrics["intermediate"] = mean
+            metrics["total"] = metrics["total"] + metrics["alpha"] * weight * num_pairs * mean
+            metrics["loss"] = metrics["total"]
         return metrics
+
+    def _intermediate_mean(self) -> float:
+        """Mean per-token intermediate loss over all pairs, stages and data-parallel ranks (collective)."""
+        inter = self.distill_model.intermediate if self.distill_model is not None else None
+        local = inter.take_report() if inter is not None else (0.0, 0.0)
+        t = torch.tensor(local, dtype=torch.float64, device=device())
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(t)  # TP replicas count sum and tokens alike: the ratio is unchanged
+        return float(t[0] / t[1]) if float(t[1]) > 0 else float("nan")
 
 
 def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec | None]:
@@ -73,6 +94,7 @@ def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec
         spec = inspect_teacher(cfg.teacher.load, model_cfg, cfg.parallel.tensor_parallel,
                                cfg.parallel.pipeline_parallel, cfg.train.seq_length, cfg.teacher.iteration,
                                cfg.teacher.tokenizer, cfg.data.tokenizer)
+        resolve_pairs(cfg.kd.intermediate, model_cfg, spec.model_config, cfg.parallel.pipeline_parallel)
     elif cfg.kd.mode == "offline":
         _open_store(cfg)
     return model_cfg, spec
@@ -134,17 +156,30 @@ def build_distill_trainer(cfg: DistillConfig, model_cfg: ModelConfig, spec: Teac
     source, _ = resume_dir(cfg.checkpoint)
     resume_padded = read_checkpoint_meta(source)["padded_vocab_size"] if source is not None else None
     padded = student_padded_vocab(spec, model_cfg, tp, resume_padded) if spec is not None else resume_padded
+    state = KDState(0, cfg.train.train_iters)
+    pairs, builder = [], None
+    if spec is not None and cfg.kd.intermediate:
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        pairs = [p for p in resolve_pairs(cfg.kd.intermediate, model_cfg, spec.model_config, pp) if p.stage == stage]
+        h_s, h_t = model_cfg.hidden_size, spec.model_config.hidden_size
+
+        def builder(mcfg: ModelConfig, **kwargs: Any) -> torch.nn.Module:
+            model = build_gpt_model(mcfg, **kwargs)
+            attach_projections(model, pairs, h_s, h_t, cfg.train.seed)
+            return model
+
     chunks, optimizer, scheduler = setup_model_and_optimizer(model_cfg, cfg.parallel, cfg.optim, cfg.train.train_iters,
-                                                             padded_vocab_size=padded)
+                                                             padded_vocab_size=padded, model_builder=builder)
     distill_model, adjust = None, None
     if spec is not None:
         teacher = load_teacher(spec, cfg.teacher.dtype or cfg.optim.precision)
-        distill_model = DistillationModel(chunks[0], teacher, model_cfg.hidden_size, spec.model_config.hidden_size)
+        inter = IntermediateLosses(unwrap_model(chunks[0]), teacher, pairs, cfg.kd, state) if pairs else None
+        distill_model = DistillationModel(chunks[0], teacher, model_cfg.hidden_size, spec.model_config.hidden_size,
+                                          intermediate=inter)
         install_schedule_hooks(distill_model)
         chunks = [distill_model]
         if pp > 1:
             adjust = make_adjust_tensor_shapes_fn(spec.model_config.hidden_size)
-    state = KDState(0, cfg.train.train_iters)
     vocab = kd_vocab_size(model_cfg, spec)
     step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state)
     valid_step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state, evaluation=True)
@@ -157,7 +192,9 @@ def build_distill_trainer(cfg: DistillConfig, model_cfg: ModelConfig, spec: Teac
     trainer = DistillTrainer(chunks, optimizer, scheduler, step, model_cfg, cfg.train, cfg.checkpoint, cfg.logging,
                              valid_forward_step_func=valid_step, adjust_tensor_shapes_fn=adjust,
                              extra_state=extra_state, tokenizer=cfg.data.tokenizer, desc=f"distill[{cfg.kd.mode}]",
-                             kd_state=state, distill_model=distill_model)
+                             kd_state=state, distill_model=distill_model,
+                             intermediate=((len(cfg.kd.intermediate), cfg.kd.intermediate_weight)
+                                           if spec is not None and cfg.kd.intermediate else None))
     return trainer
 
 

@@ -50,6 +50,20 @@ def _run(teacher, tp, pp, state, save=None, overrides=None):
     return steps, valid, state, facts
 
 
+# Student layer 0 <-> teacher layer 1 lives on the first stage at PP=2 (its loss is injected into that
+# stage's backward), layer -1 <-> -1 on the last; widths differ (32 vs 48): learned projections.
+INTERMEDIATE = ["kd.intermediate=[{student_layer: 0, teacher_layer: 1, loss: cosine}, "
+                "{student_layer: -1, teacher_layer: -1, loss: mse}]", "kd.intermediate_weight=2.0"]
+
+
+def _with_projections(state):
+    """The full student state plus the two projections (fixed values, so every layout starts alike)."""
+    g = torch.Generator().manual_seed(0)
+    extra = {f"kd_projections.p{i}.weight": torch.randn(TEACHER["hidden_size"], 32, generator=g) / 32 ** 0.5
+             for i in range(2)}
+    return {**state, **extra}
+
+
 def _reference_worker(rank, world_size, tmp):
     teacher = f"{tmp}/teacher"
     make_teacher_checkpoint(teacher)
@@ -57,6 +71,7 @@ def _reference_worker(rank, world_size, tmp):
     state = ref[2]
     bf16 = _run(teacher, 1, 1, state, overrides=["teacher.dtype=bf16"])
     none = _run(None, 1, 1, state)
+    inter = _run(teacher, 1, 1, _with_projections(state), overrides=INTERMEDIATE)
     # Resume: a linear alpha schedule over 4 steps, interrupted after step 2 (exit_interval), resumed.
     sched = ["kd.alpha_schedule=linear", "kd.alpha_start=0.2", "kd.alpha_end=0.8", "train.train_iters=4"]
     straight = _run(teacher, 1, 1, state, overrides=sched)
@@ -66,13 +81,14 @@ def _reference_worker(rank, world_size, tmp):
     trainer, make_train, make_valid, _ = build(cfg, state)
     resumed_ok = trainer.resume()
     second, _ = fit(trainer, make_train, make_valid)
-    return packed(dict(ref=ref, bf16=bf16, none=none, straight=straight[0], split=first + second,
+    return packed(dict(ref=ref, bf16=bf16, none=none, inter=inter, straight=straight[0], split=first + second,
                        resumed_ok=resumed_ok))
 
 
 def _parallel_worker(rank, world_size, tmp, tp, pp, state):
     teacher = f"{tmp}/teacher"
-    out = {"fp32": _run(teacher, tp, pp, state, save=f"{tmp}/ckpt_{tp}{pp}")}
+    out = {"fp32": _run(teacher, tp, pp, state, save=f"{tmp}/ckpt_{tp}{pp}"),
+           "inter": _run(teacher, tp, pp, _with_projections(state), overrides=INTERMEDIATE)}
     if pp > 1:
         out["bf16"] = _run(teacher, tp, pp, state, overrides=["teacher.dtype=bf16"])
     return packed(out)
@@ -133,9 +149,9 @@ def test_bf16_teacher_through_the_pipeline(runs):
 
 
 def test_teacher_frozen_and_outside_training(runs):
-    facts = [runs["ref"][k][3] for k in ("ref", "bf16")]
+    facts = [runs["ref"][k][3] for k in ("ref", "bf16", "inter")]
     facts += [r[k][3] for layout in ("tp2", "pp2") for r in runs[layout] for k in r]
-    assert len(facts) == 2 + 2 + 4
+    assert len(facts) == 3 + 2 * 2 + 3 * 2
     for f in facts:
         assert f["teacher_identical"] and f["teacher_no_grad"] and f["teacher_eval"]
         assert f["teacher_not_optimized"] and f["teacher_not_in_state_dict"]
@@ -165,3 +181,19 @@ def test_resume_continues_alpha_schedule(runs):
     assert [s["step"] for s in split] == [1, 2, 3, 4]
     assert [s["alpha"] for s in straight] == pytest.approx([0.2, 0.35, 0.5, 0.65])  # linear, step 0..3 of 4
     _assert_same(split, straight, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_intermediate_layer_losses_on_any_stage(runs, layout):
+    want = runs["ref"]["inter"][0]
+    plain = runs["ref"]["ref"][0]
+    assert all(s["intermediate"] > 0 for s in want)
+    # total = (1 - a) lm + a (kd + w * intermediate * pairs-per-token): the intermediate term is in the loss
+    for s, p in zip(want, plain):
+        assert s["total"] == pytest.approx(0.4 * s["lm"] + 0.6 * (s["kd"] + 2.0 * 2 * s["intermediate"]), rel=1e-5)
+    assert want[0]["lm"] == pytest.approx(plain[0]["lm"], abs=1e-6)  # same start; the updates then differ
+    assert want[-1]["lm"] != pytest.approx(plain[-1]["lm"], abs=1e-6)
+    for rank_out in runs[layout]:
+        got = rank_out["inter"][0]
+        _assert_same(got, want)
+        assert [g["intermediate"] for g in got] == pytest.approx([w["intermediate"] for w in want], abs=2e-6)
