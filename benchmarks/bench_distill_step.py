@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Cost of distillation per training step, in one run on the same student/teacher sizes.
+
+Prints one JSON object with the median step time (forward + backward + AdamW, through the Trainer)
+of: a plain LM step (kd.mode=none), an offline-KD step (stored sparse top-k targets in the batch),
+an online-KD step (frozen teacher in the job, DistillationModel) and the teacher's forward alone
+over the same micro-batches, and the ratios the issue sets targets for:
+
+* ``offline_over_plain``      = offline-KD step / plain step                     (target <= 1.10)
+* ``online_over_plain_plus_teacher`` = online-KD step / (plain step + teacher forward) (target <= 1.05)
+
+The four measurements are interleaved round by round (medians); on CPU the default clock is the
+process's CPU time, so other processes sharing the cores do not distort the ratios. On GPU it also reports the MFU of the online step counting the teacher's forward FLOPs:
+(3 x student + 1 x teacher forward FLOPs per token) x tokens/s / peak.
+
+    python benchmarks/bench_distill_step.py        # CPU: cpu-student <- cpu-teacher, vocab 8192, seq 256
+    python benchmarks/bench_distill_step.py --student qwen-200m --teacher qwen2.5-1.5b   # GPU defaults
+    torchrun --nproc-per-node 2 benchmarks/bench_distill_step.py --tp 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+
+import torch  # noqa: E402
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def parse_args() -> argparse.Namespace:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--student", default="qwen-200m" if gpu else "cpu-student", help="student model preset")
+    p.add_argument("--teacher", default="qwen2.5-1.5b" if gpu else "cpu-teacher", help="teacher model preset")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary of both (CPU default 8192)")
+    p.add_argument("--seq-length", type=int, default=2048 if gpu else 256, help="tokens per sequence")
+    p.add_argument("--micro-batch-size", type=int, default=2 if gpu else 8, help="sequences per micro-batch")
+    p.add_argument("--num-microbatches", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--precision", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"],
+                   help="student precision (bf16 needs a GPU)")
+    p.add_argument("--teacher-dtype", default=None, choices=["fp32", "bf16"], help="default: --precision")
+    p.add_argument("--top-k", type=int, default=100, help="stored targets per token (offline)")
+    p.add_argument("--kind", default="forward_kl", help="online divergence (kd.kind)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (PP is 1: the teacher is timed alone)")
+    p.add_argument("--rounds", type=int, default=6 if gpu else 5, help="timed rounds (each times all four)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    p.add_argument("--clock", default="wall" if gpu else "cpu", choices=["wall", "cpu"],
+                   help="wall: elapsed time (GPU); cpu: this process's CPU time (default on CPU: immune to other "
+                        "processes sharing the cores; run with OMP_NUM_THREADS=1 so it equals compute time)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per GPU for MFU")
+    return p.parse_args()
+
+
+def synthetic_batches(n: int, mbs: int, seq: int, vocab: int, top_k: int, dev: torch.device) -> list[dict]:
+    """Random token micro-batches with store-shaped targets: k unique ids per token, sorted log-probs."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    stride = max(1, vocab // top_k)
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
+        base = torch.randint(0, vocab, (mbs, seq, 1), generator=g)
+        ids = (base + torch.arange(top_k) * stride) % vocab  # unique per token
+        lp = torch.log_softmax(torch.randn(mbs, seq, top_k, generator=g) * 3, -1).sort(-1, descending=True).values
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq),
+                 "position_ids": torch.arange(seq).expand(mbs, seq).clone(), "target_ids": ids,
+                 "target_logprobs": lp - 0.05}  # ~5% of the mass outside the kept ids, as after top-p 0.95
+        out.append({k: v.to(dev) for k, v in batch.items()})
+    return out
+
+
+def main() -> int:
+    args = parse_args()
+    from megatron.core import parallel_state
+
+    from megatron_kd.distill import DistillationModel, DistillForwardStep, KDConfig, KDState
+    from megatron_kd.distill.pipeline import install_schedule_hooks
+    from megatron_kd.distill.run import DistillTrainer
+    from megatron_kd.distill.teacher import freeze
+    from megatron_kd.models import build_gpt_model, get_preset
+    from megatron_kd.runtime import (ParallelConfig, destroy_distributed, device, init_distributed, is_main_process,
+                                     set_seed, world_size)
+    from megatron_kd.training import LoggingConfig, OptimConfig, TrainConfig, setup_model_and_optimizer
+
+    gpu = torch.cuda.is_available()
+    vocab = args.vocab_size or (None if gpu else 8192)
+    over = {"max_position_embeddings": max(args.seq_length, 2048), **({"vocab_size": vocab} if vocab else {})}
+    s_cfg, t_cfg = get_preset(args.student, **over), get_preset(args.teacher, **over)
+    if s_cfg.vocab_size != t_cfg.vocab_size:  # e.g. Qwen2.5-7B 152,064 vs 151,936: bench on the common size
+        s_cfg.vocab_size = t_cfg.vocab_size = min(s_cfg.vocab_size, t_cfg.vocab_size)
+    parallel = ParallelConfig(tensor_parallel=args.tp)
+    init_distributed(parallel)
+    set_seed(0)
+    dp = parallel_state.get_data_parallel_world_size()
+    gbs = args.micro_batch_size * dp * args.num_microbatches
+    total = args.warmup + args.rounds
+    train = TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=gbs, seq_length=args.seq_length,
+                        train_iters=10 * total, log_interval=0)
+    optim = OptimConfig(lr=1e-4, min_lr=1e-5, warmup_iters=1, precision=args.precision)
+    padded = s_cfg.padded_vocab_size(args.tp)
+    chunks, optimizer, scheduler = setup_model_and_optimizer(s_cfg, parallel, optim, 10 * total, padded_vocab_size=padded)
+    teacher = freeze(build_gpt_model(t_cfg, params_dtype=args.teacher_dtype or args.precision, padded_vocab_size=padded))
+    if (args.teacher_dtype or args.precision) != "fp32":
+        teacher.to(torch.bfloat16)
+    wrapper = DistillationModel(chunks[0], teacher, s_cfg.hidden_size, t_cfg.hidden_size)
+    install_schedule_hooks(wrapper)
+    state = KDState(0, 10 * total)
+    kd = KDConfig(kind=args.kind, alpha=0.5)
+    common = dict(logging=LoggingConfig(quiet=True), kd_state=state)
+    trainers = {
+        "plain": DistillTrainer(chunks, optimizer, scheduler, DistillForwardStep("none", kd, s_cfg.vocab_size, state),
+                                s_cfg, train, **common),
+        "offline": DistillTrainer(chunks, optimizer, scheduler,
+                                  DistillForwardStep("offline", kd, s_cfg.vocab_size, state), s_cfg, train, **common),
+        "online": DistillTrainer([wrapper], optimizer, scheduler,
+                                 DistillForwardStep("online", kd, s_cfg.vocab_size, state), s_cfg, train,
+                                 distill_model=wrapper, **common),
+    }
+    batches = synthetic_batches(args.num_microbatches, args.micro_batch_size, args.seq_length, s_cfg.vocab_size,
+                                args.top_k, device())
+
+    def cycle():
+        while True:
+            yield from batches
+
+    data = cycle()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def teacher_forward() -> None:
+        with torch.no_grad():
+            for b in batches:
+                teacher.set_input_tensor([None])
+                teacher(b["tokens"], b["position_ids"], None)
+
+    times: dict[str, list[float]] = {k: [] for k in ("plain", "offline", "online", "teacher_forward")}
+    metrics: dict[str, dict] = {}
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    for r in range(total):
+        for name in times:
+            sync()
+            t0 = clock()
+            if name == "teacher_forward":
+                teacher_forward()
+            else:
+                metrics[name] = trainers[name].train_step(data)
+            sync()
+            if r >= args.warmup:
+                times[name].append(clock() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = gbs * args.seq_length
+    online_tps = tokens / med["online"]
+    peak = (args.peak_tflops * 1e12 if args.peak_tflops else
+            next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) if gpu else None)
+    online_flops = (3 * s_cfg.flops_per_token(args.seq_length) + t_cfg.flops_per_token(args.seq_length)) * online_tps
+    result = {
+        "benchmark": "distill_step",
+        "device": torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()} threads",
+        "world_size": world_size(), "tp": args.tp, "dp": dp,
+        "student": args.student, "teacher": args.teacher, "vocab_size": s_cfg.vocab_size,
+        "student_params_M": round(s_cfg.num_parameters() / 1e6, 2),
+        "teacher_params_M": round(t_cfg.num_parameters() / 1e6, 2),
+        "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size, "global_batch_size": gbs,
+        "precision": args.precision, "teacher_dtype": args.teacher_dtype or args.precision, "top_k": args.top_k,
+        "kind": args.kind, "timed_rounds": args.rounds, "clock": args.clock,
+        **{f"{k}_step_s" if k != "teacher_forward" else "teacher_forward_s": round(v, 4) for k, v in med.items()},
+        "offline_over_plain": round(med["offline"] / med["plain"], 4),
+        "online_over_plain_plus_teacher": round(med["online"] / (med["plain"] + med["teacher_forward"]), 4),
+        "teacher_share_of_online_step": round(med["teacher_forward"] / med["online"], 4),
+        "online_tokens_per_s": round(online_tps, 1),
+        "online_model_tflops_per_s": round(online_flops / 1e12, 4),
+        "online_mfu": round(online_flops / (peak * world_size()), 4) if peak else None,
+        "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+        "targets": {"offline_over_plain": 1.10, "online_over_plain_plus_teacher": 1.05},
+    }
+    if is_main_process():
+        print(json.dumps(result))
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
