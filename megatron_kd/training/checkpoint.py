@@ -116,8 +116,9 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
     final = ckpt_dir / iteration_dir_name(iteration)
     tmp = ckpt_dir / (final.name + ".tmp")
     if is_main_process():
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # Remnants of saves that crashed (never renamed, never pointed to by ``latest``).
+        for stale in ckpt_dir.glob("iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
         model_config.save(ckpt_dir / MODEL_CONFIG)
     barrier()

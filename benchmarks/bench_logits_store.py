@@ -1,0 +1,259 @@
+"""Benchmark of the teacher-logits store (issue 6); prints one JSON object.
+
+Measures on a corpus and a small teacher:
+  * storage: bytes per target position, per kept entry (all files, and payload only), mean kept ids
+    per position at top-p 0.95 / top-k 100, and the same store re-encoded with its ids spread over
+    a 151,936-id (Qwen) vocabulary (18-bit ids; uniform spreading is a pessimistic bound);
+  * distortion: KL(stored || exact truncated distribution) from quantisation, over the kept ids
+    renormalised (what a truncate-then-renormalise loss sees) and with the residual bucket;
+  * speed: precompute positions/s vs a forward-only pass over the same windows (target >= 0.85x),
+    random reads (positions/s) through ``LogitsStore.get``.
+
+    python benchmarks/bench_logits_store.py                       # builds its own corpus + teacher
+    python benchmarks/bench_logits_store.py --data PREFIX --teacher CKPT   # e.g. the demo corpus
+
+Without ``--data`` the corpus is ``pydoc_data.topics`` (CPython's help pages) tokenized with a
+4,096-id byte-level BPE trained on it, and the teacher (``cpu-teacher``: 4 layers x 256) is trained here for
+``--train-steps`` steps, so that its distributions are peaked like a real LM's (a random teacher's
+are flat).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+THREADS = os.cpu_count() or 1
+
+
+def build_corpus(prefix: str, vocab: int, max_tokens: int) -> int:
+    """pydoc topics -> BPE -> indexed dataset (documents end with EOD = id 0). Returns vocab size."""
+    import pydoc_data.topics as topics
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tokenizers import ByteLevelBPETokenizer
+
+    texts = [t for _, t in sorted(topics.topics.items()) if len(t) > 200]
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(texts, vocab_size=vocab, min_frequency=2, special_tokens=["<eod>"])
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    total = 0
+    for text in texts:
+        ids = tok.encode(text).ids + [0]
+        b.add_document(torch.tensor(ids), [len(ids)])
+        total += len(ids)
+        if total >= max_tokens:
+            break
+    b.finalize(prefix + ".idx")
+    return tok.get_vocab_size()
+
+
+def train_teacher(rank, world_size, ckpt: str, prefix: str, vocab: int, steps: int, seq: int) -> dict:
+    """A few hundred Adam steps of the cpu-teacher preset (4 layers x 256) on the corpus; saves a megatron-kd checkpoint."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_kd.models import build_gpt_model, get_preset
+    from megatron_kd.runtime import ParallelConfig, init_distributed, set_seed
+    from megatron_kd.training.checkpoint import save_checkpoint
+
+    init_distributed(ParallelConfig())
+    set_seed(0)
+    cfg = get_preset("cpu-teacher", vocab_size=vocab, max_position_embeddings=1024)
+    model = build_gpt_model(cfg)
+    ds = IndexedDataset(prefix)
+    stream = np.concatenate([ds[i] for i in range(len(ds))]).astype(np.int64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    t0, loss = time.time(), None
+    for step in range(steps):
+        starts = rng.integers(0, len(stream) - seq - 1, 16)
+        x = torch.from_numpy(np.stack([stream[s:s + seq + 1] for s in starts]))
+        logits = model(x[:, :-1], torch.arange(seq).unsqueeze(0).expand(16, -1), None)[..., :vocab]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), x[:, 1:].reshape(-1))
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1.0, (step + 1) / 20) * (1 - step / steps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint(ckpt, [model], cfg, iteration=steps, tokenizer="bench-bpe")
+    return {"train_loss": float(loss), "train_seconds": time.time() - t0}
+
+
+def run_speed(rank, world_size, kwargs: dict, repeats: int) -> dict:
+    """Alternate forward-only and precompute passes over the same windows; best of ``repeats``
+    each (the machine is shared, so the best run is the least disturbed one)."""
+    import shutil
+
+    from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+
+    torch.set_num_threads(THREADS)  # both passes use every core (the encoder thread competes for them)
+    fwd, pre = [], []
+    for _ in range(repeats):
+        fwd.append(precompute_logits(PrecomputeConfig(**kwargs), forward_only=True)["positions_per_s"])
+        shutil.rmtree(kwargs["out"], ignore_errors=True)
+        pre.append(precompute_logits(PrecomputeConfig(**kwargs))["positions_per_s"])
+    return {"forward_only_positions_per_s": max(fwd), "precompute_positions_per_s": max(pre),
+            "precompute_over_forward": max(pre) / max(fwd), "runs_forward_only": fwd, "runs_precompute": pre}
+
+
+def exact_vs_stored(rank, world_size, kwargs: dict, num_docs: int) -> dict:
+    """Re-run the teacher on some documents' windows; compare the exact (unquantised) truncated
+    distributions with the stored ones."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_kd.logits import LogitsStore
+    from megatron_kd.logits.truncation import select_top_p_top_k
+    from megatron_kd.logits.windows import document_windows
+    from megatron_kd.runtime import ParallelConfig, init_distributed
+    from megatron_kd.training.checkpoint import load_model_for_inference
+
+    init_distributed(ParallelConfig())
+    model, cfg, _ = load_model_for_inference(kwargs["teacher"])
+    ds = IndexedDataset(kwargs["data"])
+    store = LogitsStore(kwargs["out"])
+    kl_renorm, kl_resid, ids_equal, n = [], [], 0, 0
+    for d in np.random.default_rng(0).choice(len(ds), min(num_docs, len(ds)), replace=False):
+        doc = ds[int(d)].astype(np.int64)
+        s_ids, s_lp = store.get(int(d), sort=True)
+        for w in document_windows(int(d), len(doc), kwargs["seq_length"], kwargs["overlap"]):
+            x = torch.from_numpy(doc[w.start:w.end]).unsqueeze(0)
+            with torch.no_grad():
+                logits = model(x, torch.arange(w.length).unsqueeze(0), None)[0, w.emit - w.start:]
+            e_ids, e_lp, e_n = select_top_p_top_k(logits, cfg.vocab_size, kwargs["top_p"], kwargs["top_k"])
+            for j in range(len(e_n)):
+                o, k = w.emit + j, int(e_n[j])
+                exact = dict(zip(e_ids[j, :k].tolist(), e_lp[j, :k].double().tolist()))
+                got = {int(i): float(v) for i, v in zip(s_ids[o], s_lp[o]) if i >= 0}
+                n += 1
+                if set(got) != set(exact):
+                    continue
+                ids_equal += 1
+                keys = sorted(exact)
+                e = np.array([exact[i] for i in keys])
+                s = np.array([got[i] for i in keys])
+                es, ss = e - np.logaddexp.reduce(e), s - np.logaddexp.reduce(s)
+                kl_renorm.append(float(np.sum(np.exp(ss) * (ss - es))))
+                # With the residual bucket: (kept entries, 1 - kept mass), unrenormalised.
+                pe, ps = np.exp(e), np.exp(s)
+                re, rs = max(1 - pe.sum(), 1e-12), max(1 - ps.sum(), 1e-12)
+                kl_resid.append(float(np.sum(ps * (s - e)) + rs * (np.log(rs) - np.log(re))))
+    return {"positions_checked": n, "ids_identical_fraction": ids_equal / max(n, 1),
+            "kl_renormalised_mean": float(np.mean(kl_renorm)), "kl_renormalised_max": float(np.max(kl_renorm)),
+            "kl_with_residual_mean": float(np.mean(kl_resid)), "kl_with_residual_p99": float(np.quantile(kl_resid, 0.99))}
+
+
+def storage_stats(store_path: str) -> dict:
+    """Bytes per position / entry, and a 151,936-vocabulary re-encoding of the same entries."""
+    from megatron_kd.logits import LogitsStore, codec
+    from megatron_kd.logits.shard import ShardReader
+
+    store = LogitsStore(store_path)
+    st = store.manifest["stats"]
+    files = sum(f.stat().st_size for f in Path(store_path).rglob("*") if f.is_file())
+    payload = sum(len(ShardReader(Path(store_path) / "shards" / r["file"]).payload) - 8
+                  for r in store.manifest["shards"])
+    # Qwen-size re-encoding: a random injective map of the ids into [0, 151936).
+    rng = np.random.default_rng(0)
+    remap = rng.choice(151_936, store.vocab_size, replace=False)
+    big_payload, entries = 0, 0
+    for d in range(store.num_documents):
+        ids, lp = store.get(d, sort=False)
+        counts = (ids >= 0).sum(1)
+        fi, fl = codec.flatten_rows(np.where(ids >= 0, remap[np.maximum(ids, 0)], -1), lp, counts)
+        big_payload += len(codec.encode(counts, fi, fl, [len(counts)], 18, store.value_step).payload)
+        entries += int(counts.sum())
+    targets, E = st["targets"], st["entries"]
+    hist = np.array(st["count_histogram"])
+    return {
+        "positions": st["positions"], "targets": targets, "kept_entries": E,
+        "mean_kept_ids_per_target": E / targets, "median_kept_ids": int(np.searchsorted(np.cumsum(hist[1:]),
+                                                                                         targets / 2) + 1),
+        "fraction_capped_at_top_k": float(hist[store.top_k] / targets) if len(hist) > store.top_k else 0.0,
+        "id_bits": store.id_bits, "vocab_size": store.vocab_size,
+        "bytes_per_target_all_files": files / targets, "bytes_per_entry_all_files": files / E,
+        "bytes_per_entry_payload": payload / E, "header_bytes_per_position": 4,
+        "qwen_vocab_18bit_bytes_per_entry_payload": big_payload / entries,
+        "qwen_vocab_18bit_bytes_per_entry_incl_headers": (big_payload + 4 * st["positions"]) / entries,
+        "qwen_vocab_18bit_bytes_per_target": (big_payload + 4 * st["positions"]) / targets,
+    }
+
+
+def read_speed(store_path: str, seq: int, reads: int) -> dict:
+    """Random reads of ``seq`` consecutive positions (a training sample's worth)."""
+    from megatron_kd.logits import LogitsStore
+
+    store = LogitsStore(store_path)
+    lengths = np.diff(store.documents)
+    rng = np.random.default_rng(1)
+    docs = rng.choice(np.nonzero(lengths > 1)[0], reads)
+    t0, pos = time.perf_counter(), 0
+    for d in docs:
+        n = int(lengths[d])
+        o = int(rng.integers(0, max(n - seq, 0) + 1))
+        ids, _ = store.get(int(d), o, min(seq, n - o))
+        pos += len(ids)
+    dt = time.perf_counter() - t0
+    return {"random_read_positions_per_s": pos / dt, "random_read_mean_ms_per_read": 1e3 * dt / reads,
+            "read_length": seq}
+
+
+def main() -> None:
+    from dist_helpers import run_workers
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=None, help="indexed dataset prefix (default: build from pydoc topics)")
+    ap.add_argument("--teacher", default=None, help="teacher checkpoint (default: train a small one here)")
+    ap.add_argument("--workdir", default=None, help="where to put corpus/teacher/store (default: a temp dir)")
+    ap.add_argument("--max-tokens", type=int, default=200_000, help="corpus tokens when building one")
+    ap.add_argument("--train-steps", type=int, default=300, help="teacher training steps when training one")
+    ap.add_argument("--seq-length", type=int, default=256, help="teacher window")
+    ap.add_argument("--top-p", type=float, default=0.95, help="top-p")
+    ap.add_argument("--top-k", type=int, default=100, help="top-k")
+    ap.add_argument("--repeats", type=int, default=2, help="forward-only / precompute passes (best of)")
+    ap.add_argument("--kl-docs", type=int, default=20, help="documents re-run for the distortion measurement")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_logits_"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"benchmark": "logits_store", "torch_threads": THREADS,
+                    "load_average_at_start": os.getloadavg()[0]}
+    data, teacher = args.data, args.teacher
+    if data is None:
+        data = str(work / "pydoc")
+        vocab = build_corpus(data, 4096, args.max_tokens)
+        result["corpus"] = f"pydoc_data.topics, byte-level BPE {vocab} ids, <= {args.max_tokens} tokens"
+    else:
+        result["corpus"] = data
+    if teacher is None:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        teacher = str(work / "teacher")
+        ds = IndexedDataset(data)  # keep it alive while its memory-mapped documents are read
+        vocab = int(max(ds[i].max() for i in range(len(ds)))) + 1
+        result["teacher_training"] = run_workers(train_teacher, 1, teacher, data, max(vocab, 4096),
+                                                 args.train_steps, 128, timeout=3600)[0]
+        result["teacher"] = "cpu-teacher preset, 4 layers x 256 (trained here)"
+    else:
+        result["teacher"] = teacher
+    kwargs = dict(teacher=teacher, data=data, out=str(work / "store"), top_p=args.top_p, top_k=args.top_k,
+                  seq_length=args.seq_length, overlap=0, micro_batch_size=8, shard_tokens=1 << 16, dtype="fp32")
+    import shutil
+
+    shutil.rmtree(kwargs["out"], ignore_errors=True)
+    result.update(run_workers(run_speed, 1, kwargs, args.repeats, timeout=7200)[0])
+    result["storage"] = storage_stats(kwargs["out"])
+    result["distortion"] = run_workers(exact_vs_stored, 1, kwargs, args.kl_docs, timeout=3600)[0]
+    result["reads"] = read_speed(kwargs["out"], args.seq_length, 300)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,72 @@
+"""``megatron-kd logits``: precompute (or verify) an offline teacher-logits store."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    """Add the ``logits`` sub-command."""
+    p = subparsers.add_parser(
+        "logits", help="run a teacher over an indexed dataset and store its top-p/top-k distributions",
+        description="Precompute the teacher's truncated distributions (top-p, then top-k) for every position of "
+                    "an indexed dataset into a sharded, resumable store keyed by (document, offset). Launch with "
+                    "torchrun for TP/PP/DP; re-run the same command to resume. See docs/logits_store.md.")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint directory (megatron-kd layout)")
+    p.add_argument("--data", default=None, help="indexed dataset prefix (path without .bin/.idx)")
+    p.add_argument("--out", required=True, help="store directory to create, resume or verify")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass kept per token (default 0.95)")
+    p.add_argument("--top-k", type=int, default=100, help="cap on kept ids per token, 1..255 (default 100)")
+    p.add_argument("--seq-length", type=int, default=1024,
+                   help="teacher window in tokens; students may use any sequence length up to it (default 1024)")
+    p.add_argument("--overlap", type=int, default=0,
+                   help="context tokens a window re-reads from the previous window of the same document "
+                        "(default 0: non-overlapping document-aligned windows)")
+    p.add_argument("--micro-batch-size", type=int, default=4,
+                   help="rows of --seq-length tokens per teacher forward (default 4)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 22,
+                   help="dataset tokens per shard, the unit of resumption and DP work (default 4194304)")
+    p.add_argument("--value-step", type=float, default=1.0 / 16,
+                   help="log-prob quantisation step in nats (default 0.0625: <= 0.031 nats error per entry)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="teacher weights dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="teacher tensor-parallel size (default 1)")
+    p.add_argument("--pipeline-parallel", type=int, default=1, help="teacher pipeline-parallel size (default 1)")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: latest)")
+    p.add_argument("--max-shards", type=int, default=None,
+                   help="stop after this many shards per data-parallel rank (resume later; default: all)")
+    p.add_argument("--verify", action="store_true",
+                   help="only check the store at --out (manifest, sizes, sha256 of every shard) and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``megatron-kd logits``."""
+    if args.verify:
+        from megatron_kd.logits.store import verify_store
+
+        problems = verify_store(args.out)
+        for line in problems:
+            print(f"megatron-kd logits --verify: {line}", file=sys.stderr)
+        if not problems:
+            print(f"logits store {args.out}: OK")
+        return 1 if problems else 0
+    if not args.teacher or not args.data:
+        raise ValueError("--teacher and --data are required (or pass --verify to check an existing store)")
+    from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+    from megatron_kd.runtime import destroy_distributed, is_main_process
+
+    cfg = PrecomputeConfig(
+        teacher=args.teacher, data=args.data, out=args.out, top_p=args.top_p, top_k=args.top_k,
+        seq_length=args.seq_length, overlap=args.overlap, micro_batch_size=args.micro_batch_size,
+        shard_tokens=args.shard_tokens, value_step=args.value_step, dtype=args.dtype,
+        tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
+        iteration=args.iteration, max_shards=args.max_shards)
+    try:
+        summary = precompute_logits(cfg)
+        if is_main_process():
+            print(json.dumps(summary))
+    finally:
+        destroy_distributed()
+    return 0

@@ -1,0 +1,41 @@
+"""``megatron-kd pretrain --config cfg.yaml [key.sub=value ...]``: pre-train a GPT model."""
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load and validate the config, then train (or, with --dry-run, only validate)."""
+    import warnings
+
+    # megatron-core warns at import about missing Apex/TE (expected on CPU): keep the console clean.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    import yaml
+
+    from megatron_kd.config import load_config, to_dict
+    from megatron_kd.training.config import PretrainConfig
+    from megatron_kd.training.pretrain import prepare_config, run_pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.dry_run:
+        model_cfg = prepare_config(cfg)
+        shown = to_dict(cfg)
+        shown["model"] = {k: v for k, v in shown["model"].items() if v is not None}
+        print(yaml.safe_dump({**shown, "resolved_model": model_cfg.to_dict()}, sort_keys=False))
+        return 0
+    result = run_pretrain(cfg)
+    return 0 if result["iteration"] > 0 else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``pretrain`` sub-command."""
+    p = subparsers.add_parser(
+        "pretrain", help="pre-train a GPT model (megatron-core; torchrun for several processes)",
+        description="Pre-train a GPT model on indexed or synthetic data. Launch with plain python for one "
+                    "process, or torchrun --nproc-per-node N (multi-node: --nnodes, --rdzv-endpoint). "
+                    "Resumes automatically from checkpoint.save when it holds a checkpoint.",
+    )
+    p.add_argument("--config", default=None, help="YAML file with a PretrainConfig (default: built-in defaults)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+    p.add_argument("overrides", nargs="*", default=[], help="config overrides like train.train_iters=100")
+    p.set_defaults(func=run)

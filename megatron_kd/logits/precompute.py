@@ -1,0 +1,297 @@
+"""``megatron-kd logits``: run a teacher over an indexed dataset and write the logits store.
+
+Parallelism: the teacher runs at any TP/PP through megatron-core's forward-only schedule; the
+data-parallel replicas take disjoint shards. Inside a model-parallel group every rank walks the
+same shards and micro-batches; the last pipeline stage's TP rank 0 encodes and writes them (in a
+background thread, overlapping the next forward).
+
+Resumable and idempotent: a shard is complete when its record ``shards/shard_i.json`` exists (it
+is written after the shard file was renamed into place); a new run recomputes only the missing
+shards, and the same inputs always give the same plan and the same bytes.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_kd.logits import codec, manifest as mf
+from megatron_kd.logits.shard import ShardWriter
+from megatron_kd.logits.truncation import flatten_selection, select_top_p_top_k
+from megatron_kd.logits.windows import MicroBatch, document_windows, plan_micro_batches, plan_shards
+from megatron_kd.utils.io import read_json, write_json_atomic
+
+
+@dataclass
+class PrecomputeConfig:
+    """Settings of one precompute run (CLI flags of ``megatron-kd logits``)."""
+
+    teacher: str
+    """Teacher checkpoint directory (``CKPT/latest`` + ``iter_*``)."""
+    data: str
+    """Indexed dataset prefix (``PREFIX.bin``/``PREFIX.idx``)."""
+    out: str
+    """Store directory to create or resume."""
+    top_p: float = 0.95
+    """Nucleus mass kept per token (0 < top_p <= 1)."""
+    top_k: int = 100
+    """Cap on kept ids per token (1..255)."""
+    seq_length: int = 1024
+    """Teacher window in tokens (students may train on any sequence length up to this)."""
+    overlap: int = 0
+    """Context tokens a window shares with the previous one of the same document."""
+    micro_batch_size: int = 4
+    """Rows of ``seq_length`` tokens per teacher forward (shorter windows get more rows)."""
+    shard_tokens: int = 1 << 22
+    """Dataset tokens per shard (the unit of resumption and of data-parallel work)."""
+    value_step: float = 1.0 / 16
+    """Log-prob quantisation step in nats (error <= step/2; KL distortion ~ step^2/24)."""
+    dtype: str | None = None
+    """Teacher weights dtype: fp32 | bf16 | fp16 (default bf16 on GPU, fp32 on CPU)."""
+    tensor_parallel: int = 1
+    """Teacher tensor-parallel size."""
+    pipeline_parallel: int = 1
+    """Teacher pipeline-parallel size."""
+    iteration: int | None = None
+    """Checkpoint iteration (default: the one ``latest`` names)."""
+    max_shards: int | None = None
+    """Stop after this many shards per data-parallel rank in this run (time-boxed runs)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes stored in the manifest."""
+
+    def validate(self) -> None:
+        """One-line ``ValueError`` for out-of-range settings."""
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top-p {self.top_p} must be in (0, 1]")
+        if not 1 <= self.top_k <= codec.MAX_COUNT:
+            raise ValueError(f"--top-k {self.top_k} must be in 1..{codec.MAX_COUNT}")
+        if self.seq_length < 2 or not 0 <= self.overlap < self.seq_length:
+            raise ValueError(f"need --seq-length >= 2 and 0 <= --overlap < --seq-length (got {self.seq_length}, "
+                             f"{self.overlap})")
+        if not 0.0 < self.value_step <= 1.0:
+            raise ValueError(f"--value-step {self.value_step} must be in (0, 1] nats")
+        if self.micro_batch_size < 1 or self.shard_tokens < 1:
+            raise ValueError("--micro-batch-size and --shard-tokens must be >= 1")
+
+
+def _store_header(cfg: PrecomputeConfig, teacher: dict, dataset: dict, vocab: int) -> dict[str, Any]:
+    return {
+        "format": mf.FORMAT, "version": mf.VERSION, "complete": False,
+        "settings": {"encoding": codec.ENCODING, "vocab_size": vocab, "id_bits": codec.id_bits_for(vocab),
+                     "value_step": cfg.value_step, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                     "seq_length": cfg.seq_length, "overlap": cfg.overlap, "shard_tokens": cfg.shard_tokens,
+                     "logprob_normalisation": "log_softmax over the full vocabulary at temperature 1",
+                     "target": "position (d, o) -> distribution of token o+1 of document d"},
+        "teacher": teacher, "dataset": dataset, "tokenizer": dataset.get("tokenizer") or
+        ({"identity": None, "path": teacher.get("tokenizer")} if teacher.get("tokenizer") else None),
+        "extra": cfg.extra,
+    }
+
+
+def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
+    """Everything that can fail cheaply, before the teacher is loaded."""
+    from megatron_kd.models.config import ModelConfig
+    from megatron_kd.training.checkpoint import read_checkpoint_meta
+
+    cfg.validate()
+    meta = read_checkpoint_meta(cfg.teacher, cfg.iteration)
+    mcfg = ModelConfig.from_dict(meta["model_config"])
+    codec.id_bits_for(mcfg.vocab_size)
+    if cfg.seq_length > mcfg.max_position_embeddings:
+        raise ValueError(f"--seq-length {cfg.seq_length} exceeds the teacher's max_position_embeddings "
+                         f"{mcfg.max_position_embeddings}: lower --seq-length")
+    header = _store_header(cfg, mf.teacher_identity(cfg.teacher, meta), mf.dataset_identity(cfg.data),
+                           mcfg.vocab_size)
+    existing = Path(cfg.out) / mf.MANIFEST
+    if existing.is_file():
+        mf.check_resume(mf.read_store_manifest(cfg.out, require_complete=False), header, Path(cfg.out))
+    elif Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
+        raise FileExistsError(f"--out {cfg.out} exists and is not a logits store: choose an empty or new directory")
+    return header, meta, mcfg
+
+
+class _BatchSource:
+    """Builds the input tensors and the target-position index of micro-batches."""
+
+    def __init__(self, dataset, vocab_size: int, device: torch.device):
+        self.ds, self.vocab, self.device = dataset, vocab_size, device
+
+    def __call__(self, mb: MicroBatch) -> dict[str, Any]:
+        tokens = np.zeros((mb.rows, mb.length), dtype=np.int64)
+        sel = []
+        for r, w in enumerate(mb.windows):
+            tokens[r, :w.length] = self.ds.get(w.doc, offset=w.start, length=w.length)
+            sel.append(r * mb.length + np.arange(w.emit - w.start, w.length))
+        if tokens.max(initial=0) >= self.vocab or tokens.min(initial=0) < 0:
+            raise ValueError(f"dataset token id {int(tokens.max())} is outside the teacher vocabulary "
+                             f"({self.vocab}): the dataset was tokenized with another tokenizer")
+        pos = torch.arange(mb.length, device=self.device).unsqueeze(0).expand(mb.rows, -1)
+        return {"tokens": torch.from_numpy(tokens).to(self.device), "position_ids": pos,
+                "sel": torch.from_numpy(np.concatenate(sel)).to(self.device)}
+
+
+def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, vocab: int, cfg: PrecomputeConfig,
+             keep: bool, forward_only: bool):
+    if forward_only:
+        return None
+    logits = output.reshape(-1, output.shape[-1]).index_select(0, batch["sel"])
+    ids, lp, n = select_top_p_top_k(logits, vocab, cfg.top_p, cfg.top_k)
+    if not keep:
+        return None
+    fi, fl = flatten_selection(ids, lp, n)
+    return n.cpu().numpy(), fi.cpu().numpy(), fl.cpu().numpy()
+
+
+def _forward_calls(model, calls, source: _BatchSource, collect, pp: int):
+    """Yield ``(micro_batch, result)`` for every micro-batch (results only on the last stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    for mbs in calls:
+        batches = [source(mb) for mb in mbs]
+        it = iter(batches)
+
+        def step(data_iterator, model_):
+            b = next(data_iterator)
+            out = model_(b["tokens"], b["position_ids"], None)
+            return out, partial(collect, b)
+
+        with torch.no_grad():
+            res = fb(forward_step_func=step, data_iterator=it, model=[model], num_microbatches=len(mbs),
+                     seq_length=mbs[0].length, micro_batch_size=mbs[0].rows, forward_only=True,
+                     collect_non_loss_data=True)
+        res = res if res else [None] * len(mbs)
+        yield from zip(mbs, res)
+
+
+def _write_chunk(writer: ShardWriter, result, mb: MicroBatch, token_lo: np.ndarray, id_bits: int, step: float):
+    counts, ids, lps = result
+    seg_len = np.array([w.end - w.emit for w in mb.windows], dtype=np.int64)
+    starts = np.array([token_lo[w.doc] + w.emit for w in mb.windows], dtype=np.int64)
+    writer.add(codec.encode(counts, ids, lps, seg_len, id_bits, step), starts, seg_len)
+
+
+def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict[str, Any]:
+    """Compute (or resume) the store ``cfg.out``. Collective over all ranks (torchrun or single).
+
+    ``forward_only`` runs the same teacher forwards and writes nothing (throughput baseline).
+    Returns a summary: shards written by this rank's group, positions, seconds, ``complete``.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_kd.runtime import ParallelConfig, barrier, device, init_distributed, is_main_process
+    from megatron_kd.training.checkpoint import load_model_for_inference
+    from megatron_kd.utils.progress import JsonlWriter, progress
+
+    header, meta, mcfg = _check_inputs(cfg)
+    init_distributed(ParallelConfig(cfg.tensor_parallel, cfg.pipeline_parallel))
+    barrier()  # every rank has checked the existing store before rank 0 writes to it
+    store = Path(cfg.out)
+    ds = IndexedDataset(mf.strip_dataset_prefix(cfg.data), mmap=True)
+    lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    doc_start = np.concatenate([[0], np.cumsum(lengths)])
+    shards = plan_shards(lengths, cfg.shard_tokens)
+    if is_main_process() and not forward_only:
+        if not (store / mf.MANIFEST).is_file():
+            (store / mf.SHARDS).mkdir(parents=True, exist_ok=True)
+            np.save(store / mf.DOCUMENTS, doc_start)  # before the manifest: the manifest marks a started store
+            write_json_atomic(store / mf.MANIFEST, {**header, "num_documents": len(lengths),
+                                                    "num_tokens": int(doc_start[-1]), "num_shards": len(shards)})
+    barrier()
+    todo = [i for i in range(len(shards)) if forward_only or not mf.shard_record_file(store, i).is_file()]
+    barrier()  # all ranks read the same set of finished shards before any new one appears
+    dtype = cfg.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
+    model, _, _ = load_model_for_inference(cfg.teacher, dtype, cfg.iteration)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = todo[dp_rank::dp_size][: cfg.max_shards]
+    writer_rank = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and not forward_only
+    id_bits, vocab = header["settings"]["id_bits"], mcfg.vocab_size
+    collect = partial(_collect, vocab=vocab, cfg=cfg, keep=writer_rank, forward_only=forward_only)
+    source = _BatchSource(ds, vocab, device())
+    plans = {i: [w for d in range(*shards[i]) for w in document_windows(d, int(lengths[d]), cfg.seq_length,
+                                                                          cfg.overlap)] for i in mine}
+    total = sum(w.end - w.emit for i in mine for w in plans[i])
+    bar = progress(total, "teacher logits", unit="tok")
+    metrics = JsonlWriter(None if forward_only else store / "metrics.jsonl")
+    pool = ThreadPoolExecutor(max_workers=1)  # encoding + writing overlap the next forward
+    pending: list[Future] = []
+    done_positions, t_start = 0, time.perf_counter()
+    writer = None
+    try:
+        for i in mine:
+            t0 = time.perf_counter()
+            lo, hi = shards[i]
+            writer = ShardWriter(mf.shard_file(store, i), int(doc_start[hi] - doc_start[lo])) if writer_rank else None
+            calls = plan_micro_batches(plans[i], cfg.seq_length, cfg.micro_batch_size,
+                                       fixed_rows=cfg.pipeline_parallel > 1)
+            token_lo = doc_start - doc_start[lo]
+            for mb, result in _forward_calls(model, calls, source, collect, cfg.pipeline_parallel):
+                if writer is not None:
+                    pending.append(pool.submit(_write_chunk, writer, result, mb, token_lo, id_bits, cfg.value_step))
+                    while len(pending) > 4:
+                        pending.pop(0).result()
+                n = sum(w.end - w.emit for w in mb.windows)
+                bar.update(n)
+                done_positions += n
+            if writer is not None:
+                for f in pending:
+                    f.result()
+                pending.clear()
+                info = writer.close()
+                hist = np.bincount(np.asarray(writer.count), minlength=1)
+                write_json_atomic(mf.shard_record_file(store, i), {
+                    "index": i, "file": mf.shard_file(store, i).name, "doc_lo": lo, "doc_hi": hi,
+                    "token_lo": int(doc_start[lo]), "token_hi": int(doc_start[hi]), **info,
+                    "count_histogram": hist.tolist()})
+            dt = time.perf_counter() - t0
+            metrics.write({"shard": i, "positions": int(doc_start[hi] - doc_start[lo]), "seconds": round(dt, 3)})
+    except BaseException:
+        if writer is not None:
+            for f in pending:
+                f.cancel()
+            writer.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+        metrics.close()
+    seconds = time.perf_counter() - t_start
+    barrier()
+    complete = False
+    if not forward_only:
+        complete = all(mf.shard_record_file(store, i).is_file() for i in range(len(shards)))
+        if complete and is_main_process():
+            finalize_manifest(store)
+        barrier()
+    return {"shards": len(mine), "positions": done_positions, "seconds": seconds,
+            "positions_per_s": done_positions / max(seconds, 1e-9), "complete": complete}
+
+
+def finalize_manifest(store: str | Path) -> dict[str, Any]:
+    """Fold the shard records into ``manifest.json`` (``complete: true``) with store statistics."""
+    from megatron_kd.utils.io import sha256_file
+
+    store = Path(store)
+    man = mf.read_store_manifest(store, require_complete=False)
+    recs = [read_json(mf.shard_record_file(store, i), "shard record") for i in range(man["num_shards"])]
+    hist = np.zeros(256, dtype=np.int64)
+    for r in recs:
+        hist[: len(r["count_histogram"])] += r["count_histogram"]
+    entries = sum(r["entries"] for r in recs)
+    targets = sum(r["targets"] for r in recs)
+    data_bytes = sum(r["bytes"] for r in recs)
+    man.update(complete=True, shards=[{k: v for k, v in r.items() if k != "count_histogram"} for r in recs],
+               documents_sha256=sha256_file(store / mf.DOCUMENTS),
+               stats={"positions": man["num_tokens"], "targets": targets, "entries": entries,
+                      "mean_entries_per_target": entries / max(targets, 1), "bytes": data_bytes,
+                      "bytes_per_target": data_bytes / max(targets, 1), "bytes_per_entry": data_bytes / max(entries, 1),
+                      "count_histogram": np.trim_zeros(hist, "b").tolist()})
+    write_json_atomic(store / mf.MANIFEST, man)
+    return man

@@ -1,0 +1,149 @@
+"""Reading a teacher-logits store: random access by (document, offset), checks, verification."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_kd.logits import codec, manifest as mf
+from megatron_kd.logits.shard import ShardReader
+
+
+class LogitsStore:
+    """Read-only view of a complete store; cheap to pickle (DataLoader workers reopen it lazily).
+
+    ``get(doc, offset, length)`` returns the stored targets of positions ``offset ..
+    offset+length-1`` of document ``doc``: position ``o`` holds the teacher's distribution of token
+    ``o + 1`` (a document's last position has none and comes back as padding).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = mf.read_store_manifest(self.path)
+        s = self.manifest["settings"]
+        if s.get("encoding") != codec.ENCODING:
+            raise ValueError(f"logits store {self.path} uses encoding {s.get('encoding')!r}; this code reads "
+                             f"{codec.ENCODING!r}: recompute the store")
+        self.top_k: int = s["top_k"]
+        self.top_p: float = s["top_p"]
+        self.vocab_size: int = s["vocab_size"]
+        self.seq_length: int = s["seq_length"]
+        self.id_bits: int = s["id_bits"]
+        self.value_step: float = s["value_step"]
+        shards = self.manifest["shards"]
+        self._shard_doc_lo = np.array([r["doc_lo"] for r in shards], dtype=np.int64)
+        self._shard_token_lo = np.array([r["token_lo"] for r in shards], dtype=np.int64)
+        self._shard_files = [self.path / mf.SHARDS / r["file"] for r in shards]
+        self._docs: np.ndarray | None = None
+        self._readers: dict[int, ShardReader] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path)}  # memory maps are reopened in the receiving process
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+    @property
+    def documents(self) -> np.ndarray:
+        """int64 [num_documents + 1]: first token of each document (memory-mapped)."""
+        if self._docs is None:
+            self._docs = np.load(self.path / mf.DOCUMENTS, mmap_mode="r")
+        return self._docs
+
+    @property
+    def num_documents(self) -> int:
+        """Documents of the dataset the store covers."""
+        return int(self.manifest["num_documents"])
+
+    def document_length(self, doc: int) -> int:
+        """Tokens in document ``doc``."""
+        return int(self.documents[doc + 1] - self.documents[doc])
+
+    def _reader(self, shard: int) -> ShardReader:
+        r = self._readers.get(shard)
+        if r is None:
+            r = self._readers[shard] = ShardReader(self._shard_files[shard])
+        return r
+
+    def get(self, doc: int, offset: int = 0, length: int | None = None, k_max: int | None = None,
+            pad_logprob: float = float("-inf"), sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Targets of positions ``[offset, offset + length)`` of document ``doc``.
+
+        Returns ``ids`` int64 [length, k_max] (-1 = padding) and ``logprobs`` float32
+        [length, k_max] (``pad_logprob`` at padding), log-probs normalised over the full
+        vocabulary at temperature 1. ``k_max`` defaults to the store's ``top_k``; with ``sort``
+        entries come by decreasing log-prob (a token with more than ``k_max`` keeps its best).
+        """
+        if not 0 <= doc < self.num_documents:
+            raise IndexError(f"document {doc} is outside 0..{self.num_documents - 1}")
+        n_doc = self.document_length(doc)
+        length = n_doc - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > n_doc:
+            raise IndexError(f"positions {offset}..{offset + length} are outside document {doc} ({n_doc} tokens)")
+        shard = int(np.searchsorted(self._shard_doc_lo, doc, side="right")) - 1
+        t0 = int(self.documents[doc]) + offset - int(self._shard_token_lo[shard])
+        return self._reader(shard).read(t0, t0 + length, self.id_bits, self.value_step,
+                                        self.top_k if k_max is None else k_max, pad_logprob, sort)
+
+    def check_compatible(self, dataset: str | Path | dict | None = None, tokenizer: Any = None) -> None:
+        """Raise a one-line ``ValueError`` unless the store was computed on ``dataset`` (a prefix or
+        a :func:`~megatron_kd.logits.manifest.dataset_identity` dict) with ``tokenizer`` (an
+        identity string, a ``Tokenizer`` or a dict with ``identity``). ``None`` skips a check."""
+        if dataset is not None:
+            new = dataset if isinstance(dataset, dict) else mf.dataset_identity(dataset)
+            old = self.manifest["dataset"]
+            same = (old["idx_sha256"], old["bin_bytes"]) == (new["idx_sha256"], new["bin_bytes"])
+            if same and old.get("bin_sha256") and new.get("bin_sha256"):
+                same = old["bin_sha256"] == new["bin_sha256"]
+            if not same:
+                raise ValueError(f"logits store {self.path} was computed on dataset {old['prefix']} "
+                                 f"(idx {old['idx_sha256'][:12]}) but {new['prefix']} is different (idx "
+                                 f"{new['idx_sha256'][:12]}): train on the store's dataset or recompute the store "
+                                 f"with megatron-kd logits --data {new['prefix']}")
+        want = mf.tokenizer_identity(tokenizer)
+        have = mf.tokenizer_identity(self.manifest.get("tokenizer"))
+        if want is not None and have is not None and want != have:
+            raise ValueError(f"logits store {self.path} was computed with tokenizer {have[-12:]} but this run "
+                             f"uses {want[-12:]}: use the store's tokenizer or recompute the store")
+
+
+def verify_store(path: str | Path, checksums: bool = True) -> list[str]:
+    """Check a store; return the problems found (empty list: the store is sound).
+
+    Checks the manifest, the document table, every shard's size, header and segment table, and
+    (with ``checksums``) every shard's sha256, which reads every byte.
+    """
+    path = Path(path)
+    try:
+        man = mf.read_store_manifest(path)
+    except (FileNotFoundError, ValueError) as exc:
+        return [str(exc)]
+    from megatron_kd.utils.io import sha256_file
+
+    problems = []
+    docs_file = path / mf.DOCUMENTS
+    if not docs_file.is_file():
+        problems.append(f"{docs_file} is missing")
+    elif checksums and sha256_file(docs_file) != man.get("documents_sha256"):
+        problems.append(f"{docs_file} does not match its sha256 in the manifest")
+    for rec in man["shards"]:
+        f = path / mf.SHARDS / rec["file"]
+        if not f.is_file():
+            problems.append(f"shard {f} is missing")
+            continue
+        if f.stat().st_size != rec["bytes"]:
+            problems.append(f"shard {f} is {f.stat().st_size} bytes, the manifest says {rec['bytes']}")
+            continue
+        if checksums and sha256_file(f) != rec["sha256"]:
+            problems.append(f"shard {f} does not match its sha256 in the manifest (corrupted)")
+            continue
+        try:
+            r = ShardReader(f)
+            bad = r.num_tokens != rec["token_hi"] - rec["token_lo"] or np.any(np.diff(r.seg_token) < 0)
+            bad = bad or int(np.count_nonzero(r.count)) != rec["targets"] or int(r.count.sum(dtype=np.int64)) != rec["entries"]
+            if bad:
+                problems.append(f"shard {f} disagrees with its manifest record (token, target or entry counts)")
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems

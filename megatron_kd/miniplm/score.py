@@ -1,0 +1,281 @@
+"""``miniplm score``: mean per-token NLL of every instance under the teacher and the reference.
+
+Parallelism: both models are loaded on the same TP x PP grid (any sizes, from any checkpoint
+layout) with :func:`load_model_for_inference`; the remaining data-parallel dimension splits the
+work by shards (shard k of the remaining ones goes to DP rank k mod DP). Inside a model-parallel
+group every rank plans the same batches; the forward runs through megatron-core's forward-only
+schedule (so PP > 1 pipelines micro-batches with p2p), and on the last pipeline stage the
+vocab-parallel NLL (:mod:`.nll`) is reduced per row. TP rank 0 of the last stage writes the shard.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_kd.miniplm import dataset_io
+from megatron_kd.miniplm.batching import Step, build_microbatch, plan_steps
+from megatron_kd.miniplm.instances import scoring_windows, skipped_tokens, split_instances, validate_instance_args
+from megatron_kd.miniplm.nll import row_nll_sums
+from megatron_kd.miniplm.store import SCORE_DTYPE, ScoreStore, config_hash, shard_bounds
+from megatron_kd.utils.progress import JsonlWriter, progress
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of one scoring run (the CLI flags of ``megatron-kd miniplm score``)."""
+
+    teacher: str
+    """Teacher checkpoint directory (megatron-kd layout: ``latest``, ``iter_*/``)."""
+    reference: str
+    """Reference-model checkpoint directory (same tokenizer as the teacher)."""
+    data: str
+    """Indexed-dataset prefix (path without ``.bin``/``.idx``)."""
+    out: str
+    """Scores directory to create or resume."""
+    chunk_length: int = 1024
+    """Tokens per instance (chunk mode) / per scoring window (document mode)."""
+    mode: str = "chunk"
+    """``chunk``: fixed-length chunks that do not cross documents; ``document``: whole documents."""
+    min_length: int = 2
+    """Instances with fewer tokens are skipped (2 = at least one prediction)."""
+    micro_batch_size: int = 8
+    """Rows per micro-batch at full chunk length; shorter windows get proportionally more rows."""
+    num_microbatches: int = 0
+    """Micro-batches per schedule call; 0 = 1 without PP, 2*PP with PP (fills the pipeline)."""
+    shard_size: int = 16384
+    """Instances per store shard (the unit of resume and of data-parallel work)."""
+    tensor_parallel: int = 1
+    """Tensor-parallel size for both models."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size for both models (must divide both layer counts)."""
+    dtype: str = "auto"
+    """Weights/activations dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    pad_multiple: int = 8
+    """Round each batch's sequence length up to a multiple of this."""
+    ce_chunk_tokens: int = 2048
+    """Tokens per NLL chunk (bounds the fp32 logits copy: chunk x vocab/TP x 4 bytes)."""
+    overwrite: bool = False
+    """Replace an existing scores directory of another run instead of refusing."""
+    max_shards: int | None = None
+    """Stop after this many shards on each DP rank (time-boxed runs; resume later)."""
+
+
+def _model_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    return {"path": str(Path(meta["path"]).resolve()), "iteration": meta["iteration"],
+            "config_sha256": config_hash(meta["model_config"]), "tokenizer": meta.get("tokenizer"),
+            "vocab_size": meta["model_config"]["vocab_size"]}
+
+
+def _tokenizer_identity(ref: str | None) -> str | None:
+    """A tokenizer reference's content identity when the data package can load it, else the ref."""
+    if ref is None:
+        return None
+    try:
+        from megatron_kd.data.tokenizers import load_tokenizer  # type: ignore[import-not-found]
+    except ImportError:
+        return ref
+    try:
+        return str(load_tokenizer(ref).identity)
+    except (OSError, ValueError):
+        return ref
+
+
+def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
+    """Validate flags, checkpoints and dataset before any model is built.
+
+    Returns ``(teacher_meta, reference_meta, dataset)``. Raises one-line ``ValueError`` /
+    ``FileNotFoundError`` (tokenizer mismatch, vocab mismatch, bad lengths, missing files).
+    """
+    from megatron_kd.training.checkpoint import read_checkpoint_meta
+
+    validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
+    for name in ("micro_batch_size", "shard_size", "pad_multiple", "ce_chunk_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    t_meta = read_checkpoint_meta(cfg.teacher)
+    r_meta = read_checkpoint_meta(cfg.reference)
+    tv, rv = t_meta["model_config"]["vocab_size"], r_meta["model_config"]["vocab_size"]
+    if tv != rv:
+        raise ValueError(f"teacher vocab_size {tv} != reference vocab_size {rv}: both models must use the same tokenizer")
+    tt, rt = t_meta.get("tokenizer"), r_meta.get("tokenizer")
+    if tt and rt and tt != rt and _tokenizer_identity(tt) != _tokenizer_identity(rt):
+        raise ValueError(f"teacher tokenizer {tt!r} differs from reference tokenizer {rt!r}: "
+                         "train the reference model with the teacher's tokenizer")
+    ds = dataset_io.open_dataset(cfg.data)
+    dt = dataset_io.dataset_tokenizer(dataset_io.read_dataset_manifest(cfg.data))
+    model_tok = tt or rt
+    if dt and model_tok and dt != model_tok and _tokenizer_identity(dt) != _tokenizer_identity(model_tok):
+        raise ValueError(f"dataset {cfg.data} was tokenized with {dt!r} but the models use {model_tok!r}: re-tokenize it")
+    for meta, who in ((t_meta, "teacher"), (r_meta, "reference")):
+        max_pos = meta["model_config"].get("max_position_embeddings") or cfg.chunk_length
+        if cfg.chunk_length - 1 > max_pos:
+            raise ValueError(f"--chunk-length {cfg.chunk_length} exceeds the {who}'s max_position_embeddings "
+                             f"{max_pos} + 1: use a shorter chunk length")
+    return t_meta, r_meta, ds
+
+
+def _on_rank0_raise_everywhere(fn) -> None:
+    """Run ``fn`` on rank 0; if it raises an input error, raise the same one-line error on every
+    rank (instead of leaving the others waiting in a collective)."""
+    import torch.distributed as dist
+
+    from megatron_kd.runtime import is_main_process, world_size
+
+    err: list = [None]
+    if is_main_process():
+        try:
+            fn()
+        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+            err[0] = (type(exc).__name__, str(exc))
+    if world_size() > 1:
+        dist.broadcast_object_list(err, src=0)
+    if err[0] is not None:
+        kind = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError,
+                "FileExistsError": FileExistsError}[err[0][0]]
+        raise kind(err[0][1])
+
+
+def _forward_step(vocab_size: int, ce_chunk: int):
+    """megatron forward-step function: model forward, then per-row NLL sums on the last stage."""
+
+    def step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model(mb["tokens"], mb["position_ids"], None)
+
+        def reduce(logits, non_loss_data=True):
+            return row_nll_sums(logits, mb["labels"], mb["mask"], vocab_size, ce_chunk)
+
+        return out, reduce
+
+    return step
+
+
+def _run_model(model, vocab_size: int, microbatches: list[dict], seq_length: int, ce_chunk: int):
+    """Forward ``microbatches`` through one model stage; per-row (sums, counts) on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    with torch.no_grad():
+        out = fb(forward_step_func=_forward_step(vocab_size, ce_chunk), data_iterator=iter(microbatches),
+                 model=[model], num_microbatches=len(microbatches), seq_length=seq_length,
+                 micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=True,
+                 collect_non_loss_data=True)
+    return out  # list of (sums, counts) per micro-batch on the last stage; [] elsewhere
+
+
+def _score_shard(models: list, vocab_size: int, dataset, instances: np.ndarray, cfg: ScoreConfig,
+                 num_microbatches: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+    """Score one shard's instances with each model. Returns (nll_sums [n_models, n], n_pred [n], tokens)."""
+    windows, owner = scoring_windows(instances, cfg.chunk_length)
+    steps: list[Step] = plan_steps(windows["length"], cfg.micro_batch_size * cfg.chunk_length,
+                                   num_microbatches, cfg.pad_multiple, cfg.chunk_length - 1)
+    sums = [torch.zeros(len(windows), dtype=torch.float64, device=device) for _ in models]
+    counts = torch.zeros(len(windows), dtype=torch.int64, device=device)
+    for step in steps:
+        mbs = [build_microbatch(dataset, windows, rows, step.seq_length, device) for rows in step.rows]
+        for m, model in enumerate(models):
+            results = _run_model(model, vocab_size, mbs, step.seq_length, cfg.ce_chunk_tokens)
+            for rows, (s, c) in zip(step.rows, results):
+                real = torch.from_numpy(rows[rows >= 0]).to(device)
+                sums[m].index_copy_(0, real, s[: len(real)])
+                if m == 0:
+                    counts.index_copy_(0, real, c[: len(real)])
+    n = len(instances)
+    inst_sums = np.zeros((len(models), n), dtype=np.float64)
+    for m in range(len(models)):
+        np.add.at(inst_sums[m], owner, sums[m].cpu().numpy())
+    n_pred = np.zeros(n, dtype=np.int64)
+    np.add.at(n_pred, owner, counts.cpu().numpy())
+    return inst_sums, n_pred, int(windows["length"].astype(np.int64).sum())
+
+
+def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score ``cfg.data`` into the store ``cfg.out`` (create or resume). Collective over all ranks.
+
+    Returns the store manifest (``complete`` is False when ``max_shards`` stopped the run early).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_kd.runtime import ParallelConfig, barrier, device, init_distributed, is_main_process
+    from megatron_kd.training.checkpoint import load_model_for_inference
+
+    t_meta, r_meta, ds = check_inputs(cfg)
+    init_distributed(ParallelConfig(cfg.tensor_parallel, cfg.pipeline_parallel))
+    lengths = np.asarray(ds.sequence_lengths)
+    instances = split_instances(lengths, cfg.chunk_length, cfg.mode, cfg.min_length)
+    identity = {} if not is_main_process() else {
+        "teacher": _model_identity(t_meta), "reference": _model_identity(r_meta),
+        "dataset": dataset_io.dataset_identity(cfg.data, ds),
+        "instances": {"mode": cfg.mode, "chunk_length": cfg.chunk_length, "min_length": cfg.min_length},
+        "shard_size": cfg.shard_size, "num_instances": int(len(instances)),
+        "skipped_tokens": skipped_tokens(lengths, instances),
+        "tokenizer": t_meta.get("tokenizer") or r_meta.get("tokenizer"),
+        "run": {k: v for k, v in asdict(cfg).items() if k not in ("teacher", "reference", "data", "out")},
+    }
+    store = ScoreStore(cfg.out)
+    _on_rank0_raise_everywhere(lambda: store.create_or_resume(identity, cfg.overwrite))
+    man = store.manifest()
+    num_shards = man["num_shards"]
+    done = store.completed_shards(num_shards, cfg.shard_size, len(instances))
+    barrier()  # every rank has listed the shards before anyone writes a new one
+    remaining = [k for k in range(num_shards) if k not in done]
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    mine = remaining[dp_rank::dp_size][: cfg.max_shards]
+    if mine:
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+        teacher, _, _ = load_model_for_inference(cfg.teacher, dtype)
+        reference, _, _ = load_model_for_inference(cfg.reference, dtype)
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        n_mb = cfg.num_microbatches or (2 * pp if pp > 1 else 1)
+        writer = (parallel_state.is_pipeline_last_stage()
+                  and parallel_state.get_tensor_model_parallel_rank() == 0)
+        metrics = JsonlWriter(Path(cfg.out) / "metrics.jsonl")
+        todo_tokens = sum(int(instances["length"][slice(*shard_bounds(k, cfg.shard_size, len(instances)))]
+                              .astype(np.int64).sum()) for k in remaining)
+        bar = progress(todo_tokens, "miniplm score", unit="tok")
+        vocab = t_meta["model_config"]["vocab_size"]
+        dev = device()
+        for k in mine:
+            start, end = shard_bounds(k, cfg.shard_size, len(instances))
+            t0 = time.perf_counter()
+            sums, n_pred, tokens = _score_shard([teacher, reference], vocab, ds, instances[start:end], cfg,
+                                                n_mb, dev)
+            if writer:
+                rows = np.empty(end - start, dtype=SCORE_DTYPE)
+                rows["instance"] = np.arange(start, end)
+                for f in ("doc", "offset", "length"):
+                    rows[f] = instances[f][start:end]
+                rows["n_pred"] = n_pred
+                denom = np.maximum(n_pred, 1)
+                rows["nll_teacher"], rows["nll_ref"] = sums[0] / denom, sums[1] / denom
+                store.write_shard(k, rows)
+            dt = time.perf_counter() - t0
+            bar.update(tokens * dp_size)  # rank 0's progress stands for every DP rank
+            metrics.write({"shard": k, "instances": end - start, "tokens": tokens, "seconds": round(dt, 4),
+                           "tokens_per_s": round(tokens / max(dt, 1e-9), 1), "dp_size": dp_size})
+        bar.close()
+        metrics.close()
+    barrier()
+    if is_main_process() and len(store.completed_shards(num_shards, cfg.shard_size, len(instances))) == num_shards:
+        store.finalize(_summary(store, num_shards))
+    barrier()
+    return store.manifest()
+
+
+def _summary(store: ScoreStore, num_shards: int) -> dict[str, Any]:
+    """Corpus-level means written into the final manifest (token-weighted)."""
+    from megatron_kd.miniplm.store import shard_name
+
+    parts = [np.load(store.root / shard_name(k)) for k in range(num_shards)]
+    rows = np.concatenate(parts)
+    w = rows["n_pred"].astype(np.float64)
+    total = max(w.sum(), 1.0)
+    return {"instances": int(len(rows)), "predicted_tokens": int(w.sum()),
+            "mean_nll_teacher": float((rows["nll_teacher"] * w).sum() / total),
+            "mean_nll_ref": float((rows["nll_ref"] * w).sum() / total)}

@@ -1,0 +1,274 @@
+"""Pre-training configs: dataclass trees loaded by :func:`megatron_kd.config.load_config`.
+
+``PretrainConfig`` is the whole of ``megatron-kd pretrain --config cfg.yaml [key.sub=value ...]``.
+:func:`validate_pretrain_config` checks everything that can be checked without building a model
+(batch arithmetic, parallel layout against the model and the world size, schedule fractions,
+data source) and raises a one-line ``ValueError`` naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megatron_kd.models.config import ModelConfig
+from megatron_kd.models.presets import get_preset
+from megatron_kd.runtime.distributed import ParallelConfig
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, length of the run, evaluation and logging cadence."""
+
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per data-parallel rank (one forward/backward of the schedule)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks; a multiple of micro_batch_size*DP.
+    Gradient accumulation = global_batch_size / (micro_batch_size * DP) micro-batches."""
+    seq_length: int = 128
+    """Tokens per sequence."""
+    train_iters: int = 100
+    """Optimizer steps of the whole run (the LR schedule spans them)."""
+    eval_interval: int = 0
+    """Evaluate on the validation split every this many steps (0 = only at the end, if eval_iters > 0)."""
+    eval_iters: int = 0
+    """Global batches per evaluation (0 = no evaluation)."""
+    log_interval: int = 10
+    """Print one rank-0 progress line every this many steps (the JSONL metrics get every step)."""
+    seed: int = 1234
+    """Seed of weights initialisation, dropout and data order."""
+    exit_interval: int = 0
+    """Stop (after checkpointing) once the iteration count is a multiple of this (0 = run to the end);
+    for jobs split over several time-limited allocations."""
+    exit_duration_mins: float = 0.0
+    """Stop (after checkpointing) once this many minutes of training have passed (0 = no limit);
+    set it a little below a Slurm time limit so every allocation ends with a checkpoint."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, gradient clipping, learning-rate schedule, precision."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine / WSD decay."""
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay; biases and norm weights are exempt."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient L2 norm to this value (0 = no clipping)."""
+    lr_schedule: str = "cosine"
+    """"constant" | "cosine" | "wsd" (warmup-stable-decay), all after a linear warmup."""
+    warmup_fraction: float = 0.0
+    """Linear warmup length as a fraction of train_iters (used when warmup_iters is 0)."""
+    warmup_iters: int = 0
+    """Linear warmup length in steps (wins over warmup_fraction when > 0)."""
+    wsd_decay_fraction: float = 0.1
+    """WSD: fraction of train_iters spent in the final decay (the stable phase is what is left)."""
+    wsd_decay_style: str = "linear"
+    """WSD decay shape: "linear" | "cosine" | "exponential" | "minus_sqrt"."""
+    precision: str = "fp32"
+    """"fp32" | "bf16" | "fp16" (mixed precision with fp32 master weights; bf16/fp16 need a GPU)."""
+    use_distributed_optimizer: bool = False
+    """Shard the optimizer state over data-parallel ranks (ZeRO-1; GPU only, ignored on CPU with a note)."""
+    initial_loss_scale: float = 65536.0
+    """fp16 only: starting dynamic loss scale."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and when checkpoints are written and read."""
+
+    save: Optional[str] = None
+    """Directory to save checkpoints in (None = never save)."""
+    save_interval: int = 0
+    """Save every this many steps (0 = only at the end of the run)."""
+    load: Optional[str] = None
+    """Directory to resume from; None = the save directory when it holds a checkpoint."""
+    keep_last: int = 0
+    """Keep only the newest N iteration directories (0 = keep all)."""
+    finetune: bool = False
+    """Load only the model weights from `load` and start a fresh run (iteration 0, new optimizer)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer path/reference recorded in the checkpoint (defaults to data.tokenizer)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics outputs."""
+
+    metrics_path: Optional[str] = None
+    """JSONL metrics file (one record per step and per evaluation); None = `<checkpoint.save>/metrics.jsonl`."""
+    tensorboard_dir: Optional[str] = None
+    """Also write TensorBoard scalars here (needs the `tensorboard` package)."""
+    quiet: bool = False
+    """No progress bar (the log lines are still printed)."""
+
+
+@dataclass
+class PretrainDataConfig:
+    """Training data: indexed datasets from `megatron-kd preprocess`, or synthetic tokens for tests."""
+
+    synthetic: bool = False
+    """Use deterministic synthetic token sequences (a fixed random Markov chain over model.vocab_size):
+    sample i depends only on (seed, i). For tests and benchmarks."""
+    prefixes: list[str] = field(default_factory=list)
+    """Indexed dataset path prefixes as written by `megatron-kd preprocess` (`{prefix}.bin/.idx`)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer the datasets were made with (SentencePiece .model file or HF directory)."""
+    split: str = "969,30,1"
+    """Train/valid/test split weights of the documents."""
+    cache_dir: Optional[str] = None
+    """Where GPTDataset index caches go (None = next to the data)."""
+    synthetic_concentration: float = 0.9
+    """Synthetic data: probability that the next token is the chain's preferred successor."""
+
+
+def _model_spec_fields() -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(ModelConfig)
+    out: list[tuple[str, Any, Any]] = [("preset", Optional[str], field(default=None))]
+    for f in dataclasses.fields(ModelConfig):
+        out.append((f.name, Optional[hints[f.name]], field(default=None)))
+    return out
+
+
+# ``model:`` section = every ModelConfig field (all optional) plus ``preset``. Generated from
+# ModelConfig so a field added there is accepted here without edits.
+ModelSpec = dataclasses.make_dataclass("ModelSpec", _model_spec_fields())
+ModelSpec.__module__ = __name__
+ModelSpec.__doc__ = ("The `model:` section: `preset` (a name from megatron_kd.models.presets) and/or any "
+                     "ModelConfig field, which overrides the preset (see ModelConfig for each field).")
+
+
+def resolve_model_config(spec: Any) -> ModelConfig:
+    """``ModelSpec`` (or a ModelConfig) -> ``ModelConfig``: the preset, then the explicit fields."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    values = {k: v for k, v in dataclasses.asdict(spec).items() if v is not None and k != "preset"}
+    if spec.preset:
+        return get_preset(spec.preset, **values)
+    return ModelConfig(**values)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `megatron-kd pretrain` needs."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)  # type: ignore[valid-type]
+    """Model shape: `preset` and/or ModelConfig fields."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline parallel sizes (data parallel = the rest of the world size)."""
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    """Training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batch sizes and run length."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint saving and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics outputs."""
+
+
+_SCHEDULES = ("constant", "cosine", "wsd")
+_WSD_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def validate_train(train: TrainConfig, data_parallel: int) -> int:
+    """Check batch arithmetic; return the number of micro-batches per step per DP rank."""
+    for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters"):
+        if getattr(train, name) < 1:
+            raise ValueError(f"train.{name}={getattr(train, name)} must be >= 1")
+    for name in ("eval_interval", "eval_iters", "log_interval", "exit_interval", "exit_duration_mins"):
+        if getattr(train, name) < 0:
+            raise ValueError(f"train.{name}={getattr(train, name)} must be >= 0")
+    per_round = train.micro_batch_size * data_parallel
+    if train.global_batch_size % per_round:
+        raise ValueError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of train.micro_batch_size"
+            f"*data_parallel={train.micro_batch_size}*{data_parallel}={per_round}: change one of them"
+        )
+    return train.global_batch_size // per_round
+
+
+def validate_optim(optim: OptimConfig, train_iters: int, on_gpu: bool) -> None:
+    """Check the optimizer / schedule / precision settings."""
+    if optim.lr_schedule not in _SCHEDULES:
+        raise ValueError(f"optim.lr_schedule={optim.lr_schedule!r} must be one of {list(_SCHEDULES)}")
+    if optim.wsd_decay_style not in _WSD_STYLES:
+        raise ValueError(f"optim.wsd_decay_style={optim.wsd_decay_style!r} must be one of {list(_WSD_STYLES)}")
+    if optim.precision not in _PRECISIONS:
+        raise ValueError(f"optim.precision={optim.precision!r} must be one of {list(_PRECISIONS)}")
+    if optim.precision != "fp32" and not on_gpu:
+        raise ValueError(
+            f"optim.precision={optim.precision} needs a CUDA GPU (megatron-core's mixed-precision optimizer "
+            "requires CUDA tensors): use optim.precision=fp32 on CPU"
+        )
+    if not 0 <= optim.min_lr <= optim.lr:
+        raise ValueError(f"optim.min_lr={optim.min_lr} must be between 0 and optim.lr={optim.lr}")
+    if not 0.0 <= optim.warmup_fraction < 1.0 or optim.warmup_iters < 0:
+        raise ValueError("optim.warmup_fraction must be in [0, 1) and optim.warmup_iters >= 0")
+    if not 0.0 < optim.wsd_decay_fraction <= 1.0:
+        raise ValueError(f"optim.wsd_decay_fraction={optim.wsd_decay_fraction} must be in (0, 1]")
+    if optim.clip_grad < 0:
+        raise ValueError(f"optim.clip_grad={optim.clip_grad} must be >= 0 (0 disables clipping)")
+    warmup = warmup_iters(optim, train_iters)
+    if warmup >= train_iters:
+        raise ValueError(f"warmup ({warmup} steps) must be shorter than train.train_iters={train_iters}")
+    if optim.lr_schedule == "wsd" and warmup + wsd_decay_iters(optim, train_iters) > train_iters:
+        raise ValueError(
+            f"warmup ({warmup}) + WSD decay ({wsd_decay_iters(optim, train_iters)}) steps exceed "
+            f"train.train_iters={train_iters}: lower optim.warmup_* or optim.wsd_decay_fraction"
+        )
+
+
+def warmup_iters(optim: OptimConfig, train_iters: int) -> int:
+    """Warmup length in steps."""
+    return optim.warmup_iters if optim.warmup_iters > 0 else int(round(optim.warmup_fraction * train_iters))
+
+
+def wsd_decay_iters(optim: OptimConfig, train_iters: int) -> int:
+    """WSD decay-phase length in steps (at least 1)."""
+    return max(1, int(round(optim.wsd_decay_fraction * train_iters)))
+
+
+def validate_pretrain_config(cfg: PretrainConfig, world_size: int, on_gpu: bool) -> ModelConfig:
+    """Check the whole config against ``world_size`` processes; return the resolved ModelConfig.
+
+    Raises a one-line ``ValueError`` before anything heavy is built.
+    """
+    model_cfg = resolve_model_config(cfg.model)
+    cfg.parallel.validate(world_size)
+    if cfg.parallel.context_parallel != 1:
+        raise ValueError("parallel.context_parallel must be 1: the local SDPA attention does not shard sequences")
+    model_cfg.validate_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    dp = world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    validate_train(cfg.train, dp)
+    if cfg.train.seq_length > model_cfg.max_position_embeddings:
+        raise ValueError(f"train.seq_length={cfg.train.seq_length} exceeds model.max_position_embeddings="
+                         f"{model_cfg.max_position_embeddings}")
+    validate_optim(cfg.optim, cfg.train.train_iters, on_gpu)
+    if cfg.data.synthetic == bool(cfg.data.prefixes):
+        raise ValueError("set exactly one data source: data.synthetic=true or data.prefixes=[...] "
+                         "(indexed datasets from megatron-kd preprocess)")
+    if cfg.data.prefixes and not cfg.data.tokenizer:
+        raise ValueError("data.tokenizer is required with data.prefixes: the tokenizer the data was made with")
+    if cfg.checkpoint.save_interval < 0 or cfg.checkpoint.keep_last < 0:
+        raise ValueError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
+    if cfg.checkpoint.finetune and not cfg.checkpoint.load:
+        raise ValueError("checkpoint.finetune=true needs checkpoint.load=<dir> with the weights to start from")
+    if cfg.logging.tensorboard_dir:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("logging.tensorboard_dir is set but tensorboard is not installed: "
+                             "pip install tensorboard, or unset logging.tensorboard_dir") from None
+    return model_cfg

@@ -1,0 +1,268 @@
+"""The training loop on megatron-core schedules, with a pluggable forward step.
+
+:class:`Trainer` knows nothing about the loss: it runs ``get_forward_backward_func`` (no
+pipelining, or 1F1B when PP > 1) with the given ``forward_step_func`` (see
+:mod:`megatron_kd.training.lm_loss` for the contract), steps the optimizer and the LR schedule,
+logs every reported metric, evaluates, checkpoints and resumes. Distillation plugs in its own
+forward step, ``adjust_tensor_shapes_fn`` (teacher activations through the pipeline), an
+``on_step_end`` hook and ``extra_state``/``load_extra_state`` (its schedule state in checkpoints).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_kd.models.config import ModelConfig
+from megatron_kd.runtime.distributed import is_main_process
+from megatron_kd.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from megatron_kd.training.config import CheckpointConfig, LoggingConfig, TrainConfig
+from megatron_kd.training.metrics import MetricsLogger, main_loss, reduce_reports
+from megatron_kd.training.optim import current_lr
+
+ForwardStep = Callable[[Iterator, torch.nn.Module], tuple[torch.Tensor, Callable]]
+
+
+def data_parallel_size() -> int:
+    """Data-parallel world size of the initialised parallel_state."""
+    return parallel_state.get_data_parallel_world_size()
+
+
+def num_microbatches(train: TrainConfig) -> int:
+    """Micro-batches per optimizer step on each DP rank (gradient accumulation steps)."""
+    return train.global_batch_size // (train.micro_batch_size * data_parallel_size())
+
+
+def resume_dir(ckpt: CheckpointConfig | None) -> tuple[Path | None, bool]:
+    """``(directory, full)`` a run starts from: ``save`` if it holds a checkpoint (an interrupted run
+    resumes fully), else ``load`` (fully, or weights only when ``finetune``), else ``(None, False)``."""
+    if ckpt is None:
+        return None, False
+    if ckpt.save and has_checkpoint(ckpt.save):
+        return Path(ckpt.save), True
+    if ckpt.load:
+        if not has_checkpoint(ckpt.load):
+            raise FileNotFoundError(f"checkpoint.load={ckpt.load} holds no checkpoint (no 'latest' file)")
+        return Path(ckpt.load), not ckpt.finetune
+    return None, False
+
+
+class Trainer:
+    """Runs optimizer steps over megatron-core model chunks (see the module docstring).
+
+    ``model_chunks``/``optimizer``/``scheduler`` come from
+    :func:`megatron_kd.training.model_setup.setup_model_and_optimizer`.
+    """
+
+    def __init__(self, model_chunks: list[torch.nn.Module], optimizer, scheduler, forward_step_func: ForwardStep,
+                 model_config: ModelConfig, train: TrainConfig, checkpoint: CheckpointConfig | None = None,
+                 logging: LoggingConfig | None = None, *, valid_forward_step_func: ForwardStep | None = None,
+                 adjust_tensor_shapes_fn: Callable | None = None,
+                 on_step_end: Callable[[int, dict[str, float]], None] | None = None,
+                 extra_state: Callable[[], dict[str, Any]] | None = None,
+                 load_extra_state: Callable[[dict[str, Any]], None] | None = None,
+                 tokenizer: str | None = None, desc: str = "train"):
+        self.model_chunks, self.optimizer, self.scheduler = model_chunks, optimizer, scheduler
+        self.forward_step_func = forward_step_func
+        self.valid_forward_step_func = valid_forward_step_func or forward_step_func
+        self.model_config, self.train_cfg = model_config, train
+        self.ckpt_cfg = checkpoint or CheckpointConfig()
+        self.log_cfg = logging or LoggingConfig()
+        self.adjust_tensor_shapes_fn = adjust_tensor_shapes_fn
+        self.on_step_end, self.extra_state, self.load_extra_state = on_step_end, extra_state, load_extra_state
+        self.tokenizer, self.desc = tokenizer, desc
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.num_microbatches = num_microbatches(train)
+        self._stop_requested = False
+        self._fit_start = time.perf_counter()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def resume(self) -> bool:
+        """Load the newest checkpoint of ``checkpoint.save`` (or else ``checkpoint.load``) if any.
+
+        Restores model, optimizer, LR schedule step, RNG, iteration, consumed samples and the
+        ``load_extra_state`` hook's state. With ``checkpoint.finetune`` only the weights are loaded
+        and the run starts at iteration 0. Returns True when something was loaded.
+        """
+        source, full = resume_dir(self.ckpt_cfg)
+        if source is None:
+            return False
+        if not full:
+            load_checkpoint(source, self.model_chunks, load_rng=False)
+            # Mixed precision keeps fp32 master copies of the weights: refresh them from the model.
+            self.optimizer.reload_model_params()
+            self._print(f"loaded weights from {source} (finetune: fresh optimizer, iteration 0)")
+            return True
+        meta = load_checkpoint(source, self.model_chunks, self.optimizer, self.scheduler)
+        self.iteration = int(meta["iteration"])
+        extra = meta.get("extra") or {}
+        self.consumed_samples = int(extra.get("consumed_samples", self.iteration * self.train_cfg.global_batch_size))
+        if self.load_extra_state is not None:
+            self.load_extra_state(extra.get("hooks") or {})
+        self._print(f"resumed from {meta['path']} at iteration {self.iteration} "
+                    f"({self.consumed_samples} samples consumed)")
+        return True
+
+    def save(self) -> Path | None:
+        """Checkpoint the current state into ``checkpoint.save`` (collective; no-op without a save dir)."""
+        if not self.ckpt_cfg.save:
+            return None
+        extra = {"consumed_samples": self.consumed_samples,
+                 "hooks": self.extra_state() if self.extra_state is not None else {}}
+        path = save_checkpoint(self.ckpt_cfg.save, self.model_chunks, self.model_config, self.iteration,
+                               optimizer=self.optimizer, scheduler=self.scheduler, extra=extra,
+                               tokenizer=self.ckpt_cfg.tokenizer or self.tokenizer,
+                               keep_last=self.ckpt_cfg.keep_last or None)
+        self._print(f"saved checkpoint {path}")
+        return path
+
+    # ----------------------------------------------------------------------------- steps
+    def _schedule(self, data_iterator, forward_step_func, forward_only: bool):
+        data = data_iterator if len(self.model_chunks) == 1 else [data_iterator] * len(self.model_chunks)
+        kwargs = dict(
+            forward_step_func=forward_step_func, data_iterator=data, model=self.model_chunks,
+            num_microbatches=self.num_microbatches, seq_length=self.train_cfg.seq_length,
+            micro_batch_size=self.train_cfg.micro_batch_size, decoder_seq_length=self.train_cfg.seq_length,
+            forward_only=forward_only,
+        )
+        if self.adjust_tensor_shapes_fn is not None:
+            kwargs["adjust_tensor_shapes_fn"] = self.adjust_tensor_shapes_fn
+        return get_forward_backward_func()(**kwargs)
+
+    def train_step(self, data_iterator: Iterator) -> dict[str, float]:
+        """One optimizer step over ``num_microbatches`` micro-batches; returns the step's metrics."""
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._schedule(data_iterator, self.forward_step_func, forward_only=False)
+        # Step k (1-based) uses the schedule's lr(k): warmup reaches the peak at step W exactly.
+        self.scheduler.step(1)
+        lr = current_lr(self.optimizer)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.iteration += 1
+        self.consumed_samples += self.train_cfg.global_batch_size
+        metrics = reduce_reports(reports)
+        out = {"loss": main_loss(metrics), **metrics, "lr": lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "consumed_samples": self.consumed_samples}
+        if not ok:
+            out["skipped"] = 1  # fp16 overflow: megatron skipped the update
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, valid_iterator: Iterator) -> dict[str, float]:
+        """Forward-only over ``train.eval_iters`` global batches; token-weighted metrics + ``ppl``."""
+        for chunk in self.model_chunks:
+            chunk.eval()
+        reports: list[dict[str, Any]] = []
+        for _ in range(self.train_cfg.eval_iters):
+            reports.extend(self._schedule(valid_iterator, self.valid_forward_step_func, forward_only=True))
+        for chunk in self.model_chunks:
+            chunk.train()
+        metrics = reduce_reports(reports)
+        loss = main_loss(metrics)
+        return {"loss": loss, **metrics, "ppl": math.exp(min(loss, 50.0))}
+
+    # ----------------------------------------------------------------------------- the loop
+    def fit(self, make_train_iterator: Callable[[int], Iterator],
+            make_valid_iterator: Callable[[], Iterator] | None = None) -> dict[str, Any]:
+        """Train until ``train.train_iters`` (or ``exit_interval`` / ``exit_duration_mins`` / SIGTERM),
+        checkpointing and evaluating.
+
+        ``make_train_iterator(consumed_samples)`` returns this rank's micro-batch iterator starting
+        at that global sample; ``make_valid_iterator()`` a fresh validation iterator (each evaluation
+        sees the same batches). Returns ``{"iteration", "train": last step metrics, "valid": last eval}``.
+        """
+        train_cfg = self.train_cfg
+        self._fit_start = time.perf_counter()
+        for chunk in self.model_chunks:
+            chunk.train()
+        data_iterator = make_train_iterator(self.consumed_samples)
+        metrics_path = self.log_cfg.metrics_path or (
+            str(Path(self.ckpt_cfg.save) / "metrics.jsonl") if self.ckpt_cfg.save else None)
+        logger = MetricsLogger(self.log_cfg, metrics_path, train_cfg.train_iters, self.iteration,
+                               train_cfg.global_batch_size * train_cfg.seq_length, train_cfg.log_interval, self.desc)
+        previous = self._install_sigterm()
+        last: dict[str, Any] = {"iteration": self.iteration, "train": {}, "valid": {}}
+        saved_at = self.iteration
+        do_eval = make_valid_iterator is not None and train_cfg.eval_iters > 0
+        try:
+            while self.iteration < train_cfg.train_iters:
+                t0 = time.perf_counter()
+                step_metrics = self.train_step(data_iterator)
+                logger.log_train(self.iteration, step_metrics, time.perf_counter() - t0)
+                last["train"] = step_metrics
+                if self.on_step_end is not None:
+                    self.on_step_end(self.iteration, step_metrics)
+                if do_eval and train_cfg.eval_interval and self.iteration % train_cfg.eval_interval == 0:
+                    last["valid"] = self.evaluate(make_valid_iterator())
+                    logger.log_eval(self.iteration, last["valid"])
+                interval = self.ckpt_cfg.save_interval
+                if interval and self.iteration % interval == 0:
+                    self.save()
+                    saved_at = self.iteration
+                stop = self._should_stop()
+                if stop:
+                    break
+            if do_eval and not (train_cfg.eval_interval and self.iteration % train_cfg.eval_interval == 0):
+                last["valid"] = self.evaluate(make_valid_iterator())
+                logger.log_eval(self.iteration, last["valid"])
+            if saved_at != self.iteration:
+                self.save()
+        finally:
+            logger.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        last["iteration"] = self.iteration
+        return last
+
+    def _should_stop(self) -> bool:
+        """Agree across ranks on stopping early (exit_interval, or SIGTERM seen by any rank)."""
+        exit_interval, minutes = self.train_cfg.exit_interval, self.train_cfg.exit_duration_mins
+        local = self._stop_requested or bool(exit_interval and self.iteration % exit_interval == 0)
+        local = local or bool(minutes and time.perf_counter() - self._fit_start > 60.0 * minutes)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([int(local)], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = bool(flag.item())
+        if local and self.iteration < self.train_cfg.train_iters:
+            self._print(f"stopping early at iteration {self.iteration} (exit_interval, exit_duration_mins "
+                        "or SIGTERM)")
+        return local
+
+    def _install_sigterm(self):
+        """Slurm sends SIGTERM before killing a job: finish the step, checkpoint, exit cleanly."""
+        if not self.ckpt_cfg.save:
+            return None
+
+        def handler(signum, frame):  # noqa: ARG001
+            self._stop_requested = True
+
+        try:
+            return signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            return None
+
+    def _print(self, message: str) -> None:
+        if is_main_process():
+            tqdm.write(message)  # above the progress bar, not through it
+
+
+def train(model_chunks: list[torch.nn.Module], optimizer, scheduler, forward_step_func: ForwardStep,
+          model_config: ModelConfig, train_cfg: TrainConfig, make_train_iterator: Callable[[int], Iterator],
+          make_valid_iterator: Callable[[], Iterator] | None = None, checkpoint: CheckpointConfig | None = None,
+          logging: LoggingConfig | None = None, **trainer_kwargs) -> dict[str, Any]:
+    """Build a :class:`Trainer`, resume if a checkpoint exists, and run :meth:`Trainer.fit`."""
+    trainer = Trainer(model_chunks, optimizer, scheduler, forward_step_func, model_config, train_cfg,
+                      checkpoint, logging, **trainer_kwargs)
+    trainer.resume()
+    return trainer.fit(make_train_iterator, make_valid_iterator)

@@ -1,0 +1,149 @@
+"""Reducing loss reports over micro-batches / ranks, and writing them (console, JSONL, TensorBoard).
+
+A loss ``report`` (third element of a loss function's result) maps names to either a 2-element
+tensor ``[sum, count]`` -> reported as ``sum / count`` over the global batch (token-weighted), or a
+scalar tensor -> reported as its mean over micro-batches and data-parallel ranks. So whatever the
+loss layer reports (``lm``, ``kd``, ``total``, ``alpha``, ...) reaches the metrics file unchanged.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_kd.runtime.distributed import is_main_process
+from megatron_kd.training.config import LoggingConfig
+from megatron_kd.utils.io import atomic_write
+from megatron_kd.utils.progress import JsonlWriter, progress, read_jsonl
+
+
+def _pairs(reports: list[dict[str, Any]]) -> dict[str, list[float]]:
+    acc: dict[str, list[float]] = {}
+    for report in reports:
+        for key, value in report.items():
+            t = torch.as_tensor(value).detach().float().cpu().reshape(-1)
+            s, c = (float(t[0]), float(t[1])) if t.numel() == 2 else (float(t.sum()), float(t.numel()))
+            pair = acc.setdefault(key, [0.0, 0.0])
+            pair[0] += s
+            pair[1] += c
+    return acc
+
+
+def reduce_reports(reports: list[dict[str, Any]]) -> dict[str, float]:
+    """Global-batch metrics from the schedule's per-micro-batch reports; the same dict on every rank.
+
+    Collective over all ranks: reports exist only on the last pipeline stage; they are summed over
+    data-parallel ranks there and then broadcast down each pipeline.
+    """
+    result: dict[str, float] = {}
+    if parallel_state.is_pipeline_last_stage():
+        acc = _pairs(reports)
+        keys = sorted(acc)
+        if keys and dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+            t = torch.tensor([v for k in keys for v in acc[k]], dtype=torch.float64)
+            dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+            acc = {k: [float(t[2 * i]), float(t[2 * i + 1])] for i, k in enumerate(keys)}
+        result = {k: (s / c if c else float("nan")) for k, (s, c) in acc.items()}
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [result]
+        group = parallel_state.get_pipeline_model_parallel_group()
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        dist.broadcast_object_list(box, src=last, group=group)
+        result = box[0]
+    return result
+
+
+def main_loss(metrics: dict[str, float]) -> float:
+    """The loss that is optimised: ``total`` if reported, else ``lm``, else the first key."""
+    for key in ("total", "lm"):
+        if key in metrics:
+            return metrics[key]
+    return next(iter(metrics.values())) if metrics else float("nan")
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Drop records with ``step > last_step`` (from a run that was killed after its last checkpoint)."""
+    path = Path(path)
+    if not is_main_process() or not path.is_file():
+        return
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("step", 0) <= last_step]
+    if len(kept) != len(records):
+        import json
+
+        with atomic_write(path) as fh:
+            for r in kept:
+                fh.write(json.dumps(r) + "\n")
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and (abs(value) >= 1e4 or (0 < abs(value) < 1e-3)):
+        return f"{value:.3e}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+class MetricsLogger:
+    """Rank-0 progress bar + one line per ``log_interval`` steps; JSONL every step; optional TensorBoard."""
+
+    def __init__(self, cfg: LoggingConfig, metrics_path: str | Path | None, train_iters: int, start_iter: int,
+                 tokens_per_step: int, log_interval: int, desc: str = "train"):
+        self.train_iters, self.tokens_per_step, self.log_interval = train_iters, tokens_per_step, log_interval
+        self.start_iter = start_iter
+        if metrics_path is not None:
+            truncate_metrics(metrics_path, start_iter)
+        self.jsonl = JsonlWriter(metrics_path)
+        self.tb = None
+        if cfg.tensorboard_dir and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(cfg.tensorboard_dir)
+        self.bar = progress(train_iters, desc, unit="step", initial=start_iter, disable=cfg.quiet)
+        self._times: list[float] = []
+        self._t0 = time.perf_counter()
+
+    def log_train(self, step: int, metrics: dict[str, Any], step_time: float) -> None:
+        """Record one optimizer step (``metrics``: loss report + lr, grad_norm, ...)."""
+        self._times.append(step_time)
+        tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else float("nan")
+        record = {"step": step, "split": "train", **metrics, "step_time_s": round(step_time, 6),
+                  "tokens_per_s": round(tokens_per_s, 2)}
+        self.jsonl.write(record)
+        self._tensorboard(step, "train", metrics)
+        if not is_main_process():
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+        if self.log_interval and (step % self.log_interval == 0 or step == self.train_iters):
+            recent = self._times[1:] if len(self._times) > 1 else self._times
+            mean = sum(recent) / len(recent)
+            eta = datetime.timedelta(seconds=int(mean * (self.train_iters - step)))
+            shown = " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in ("consumed_samples",))
+            self.bar.write(f"step {step}/{self.train_iters} | {shown} | {self.tokens_per_step / mean:,.0f} tok/s"
+                           f" | ETA {eta}")
+
+    def log_eval(self, step: int, metrics: dict[str, float], split: str = "valid") -> None:
+        """Record an evaluation (``metrics`` from :func:`reduce_reports` plus ``loss``, ``ppl``)."""
+        self.jsonl.write({"step": step, "split": split, **metrics})
+        self._tensorboard(step, split, metrics)
+        if is_main_process():
+            self.bar.write(f"[{split}] step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+
+    def _tensorboard(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        if self.tb is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        """Close the bar and files."""
+        self.bar.close()
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
