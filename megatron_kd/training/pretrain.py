@@ -71,7 +71,7 @@ def _data_config(cfg: PretrainConfig):
     """The data issue's ``DataConfig`` from our ``data`` section (fields matched by name)."""
     from megatron_kd.data.gpt_dataset import DataConfig
 
-    ours = {"prefixes": cfg.data.prefixes, "data_path": cfg.data.prefixes, "paths": cfg.data.prefixes,
+    ours = {"prefixes": cfg.data.prefixes, "train_prefixes": cfg.data.prefixes, "paths": cfg.data.prefixes,
             "split": cfg.data.split, "seq_length": cfg.train.seq_length, "sequence_length": cfg.train.seq_length,
             "seed": cfg.train.seed, "random_seed": cfg.train.seed, "cache_dir": cfg.data.cache_dir,
             "path_to_cache": cfg.data.cache_dir, "tokenizer": cfg.data.tokenizer}
