@@ -100,7 +100,6 @@ def main() -> int:
     from megatron_kd.runtime import ParallelConfig, init_distributed, is_main_process, set_seed, world_size
     from megatron_kd.training import (OptimConfig, SequentialBatchIterator, SyntheticDataset, Trainer, TrainConfig,
                                       LoggingConfig, make_lm_forward_step, setup_model_and_optimizer)
-    from megatron_kd.training.synthetic import collate
 
     overrides = {"max_position_embeddings": max(args.seq_length, 2048)}
     if args.vocab_size or not torch.cuda.is_available():

@@ -11,6 +11,7 @@ Usage in a test module (the worker must be a module-level function)::
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -36,7 +37,11 @@ def _entry(fn, rank, world_size, port, args, queue):
 
         torch.set_num_threads(1)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Serialise to bytes: tensors sent through the queue as shared memory vanish when the
+        # worker exits before the parent has read them.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -62,7 +67,9 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break

@@ -22,9 +22,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from megatron_kd.data.iterator import ResumableBatchIterator  # noqa: F401 - part of this module's API
+from megatron_kd.data.iterator import ResumableBatchIterator
 from megatron_kd.data.manifest import check_tokenizer, read_dataset_manifest, validate_indexed_files
 from megatron_kd.data.tokenizers import Tokenizer, load_tokenizer
+
+__all__ = ["DataConfig", "MegatronTokenizerAdapter", "ResumableBatchIterator", "build_gpt_datasets"]
 
 
 @dataclass

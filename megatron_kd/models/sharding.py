@@ -129,7 +129,7 @@ def gather_full_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, tor
     for key, value in model.state_dict().items():
         if value is None or key.endswith("_extra_state"):
             continue
-        value = value.detach().float().cpu()
+        value = value.detach().float().cpu().clone()  # a snapshot, never an alias of live weights
         m = _LAYER.match(key)
         if m:
             layer, rest = int(m.group(1)), m.group(2)

@@ -9,6 +9,7 @@ forward step, ``adjust_tensor_shapes_fn`` (teacher activations through the pipel
 """
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import time
@@ -55,6 +56,19 @@ def resume_dir(ckpt: CheckpointConfig | None) -> tuple[Path | None, bool]:
     return None, False
 
 
+def _call_step_hook(hook: Callable, step: int, metrics: dict[str, Any]) -> None:
+    """``hook(step, metrics)``, or ``hook(step)`` for a hook that takes one argument."""
+    try:
+        params = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        hook(step)
+    else:
+        hook(step, metrics)
+
+
 class Trainer:
     """Runs optimizer steps over megatron-core model chunks (see the module docstring).
 
@@ -66,7 +80,7 @@ class Trainer:
                  model_config: ModelConfig, train: TrainConfig, checkpoint: CheckpointConfig | None = None,
                  logging: LoggingConfig | None = None, *, valid_forward_step_func: ForwardStep | None = None,
                  adjust_tensor_shapes_fn: Callable | None = None,
-                 on_step_end: Callable[[int, dict[str, float]], None] | None = None,
+                 on_step_end: Callable[..., None] | None = None,
                  extra_state: Callable[[], dict[str, Any]] | None = None,
                  load_extra_state: Callable[[dict[str, Any]], None] | None = None,
                  tokenizer: str | None = None, desc: str = "train"):
@@ -202,7 +216,7 @@ class Trainer:
                 logger.log_train(self.iteration, step_metrics, time.perf_counter() - t0)
                 last["train"] = step_metrics
                 if self.on_step_end is not None:
-                    self.on_step_end(self.iteration, step_metrics)
+                    _call_step_hook(self.on_step_end, self.iteration, step_metrics)
                 if do_eval and train_cfg.eval_interval and self.iteration % train_cfg.eval_interval == 0:
                     last["valid"] = self.evaluate(make_valid_iterator())
                     logger.log_eval(self.iteration, last["valid"])

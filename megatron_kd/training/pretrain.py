@@ -14,7 +14,9 @@ from typing import Any, Callable, Iterator
 import torch
 from megatron.core import parallel_state
 
-from megatron_kd.config import save_config, to_dict
+import yaml
+
+from megatron_kd.config import to_dict
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.runtime.distributed import destroy_distributed, init_distributed, is_main_process, set_seed
 from megatron_kd.training.checkpoint import read_checkpoint_meta
@@ -23,6 +25,7 @@ from megatron_kd.training.lm_loss import make_lm_forward_step
 from megatron_kd.training.loop import Trainer, resume_dir
 from megatron_kd.training.model_setup import setup_model_and_optimizer
 from megatron_kd.training.synthetic import SequentialBatchIterator, SyntheticDataset
+from megatron_kd.utils.io import atomic_write
 
 IteratorFactories = tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]
 
@@ -125,7 +128,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         make_train, make_valid = build_data_iterators(cfg, model_cfg)
         if cfg.checkpoint.save and is_main_process():
             Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
-            save_config(cfg, Path(cfg.checkpoint.save) / "pretrain_config.yaml")
+            with atomic_write(Path(cfg.checkpoint.save) / "pretrain_config.yaml") as fh:
+                yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
         if is_main_process():
             n = model_cfg.num_parameters()
             print(f"pretrain: {n / 1e6:.2f}M parameters, world {_launch_world_size()} "

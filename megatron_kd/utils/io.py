@@ -18,6 +18,9 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[A
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; final files get the usual permissions
     try:
         with open(tmp, mode, **open_kwargs) as fh:
             yield fh

@@ -8,7 +8,6 @@ import gzip
 import json
 
 import numpy as np
-import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_kd.data.manifest import open_indexed_dataset, read_dataset_manifest, verify_checksums

@@ -80,7 +80,7 @@ def _reference_worker(rank, world_size, tmp):
     fwd = functools.partial(_hooked_forward_step, vocab_size=MODEL["vocab_size"])
     trainer, make_train, make_valid, _ = _trainer(
         1, 1, 2, 8, state, ckpt_dir=f"{tmp}/ckpt", forward_step=fwd,
-        on_step_end=lambda step, m: calls.append(step), extra_state=lambda: {"kd_step": len(calls)})
+        on_step_end=calls.append, extra_state=lambda: {"kd_step": len(calls)})  # a one-argument hook
     # Stop after step 3 and crash while saving iteration 3: `latest` must still name iteration 2.
     trainer.train_cfg.exit_interval = 3
     import megatron_kd.training.checkpoint as ckpt_module

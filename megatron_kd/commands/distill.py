@@ -1,0 +1,47 @@
+"""``megatron-kd distill --config cfg.yaml [key.sub=value ...]``: train a student with knowledge distillation."""
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load and validate the config, then distil (or, with --dry-run, only validate)."""
+    import warnings
+
+    # megatron-core warns at import about missing Apex/TE (expected on CPU): keep the console clean.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    import yaml
+
+    from megatron_kd.config import load_config, to_dict
+    from megatron_kd.distill.config import DistillConfig
+    from megatron_kd.distill.run import prepare_distill_config, run_distill
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    if args.dry_run:
+        model_cfg, spec = prepare_distill_config(cfg)
+        resolved = {**to_dict(cfg), "resolved_model": model_cfg.to_dict()}
+        if spec is not None:
+            resolved["resolved_teacher"] = {"path": spec.path, "iteration": spec.iteration,
+                                            "model": spec.model_config.to_dict(),
+                                            "kd_vocab_size": int(spec.vocab.kd_vocab_size)}
+        print(yaml.safe_dump(resolved, sort_keys=False))
+        return 0
+    result = run_distill(cfg)
+    return 0 if result["iteration"] > 0 else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``distill`` sub-command."""
+    p = subparsers.add_parser(
+        "distill", help="train a student by knowledge distillation (online teacher, logits store, or none)",
+        description="Train a GPT student with logit distillation: kd.mode=online runs a frozen teacher "
+                    "(teacher.load) on the same TP/PP grid; kd.mode=offline reads stored top-k teacher targets "
+                    "(kd.logits_store); kd.mode=none trains the student alone (baseline). Launch with plain "
+                    "python for one process or torchrun --nproc-per-node N. Resumes automatically from "
+                    "checkpoint.save when it holds a checkpoint (the teacher is reloaded from teacher.load).",
+    )
+    p.add_argument("--config", default=None, help="YAML file with a DistillConfig (default: built-in defaults)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config (and the teacher checkpoint), "
+                   "print it resolved, and exit")
+    p.add_argument("overrides", nargs="*", default=[], help="config overrides like kd.alpha=0.9 teacher.dtype=bf16")
+    p.set_defaults(func=run)

@@ -1,0 +1,137 @@
+"""``DistillConfig``: everything ``megatron-kd distill`` needs (the pretrain config + teacher + kd).
+
+The student side (``model``, ``parallel``, ``data``, ``train``, ``optim``, ``checkpoint``,
+``logging``) is exactly :class:`megatron_kd.training.PretrainConfig`; distillation adds::
+
+    teacher: {load, dtype, iteration, tokenizer}
+    kd:      {mode, kind, temperature, alpha, alpha_schedule, t2_scale, logits_store, ...}
+
+``kd`` extends :class:`megatron_kd.losses.KDLossConfig` (the loss fields and their validation live
+there) with the source of the teacher signal and optional intermediate-layer losses.
+:func:`validate_distill_config` checks what can be checked before anything is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megatron_kd.losses.config import KDLossConfig
+from megatron_kd.training.config import PretrainConfig
+
+MODES = ("online", "offline", "none")
+"""online: teacher in the job; offline: stored sparse targets; none: the student alone (LM loss)."""
+INTERMEDIATE_LOSSES = ("cosine", "mse")
+TEACHER_DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher of online distillation."""
+
+    load: Optional[str] = None
+    """megatron-kd checkpoint directory of the teacher (from `megatron-kd pretrain`/`distill`, or a
+    Hugging Face model converted with `megatron-kd convert hf-to-mcore`). Its own model_config is
+    used (any depth/width); it is loaded at the student's TP/PP layout."""
+    dtype: Optional[str] = None
+    """fp32 | bf16 | fp16: parameter dtype of the teacher; None = the student's optim.precision.
+    A bf16 teacher with an fp32 student halves teacher memory and time on GPU."""
+    iteration: Optional[int] = None
+    """Teacher checkpoint iteration to load; None = the one its `latest` file names."""
+    tokenizer: Optional[str] = None
+    """Tokenizer of the teacher for the vocabulary check; None = the one recorded in its checkpoint."""
+
+
+@dataclass
+class IntermediatePair:
+    """One intermediate-layer loss between a student and a teacher transformer layer output."""
+
+    student_layer: int = -1
+    """Global (0-based) student layer index whose output is matched; negative counts from the end."""
+    teacher_layer: int = -1
+    """Global (0-based) teacher layer index; negative counts from the end."""
+    loss: str = "cosine"
+    """cosine (1 - cosine similarity per token) | mse (mean squared error per token)."""
+
+
+@dataclass
+class KDConfig(KDLossConfig):
+    """The distillation loss (every :class:`KDLossConfig` field) plus where the teacher signal comes from."""
+
+    mode: str = "online"
+    """online: run the teacher (teacher.load) in this job on the same TP/PP grid; offline: read
+    sparse top-k targets from kd.logits_store (needs indexed data); none: no teacher, plain LM
+    loss (the baseline a KD run is compared with)."""
+    logits_store: Optional[str] = None
+    """offline: directory of a teacher-logits store (`megatron-kd logits`) computed on data.prefixes."""
+    logits_top_k: Optional[int] = None
+    """offline: use at most this many stored entries per token (None = all the store keeps)."""
+    intermediate: list[IntermediatePair] = field(default_factory=list)
+    """online: extra losses between chosen student and teacher layer outputs (a learned linear
+    projection maps student width to teacher width when they differ). Any pipeline stage."""
+    intermediate_weight: float = 1.0
+    """Weight of the summed intermediate losses inside the KD term: KD = logits + w * intermediate."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"kd.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.logits_top_k is not None and self.logits_top_k < 1:
+            raise ValueError(f"kd.logits_top_k={self.logits_top_k} must be >= 1 or null")
+        if self.intermediate_weight < 0:
+            raise ValueError(f"kd.intermediate_weight={self.intermediate_weight} must be >= 0")
+        for i, pair in enumerate(self.intermediate):
+            if pair.loss not in INTERMEDIATE_LOSSES:
+                raise ValueError(f"kd.intermediate[{i}].loss={pair.loss!r} is not one of "
+                                 f"{', '.join(INTERMEDIATE_LOSSES)}")
+
+
+@dataclass
+class DistillConfig(PretrainConfig):
+    """Everything `megatron-kd distill` needs: the student's pretrain config + teacher + kd."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The frozen teacher (online mode)."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Distillation mode and loss."""
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "latest").is_file()
+
+
+def validate_kd_settings(cfg: DistillConfig) -> None:
+    """One-line ``ValueError``/``FileNotFoundError`` for inconsistent teacher/kd settings (no I/O
+    beyond checking that the named paths exist)."""
+    kd, teacher = cfg.kd, cfg.teacher
+    if teacher.dtype is not None and teacher.dtype not in TEACHER_DTYPES:
+        raise ValueError(f"teacher.dtype={teacher.dtype!r} must be one of {', '.join(TEACHER_DTYPES)} or null")
+    if kd.mode == "online":
+        if not teacher.load:
+            raise ValueError("kd.mode=online needs teacher.load=<teacher checkpoint dir> "
+                             "(or use kd.mode=offline with a logits store, or kd.mode=none)")
+        path = Path(teacher.load)
+        if _is_hf_dir(path):
+            raise ValueError(f"teacher.load={path} is a Hugging Face model directory: convert it first with "
+                             f"`megatron-kd convert hf-to-mcore {path} <out_dir>` and pass <out_dir>")
+        if not (path / "latest").is_file():
+            raise FileNotFoundError(f"teacher.load={path} holds no megatron-kd checkpoint (no 'latest' file): "
+                                    "pass a directory written by megatron-kd pretrain/distill/convert")
+    elif kd.intermediate:
+        raise ValueError(f"kd.intermediate needs kd.mode=online (got kd.mode={kd.mode}): intermediate layers "
+                         "come from a live teacher")
+    if kd.mode == "offline":
+        if not kd.logits_store:
+            raise ValueError("kd.mode=offline needs kd.logits_store=<store dir> from `megatron-kd logits`")
+        if not Path(kd.logits_store).is_dir():
+            raise FileNotFoundError(f"kd.logits_store={kd.logits_store} does not exist: compute it with "
+                                    "`megatron-kd logits` on the training data")
+        if cfg.data.synthetic or len(cfg.data.prefixes) != 1:
+            raise ValueError("kd.mode=offline needs exactly one indexed dataset in data.prefixes (the one the "
+                             "logits store was computed on), not synthetic data or a blend")
+        if kd.kind not in ("forward_kl", "soft_ce"):
+            raise ValueError(f"kd.kind={kd.kind} is not available with stored sparse targets (offline KD is "
+                             "forward KL over the kept ids): use kd.kind=forward_kl, or kd.mode=online")
+    if kd.mode != "offline" and kd.residual:
+        raise ValueError("kd.residual=true applies to stored sparse targets only: set kd.mode=offline or "
+                         "kd.residual=false")

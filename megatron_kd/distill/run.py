@@ -1,0 +1,191 @@
+"""``megatron-kd distill``: validate, build student (+ teacher), data, resume, train with KD.
+
+:func:`run_distill` is the library entry point of the command (and of ``tools/distill_gpt.py``)::
+
+    cfg = load_config(DistillConfig, "examples/cpu/distill_tiny.yaml", ["kd.alpha=0.9"])
+    result = run_distill(cfg)          # {"iteration", "train": {...}, "valid": {...}, "config"}
+
+The student side reuses the training package unchanged (``prepare_config``,
+``setup_model_and_optimizer``, ``build_data_iterators``, :class:`~megatron_kd.training.Trainer`);
+distillation adds the teacher (:mod:`.teacher`), the pipeline wrapper (:mod:`.pipeline`), the
+forward steps (:mod:`.forward_step`) and :class:`DistillTrainer` (alpha step + teacher timing).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_kd.config import save_config, to_dict
+from megatron_kd.distill.config import DistillConfig, validate_kd_settings
+from megatron_kd.distill.forward_step import DistillForwardStep, KDState
+from megatron_kd.distill.pipeline import DistillationModel, install_schedule_hooks, make_adjust_tensor_shapes_fn
+from megatron_kd.distill.teacher import TeacherSpec, inspect_teacher, load_teacher, student_padded_vocab
+from megatron_kd.losses import alpha_at
+from megatron_kd.models.config import ModelConfig
+from megatron_kd.runtime.distributed import destroy_distributed, init_distributed, is_main_process, set_seed
+from megatron_kd.training.checkpoint import read_checkpoint_meta
+from megatron_kd.training.loop import Trainer, resume_dir
+from megatron_kd.training.model_setup import setup_model_and_optimizer
+from megatron_kd.training.pretrain import build_data_iterators, prepare_config
+
+IteratorFactories = tuple[Callable[[int], Iterator], Optional[Callable[[], Iterator]]]
+
+
+class DistillTrainer(Trainer):
+    """The training loop plus KD bookkeeping: sets the alpha-schedule step before every optimizer
+    step and adds ``teacher_time_s`` / ``student_time_s`` / ``teacher_time_frac`` to the step
+    metrics (online; this rank's teacher forwards vs. the rest of the step)."""
+
+    def __init__(self, *args: Any, kd_state: KDState, distill_model: DistillationModel | None = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kd_state, self.distill_model = kd_state, distill_model
+
+    def train_step(self, data_iterator: Iterator) -> dict[str, float]:
+        """One optimizer step at alpha(iteration); see :meth:`Trainer.train_step`."""
+        self.kd_state.step = self.iteration
+        if self.distill_model is not None:
+            self.distill_model.timings()  # drop what evaluation accumulated
+        t0 = time.perf_counter()
+        metrics = super().train_step(data_iterator)
+        if self.distill_model is not None:
+            elapsed = time.perf_counter() - t0
+            teacher, _ = self.distill_model.timings()
+            metrics.update(teacher_time_s=round(teacher, 6), student_time_s=round(elapsed - teacher, 6),
+                           teacher_time_frac=round(teacher / elapsed, 4) if elapsed > 0 else float("nan"))
+        return metrics
+
+
+def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec | None]:
+    """Validate ``cfg`` for this launch (one-line errors, nothing built).
+
+    Returns the student's ModelConfig and, online, the teacher's :class:`TeacherSpec` (its
+    checkpoint meta checked against the student: layout, sequence length, vocabulary).
+    """
+    validate_kd_settings(cfg)
+    model_cfg = prepare_config(cfg)
+    spec = None
+    if cfg.kd.mode == "online":
+        spec = inspect_teacher(cfg.teacher.load, model_cfg, cfg.parallel.tensor_parallel,
+                               cfg.parallel.pipeline_parallel, cfg.train.seq_length, cfg.teacher.iteration,
+                               cfg.teacher.tokenizer, cfg.data.tokenizer)
+    elif cfg.kd.mode == "offline":
+        _open_store(cfg)
+    return model_cfg, spec
+
+
+def kd_vocab_size(model_cfg: ModelConfig, spec: TeacherSpec | None) -> int:
+    """Real vocabulary the losses run over (columns beyond are masked on both sides)."""
+    return int(spec.vocab.kd_vocab_size) if spec is not None else model_cfg.vocab_size
+
+
+def _open_store(cfg: DistillConfig):
+    try:
+        from megatron_kd.logits import LogitsStore
+    except ImportError:
+        raise ValueError("kd.mode=offline needs the teacher-logits store package (megatron_kd.logits.LogitsStore), "
+                         "which this installation lacks") from None
+    return LogitsStore(cfg.kd.logits_store)
+
+
+def build_distill_data_iterators(cfg: DistillConfig, model_cfg: ModelConfig) -> IteratorFactories:
+    """``(make_train_iterator(consumed), make_valid_iterator())`` for this DP rank.
+
+    online / none: the pretrain iterators. offline: the training dataset is wrapped so that every
+    sample carries the store's ``target_ids``/``target_logprobs`` aligned with its labels
+    (``TeacherTargetsDataset``, which refuses a store of other data or another tokenizer); the
+    validation split stays plain (held-out LM loss).
+    """
+    if cfg.kd.mode != "offline":
+        return build_data_iterators(cfg, model_cfg)
+    from megatron_kd.data.gpt_dataset import ResumableBatchIterator, build_gpt_datasets
+    from megatron_kd.logits import TeacherTargetsDataset
+    from megatron_kd.training.pretrain import _data_config, _load_tokenizer
+
+    train = cfg.train
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    evals = (train.train_iters // train.eval_interval if train.eval_interval else 0) + 1
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        _data_config(cfg), _load_tokenizer(cfg.data.tokenizer), train.train_iters * train.global_batch_size,
+        evals * train.eval_iters * train.global_batch_size, 0)
+    targets = TeacherTargetsDataset(train_ds, _open_store(cfg), k_max=cfg.kd.logits_top_k, check=True,
+                                    tokenizer=_load_tokenizer(cfg.data.tokenizer))
+
+    def make_train(consumed: int) -> Iterator:
+        return ResumableBatchIterator(targets, train.micro_batch_size, dp_rank, dp_size, consumed_samples=consumed)
+
+    def make_valid() -> Iterator:
+        return ResumableBatchIterator(valid_ds, train.micro_batch_size, dp_rank, dp_size, consumed_samples=0)
+
+    return make_train, (make_valid if valid_ds is not None and train.eval_iters > 0 else None)
+
+
+def build_distill_trainer(cfg: DistillConfig, model_cfg: ModelConfig, spec: TeacherSpec | None) -> DistillTrainer:
+    """Student (+ optimizer, scheduler), frozen teacher and wrapper, forward steps, trainer.
+
+    Requires :func:`init_distributed` and seeding. Does not resume (call ``trainer.resume()``).
+    """
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    source, _ = resume_dir(cfg.checkpoint)
+    resume_padded = read_checkpoint_meta(source)["padded_vocab_size"] if source is not None else None
+    padded = student_padded_vocab(spec, model_cfg, tp, resume_padded) if spec is not None else resume_padded
+    chunks, optimizer, scheduler = setup_model_and_optimizer(model_cfg, cfg.parallel, cfg.optim, cfg.train.train_iters,
+                                                             padded_vocab_size=padded)
+    distill_model, adjust = None, None
+    if spec is not None:
+        teacher = load_teacher(spec, cfg.teacher.dtype or cfg.optim.precision)
+        distill_model = DistillationModel(chunks[0], teacher, model_cfg.hidden_size, spec.model_config.hidden_size)
+        install_schedule_hooks(distill_model)
+        chunks = [distill_model]
+        if pp > 1:
+            adjust = make_adjust_tensor_shapes_fn(spec.model_config.hidden_size)
+    state = KDState(0, cfg.train.train_iters)
+    vocab = kd_vocab_size(model_cfg, spec)
+    step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state)
+    valid_step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state, evaluation=True)
+
+    def extra_state() -> dict[str, Any]:
+        # alpha is a function of the iteration, which the checkpoint restores: recorded for reference.
+        return {"kd_mode": cfg.kd.mode, "kd_step": trainer.iteration,
+                "kd_alpha": alpha_at(cfg.kd, trainer.iteration, cfg.train.train_iters)}
+
+    trainer = DistillTrainer(chunks, optimizer, scheduler, step, model_cfg, cfg.train, cfg.checkpoint, cfg.logging,
+                             valid_forward_step_func=valid_step, adjust_tensor_shapes_fn=adjust,
+                             extra_state=extra_state, tokenizer=cfg.data.tokenizer, desc=f"distill[{cfg.kd.mode}]",
+                             kd_state=state, distill_model=distill_model)
+    return trainer
+
+
+def run_distill(cfg: DistillConfig, data: IteratorFactories | None = None) -> dict[str, Any]:
+    """Run (or resume) distillation; returns the final metrics (see :meth:`Trainer.fit`).
+
+    ``data`` replaces the data iterators built from ``cfg.data`` (tests, custom pipelines): a pair
+    ``(make_train_iterator(consumed_samples), make_valid_iterator or None)``; offline batches must
+    then carry ``target_ids``/``target_logprobs``.
+    """
+    model_cfg, spec = prepare_distill_config(cfg)
+    init_distributed(cfg.parallel)
+    try:
+        set_seed(cfg.train.seed)
+        trainer = build_distill_trainer(cfg, model_cfg, spec)
+        make_train, make_valid = data if data is not None else build_distill_data_iterators(cfg, model_cfg)
+        if cfg.checkpoint.save and is_main_process():
+            Path(cfg.checkpoint.save).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, Path(cfg.checkpoint.save) / "distill_config.yaml")
+        if is_main_process():
+            teacher = (f"teacher {spec.path} ({spec.model_config.num_parameters() / 1e6:.2f}M, "
+                       f"{cfg.teacher.dtype or cfg.optim.precision})" if spec else "no teacher")
+            print(f"distill[{cfg.kd.mode}]: student {model_cfg.num_parameters() / 1e6:.2f}M parameters, {teacher}, "
+                  f"TP {cfg.parallel.tensor_parallel} PP {cfg.parallel.pipeline_parallel}, kd.kind={cfg.kd.kind} "
+                  f"T={cfg.kd.temperature} alpha={cfg.kd.alpha} ({cfg.kd.alpha_schedule})", flush=True)
+        trainer.resume()
+        result = trainer.fit(make_train, make_valid)
+        result["config"] = to_dict(cfg)
+        return result
+    finally:
+        destroy_distributed()
