@@ -62,9 +62,9 @@ def _model(layers: int, hidden: int, heads: int, groups: int, ffn: int) -> dict:
 
 SIZES: dict[str, QuickstartSize] = {
     "tiny": QuickstartSize(
-        name="tiny", max_docs=300, vocab_size=1024, seq_length=128,
-        teacher=_model(4, 128, 4, 2, 352), reference=_model(1, 64, 2, 1, 176), student=_model(1, 64, 2, 1, 176),
-        teacher_iters=150, reference_iters=40, student_iters=60, global_batch_size=16, micro_batch_size=16,
+        name="tiny", max_docs=100, vocab_size=1024, seq_length=128,
+        teacher=_model(3, 128, 4, 2, 352), reference=_model(1, 64, 2, 1, 176), student=_model(1, 64, 2, 1, 176),
+        teacher_iters=120, reference_iters=30, student_iters=50, global_batch_size=16, micro_batch_size=16,
         teacher_lr=4e-3, student_lr=4e-3, eval_docs=60, top_k=16,
     ),
     "full": QuickstartSize(
