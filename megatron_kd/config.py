@@ -124,6 +124,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def build_config(cls: type[T], data: dict[str, Any]) -> T:
+    """Build the dataclass tree ``cls`` from a nested dict (same checks as :func:`load_config`)."""
+    return _build(cls, data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides."""
     data: dict[str, Any] = {}

@@ -1,0 +1,243 @@
+"""``megatron-kd quickstart``: every stage of the pipeline, in one process, on the demo corpus.
+
+corpus -> split (train / reference / held-out) -> SentencePiece tokenizer -> indexed datasets ->
+teacher + reference LM (pretrain) -> MiniPLM score + select -> offline teacher logits -> five
+students on the same token budget (no KD, online KD, offline top-k KD, MiniPLM data, MiniPLM + KD)
+-> held-out evaluation -> ``report.md`` / ``report.json`` / plots.
+
+Each stage writes a marker ``stages/<name>.json`` when it completes; a rerun with the same
+``--out`` skips completed stages, so an interrupted quickstart resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_kd.config import build_config
+from megatron_kd.quickstart.sizes import SIZES, QuickstartSize
+from megatron_kd.utils.io import read_json, write_json_atomic
+
+STUDENTS = [
+    ("no_kd", "No KD (plain LM loss)"),
+    ("online_kd", "Online KD (teacher in the job, forward KL)"),
+    ("offline_kd", "Offline top-k KD (stored teacher logits)"),
+    ("miniplm", "MiniPLM data (difference-sampled corpus), no KD"),
+    ("miniplm_kd", "MiniPLM data + online KD"),
+]
+
+
+class Quickstart:
+    """State of one quickstart run under ``out``; :meth:`run` executes the stages in order."""
+
+    def __init__(self, out: str | Path, size: QuickstartSize, seed: int = 1234, log: Callable[[str], None] = print):
+        self.out = Path(out)
+        self.size = size
+        self.seed = seed
+        self.log = log
+        self.data = self.out / "data"
+        self.ckpt = self.out / "checkpoints"
+        self.stage_dir = self.out / "stages"
+        self.results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ stage bookkeeping
+    def _stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        marker = self.stage_dir / f"{name}.json"
+        if marker.is_file():
+            result = read_json(marker, "stage marker")
+            self.log(f"[quickstart] {name}: done earlier ({result.get('seconds', 0):.1f} s), skipped")
+        else:
+            self.log(f"[quickstart] {name}: running")
+            t0 = time.perf_counter()
+            result = fn()
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            write_json_atomic(marker, result)
+            self.log(f"[quickstart] {name}: finished in {result['seconds']:.1f} s")
+        self.results[name] = result
+        return result
+
+    # ------------------------------------------------------------------ data
+    def corpus(self) -> dict[str, Any]:
+        from megatron_kd.data.demo_corpus import build_demo_corpus
+
+        stats = build_demo_corpus(str(self.data / "corpus.jsonl"), max_docs=self.size.max_docs)
+        splits = {"train": [], "reference": [], "heldout": []}
+        with open(self.data / "corpus.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                doc = json.loads(line)
+                # A stable per-document bucket: 10% reference-LM slice, 5% held-out, 85% train.
+                bucket = int(hashlib.sha1(doc["text"].encode("utf-8")).hexdigest()[:8], 16) % 100
+                name = "reference" if bucket < 10 else "heldout" if bucket < 15 else "train"
+                splits[name].append(line)
+        counts = {}
+        for name, lines in splits.items():
+            from megatron_kd.utils.io import atomic_write
+
+            with atomic_write(self.data / f"{name}.jsonl") as fh:
+                fh.writelines(lines)
+            counts[name] = len(lines)
+        return {"documents": stats["num_documents"], "bytes": stats["num_bytes"], "domains": stats["num_domains"],
+                "split_documents": counts, "sha256": stats["sha256"]}
+
+    def tokenizer(self) -> dict[str, Any]:
+        from megatron_kd.data.tokenizers import train_sentencepiece
+
+        def texts():
+            with open(self.data / "train.jsonl", encoding="utf-8") as fh:
+                for line in fh:
+                    yield json.loads(line)["text"]
+
+        tok = train_sentencepiece(texts(), self.size.vocab_size, str(self.out / "tokenizer" / "spm"))
+        return {"path": str(self.out / "tokenizer" / "spm.model"), "vocab_size": tok.vocab_size,
+                "identity": tok.identity}
+
+    def preprocess(self) -> dict[str, Any]:
+        from megatron_kd.data.preprocess import preprocess
+
+        out = {}
+        for name in ("train", "reference", "heldout"):
+            manifest = preprocess([str(self.data / f"{name}.jsonl")], str(self.data / name), self.tokenizer_path,
+                                  json_keys=("text",), append_eod=True, workers=1, overwrite=True, progress=False)
+            out[name] = {"prefix": self.prefix(name), "documents": manifest["num_documents"],
+                         "tokens": manifest["num_tokens"]}
+        return out
+
+    @property
+    def tokenizer_path(self) -> str:
+        return str(self.out / "tokenizer" / "spm.model")
+
+    def prefix(self, name: str) -> str:
+        """Indexed-dataset prefix of a split (``train``, ``reference``, ``heldout``, ``miniplm``)."""
+        return str(self.data / f"{name}_text_document")
+
+    # ------------------------------------------------------------------ training runs
+    def _train_config(self, model: dict, prefix: str, iters: int, lr: float, save: Path) -> dict[str, Any]:
+        s = self.size
+        return {
+            "model": {**model, "vocab_size": self.results["tokenizer"]["vocab_size"]},
+            "data": {"prefixes": [prefix], "tokenizer": self.tokenizer_path, "split": "100,0,0",
+                     "cache_dir": str(self.data / "index_cache")},
+            "train": {"micro_batch_size": s.micro_batch_size, "global_batch_size": s.global_batch_size,
+                      "seq_length": s.seq_length, "train_iters": iters, "log_interval": max(1, iters // 10),
+                      "seed": self.seed},
+            "optim": {"lr": lr, "min_lr": lr / 10, "lr_schedule": "wsd", "warmup_fraction": 0.05,
+                      "wsd_decay_fraction": 0.2, "weight_decay": 0.1, "clip_grad": 1.0},
+            "checkpoint": {"save": str(save), "save_interval": 0},
+            "logging": {"metrics_path": str(save / "metrics.jsonl"), "quiet": True},
+        }
+
+    def _pretrain(self, model: dict, prefix: str, iters: int, lr: float, name: str) -> dict[str, Any]:
+        from megatron_kd.training.config import PretrainConfig
+        from megatron_kd.training.pretrain import run_pretrain
+
+        save = self.ckpt / name
+        cfg = build_config(PretrainConfig, self._train_config(model, prefix, iters, lr, save))
+        t0 = time.perf_counter()
+        result = run_pretrain(cfg)
+        return {"checkpoint": str(save), "wall_time_s": round(time.perf_counter() - t0, 2),
+                "iterations": result["iteration"], "metrics": str(save / "metrics.jsonl"),
+                "tokens": iters * self.size.global_batch_size * self.size.seq_length}
+
+    def _distill(self, name: str, prefix: str, mode: str) -> dict[str, Any]:
+        from megatron_kd.distill.config import DistillConfig
+        from megatron_kd.distill.run import run_distill
+
+        s = self.size
+        save = self.ckpt / name
+        data = self._train_config(s.student, prefix, s.student_iters, s.student_lr, save)
+        data["teacher"] = {"load": self.results["teacher"]["checkpoint"]}
+        data["kd"] = {"mode": mode, "kind": "forward_kl", "temperature": s.kd_temperature, "alpha": s.kd_alpha,
+                      "alpha_schedule": "constant"}
+        if mode == "offline":
+            data["kd"]["logits_store"] = self.results["logits"]["store"]
+        cfg = build_config(DistillConfig, data)
+        t0 = time.perf_counter()
+        result = run_distill(cfg)
+        return {"checkpoint": str(save), "wall_time_s": round(time.perf_counter() - t0, 2),
+                "iterations": result["iteration"], "metrics": str(save / "metrics.jsonl"),
+                "tokens": s.student_iters * s.global_batch_size * s.seq_length, "config": data["kd"]}
+
+    def teacher(self) -> dict[str, Any]:
+        s = self.size
+        return self._pretrain(s.teacher, self.prefix("train"), s.teacher_iters, s.teacher_lr, "teacher")
+
+    def reference(self) -> dict[str, Any]:
+        s = self.size
+        return self._pretrain(s.reference, self.prefix("reference"), s.reference_iters, s.teacher_lr, "reference")
+
+    # ------------------------------------------------------------------ MiniPLM and logits
+    def miniplm(self) -> dict[str, Any]:
+        from megatron_kd.miniplm.score import ScoreConfig, score_corpus
+        from megatron_kd.miniplm.select import SelectConfig, select_corpus
+
+        scores = self.out / "miniplm" / "scores"
+        score_corpus(ScoreConfig(teacher=self.results["teacher"]["checkpoint"],
+                                 reference=self.results["reference"]["checkpoint"], data=self.prefix("train"),
+                                 out=str(scores), chunk_length=self.size.seq_length, overwrite=True))
+        report = select_corpus(SelectConfig(scores=str(scores), alpha=self.size.miniplm_alpha,
+                                            out=self.prefix("miniplm"), overwrite=True))
+        return {"scores": str(scores), "prefix": self.prefix("miniplm"), "report": report}
+
+    def logits(self) -> dict[str, Any]:
+        from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+
+        store = self.out / "logits_store"
+        summary = precompute_logits(PrecomputeConfig(
+            teacher=self.results["teacher"]["checkpoint"], data=self.prefix("train"), out=str(store),
+            top_p=self.size.top_p, top_k=self.size.top_k, seq_length=self.size.seq_length))
+        return {"store": str(store), "summary": summary}
+
+    # ------------------------------------------------------------------ students and evaluation
+    def student(self, name: str) -> dict[str, Any]:
+        s = self.size
+        if name == "no_kd":
+            return self._pretrain(s.student, self.prefix("train"), s.student_iters, s.student_lr, name)
+        if name == "online_kd":
+            return self._distill(name, self.prefix("train"), "online")
+        if name == "offline_kd":
+            return self._distill(name, self.prefix("train"), "offline")
+        if name == "miniplm":
+            return self._pretrain(s.student, self.results["miniplm"]["prefix"], s.student_iters, s.student_lr, name)
+        if name == "miniplm_kd":
+            return self._distill(name, self.results["miniplm"]["prefix"], "online")
+        raise ValueError(f"unknown student {name!r}")
+
+    def evaluate(self) -> dict[str, Any]:
+        from megatron_kd.evaluation.lm_loss import evaluate_checkpoint_lm_loss
+
+        out = {}
+        runs = ["teacher", "reference"] + [name for name, _ in STUDENTS]
+        for name in runs:
+            res = evaluate_checkpoint_lm_loss(self.results[name]["checkpoint"], self.prefix("heldout"),
+                                              seq_length=self.size.seq_length, max_documents=self.size.eval_docs,
+                                              tokenizer=self.tokenizer_path)
+            out[name] = {k: res[k] for k in ("loss", "ppl", "tokens") if k in res}
+            if "bits_per_byte" in res:
+                out[name]["bits_per_byte"] = res["bits_per_byte"]
+        return out
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) every stage; write the report; return report.json's content."""
+        from megatron_kd.quickstart.report import write_report
+
+        t0 = time.perf_counter()
+        self._stage("corpus", self.corpus)
+        self._stage("tokenizer", self.tokenizer)
+        self._stage("preprocess", self.preprocess)
+        self._stage("teacher", self.teacher)
+        self._stage("reference", self.reference)
+        self._stage("miniplm", self.miniplm)
+        self._stage("logits", self.logits)
+        for name, _ in STUDENTS:
+            self._stage(name, lambda name=name: self.student(name))
+        self._stage("evaluate", self.evaluate)
+        return write_report(self, time.perf_counter() - t0)
+
+
+def run_quickstart(out: str | Path, size: str = "full", seed: int = 1234) -> dict[str, Any]:
+    """Run the whole pipeline under ``out`` at ``size`` (``tiny`` | ``full``); return the report."""
+    if size not in SIZES:
+        raise ValueError(f"--size {size!r}: choose one of {sorted(SIZES)}")
+    return Quickstart(out, SIZES[size], seed).run()

@@ -1,0 +1,76 @@
+"""Quickstart sizes: how big each model is and how long each stage runs.
+
+``full`` aims at <= 10 minutes on a 2-core CPU, ``tiny`` at <= 3 minutes (CI smoke use). Both keep
+the teacher clearly stronger than the students (2x deeper, 2x wider, more tokens), so that
+distillation has something to transfer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class QuickstartSize:
+    """Sizes and budgets of one quickstart run."""
+
+    name: str
+    """Size name (``tiny`` | ``full``)."""
+    max_docs: int | None
+    """Demo-corpus documents to use (None = all)."""
+    vocab_size: int
+    """SentencePiece BPE vocabulary trained on the corpus."""
+    seq_length: int
+    """Training / teacher window length in tokens."""
+    teacher: dict = field(default_factory=dict)
+    """Teacher ModelConfig fields."""
+    reference: dict = field(default_factory=dict)
+    """MiniPLM reference-model ModelConfig fields (small, trained on a held-out slice)."""
+    student: dict = field(default_factory=dict)
+    """Student ModelConfig fields (the same for all five students)."""
+    teacher_iters: int = 200
+    """Teacher optimizer steps."""
+    reference_iters: int = 100
+    """Reference-model optimizer steps."""
+    student_iters: int = 100
+    """Optimizer steps of every student (same token budget for all)."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass."""
+    teacher_lr: float = 3e-3
+    """Peak learning rate of the teacher and the reference model."""
+    student_lr: float = 3e-3
+    """Peak learning rate of the students."""
+    eval_docs: int = 200
+    """Held-out documents for the final evaluation (None = all)."""
+    kd_alpha: float = 0.5
+    """Weight of the KD term: (1-α)·LM + α·KD."""
+    kd_temperature: float = 1.0
+    """KD temperature."""
+    miniplm_alpha: float = 0.5
+    """Fraction of instances MiniPLM keeps."""
+    top_k: int = 16
+    """Offline store cap on kept ids per token (after top-p)."""
+    top_p: float = 0.95
+    """Offline store nucleus mass."""
+
+
+def _model(layers: int, hidden: int, heads: int, groups: int, ffn: int) -> dict:
+    return dict(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
+                ffn_hidden_size=ffn, tie_embeddings=True, max_position_embeddings=1024)
+
+
+SIZES: dict[str, QuickstartSize] = {
+    "tiny": QuickstartSize(
+        name="tiny", max_docs=100, vocab_size=1024, seq_length=128,
+        teacher=_model(3, 128, 4, 2, 352), reference=_model(1, 64, 2, 1, 176), student=_model(1, 64, 2, 1, 176),
+        teacher_iters=120, reference_iters=30, student_iters=50, global_batch_size=16, micro_batch_size=16,
+        teacher_lr=4e-3, student_lr=4e-3, eval_docs=60, top_k=16,
+    ),
+    "full": QuickstartSize(
+        name="full", max_docs=None, vocab_size=4096, seq_length=128,
+        teacher=_model(4, 256, 8, 4, 704), reference=_model(2, 128, 4, 2, 352), student=_model(2, 128, 4, 2, 352),
+        teacher_iters=300, reference_iters=100, student_iters=150, global_batch_size=16, micro_batch_size=16,
+        teacher_lr=2e-3, student_lr=3e-3, eval_docs=300, top_k=32,
+    ),
+}
