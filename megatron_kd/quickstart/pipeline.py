@@ -24,7 +24,7 @@ STUDENTS = [
     ("no_kd", "No KD (plain LM loss)"),
     ("online_kd", "Online KD (teacher in the job, forward KL)"),
     ("offline_kd", "Offline top-k KD (stored teacher logits)"),
-    ("miniplm", "MiniPLM data (difference-sampled corpus), no KD"),
+    ("miniplm_data", "MiniPLM data (difference-sampled corpus), no KD"),
     ("miniplm_kd", "MiniPLM data + online KD"),
 ]
 
@@ -198,7 +198,7 @@ class Quickstart:
             return self._distill(name, self.prefix("train"), "online")
         if name == "offline_kd":
             return self._distill(name, self.prefix("train"), "offline")
-        if name == "miniplm":
+        if name == "miniplm_data":
             return self._pretrain(s.student, self.results["miniplm"]["prefix"], s.student_iters, s.student_lr, name)
         if name == "miniplm_kd":
             return self._distill(name, self.results["miniplm"]["prefix"], "online")

@@ -21,7 +21,7 @@ def test_quickstart_tiny_report(tmp_path):
                 "students", "conclusions", "stages"):
         assert key in report, key
     students = {s["name"]: s for s in report["students"]}
-    assert set(students) == {"no_kd", "online_kd", "offline_kd", "miniplm", "miniplm_kd"}
+    assert set(students) == {"no_kd", "online_kd", "offline_kd", "miniplm_data", "miniplm_kd"}
     budgets = {s["train_tokens"] for s in students.values()}
     assert len(budgets) == 1, "every student must get the same token budget"
     assert report["teacher"]["heldout_loss"] < students["no_kd"]["heldout_loss"]
