@@ -63,9 +63,22 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
         p.start()
     results: dict[int, Any] = {}
     errors = []
+    import queue as queue_mod
+    import time
+
+    deadline = time.monotonic() + timeout
     try:
         for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
+            while True:
+                try:
+                    rank, status, payload = queue.get(timeout=2.0)
+                    break
+                except queue_mod.Empty:
+                    dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise AssertionError(f"worker(s) died without a result (rank, exit code): {dead}") from None
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"workers gave no result within {timeout:.0f} s") from None
             if status == "ok":
                 import torch
 
