@@ -21,6 +21,7 @@ Both :class:`DistillationLoss` and :func:`lm_loss_func` return what a megatron-c
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional
 
 import torch
@@ -33,9 +34,8 @@ from megatron_kd.losses.sparse import sparse_kd_loss
 
 
 def _megatron_tp_active() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.model_parallel_is_initialized()
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # not imported: not initialised
+    return parallel_state is not None and parallel_state.model_parallel_is_initialized()
 
 
 def lm_per_token(logits: torch.Tensor, labels: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -116,7 +116,7 @@ class DistillationLoss:
         """Args (leading shape ``[...]`` = e.g. [s, b] or [b, s], the same for all):
 
         student_logits: [..., V/tp] vocab-parallel student logits (padded columns -inf).
-        labels: [...] next-token ids; loss_mask: [...] 1 = train on this token.
+        labels: [...] next-token ids; loss_mask: [...] 1 (any nonzero) = train on this token.
         teacher_logits: [..., V/tp] dense teacher logits (online teacher), or
         target_ids / target_logprobs: [..., k] sparse stored targets (-1 = padding).
         step / total_steps: drive the alpha schedule (0-based optimizer step).

@@ -59,14 +59,19 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def _mask_absent(S: torch.Tensor, Tt: torch.Tensor, ws: Workspace) -> torch.Tensor:
-    """Set columns that are -inf on either side to :data:`ABSENT` on both; return that mask."""
+def _mask_absent(S: torch.Tensor, Tt: torch.Tensor, ws: Workspace) -> Optional[torch.Tensor]:
+    """Set columns that are -inf on either side to :data:`ABSENT` on both; return that mask.
+
+    Returns None, building no mask, when neither chunk holds a -inf (two min-reductions; on CPU
+    only - on GPUs the test would be a host sync, so the mask is always built there).
+    """
+    if S.device.type == "cpu" and bool(S.amin() > float("-inf")) and bool(Tt.amin() > float("-inf")):
+        return None
     n = S.shape[0]
     absent = torch.isneginf(S, out=ws.get("absent", n, torch.bool))
     absent |= torch.isneginf(Tt, out=ws.get("absent_t", n, torch.bool))
-    if S.device.type != "cpu" or absent.any():  # on GPUs skip the test: no host sync
-        S.masked_fill_(absent, ABSENT)
-        Tt.masked_fill_(absent, ABSENT)
+    S.masked_fill_(absent, ABSENT)
+    Tt.masked_fill_(absent, ABSENT)
     return absent
 
 
@@ -107,18 +112,18 @@ def _kl_family(kind: str, S, Tt, tp: TPContext, need_grad: bool, out, inv_t: flo
     zs, zt = z[0], z[1]
     lzs, lzt = zs.log(), zt.log()
     target = Es if out is None else out
-    if kind == "reverse_kl":
-        qd = all_reduce_(_dot(Es, D) / zs, tp)
+    if kind == "reverse_kl":  # Et is only needed for its sum: reuse it for the product
+        qd = all_reduce_(torch.mul(Es, D, out=Et).sum(-1) / zs, tp)
         loss = lzt - lzs - qd
         if not need_grad:
             return loss, None
         D.sub_(qd.unsqueeze(-1)).mul_((-inv_t / zs).unsqueeze(-1))  # (sum q D - D) / (T zs)
         return loss, torch.mul(Es, D, out=target)
-    if kind == "soft_ce":  # D holds the shifted student logits here
-        loss = lzs - all_reduce_(_dot(Et, D) / zt, tp)
-        loss = torch.where(mx[0] > ABSENT, loss, 0.0)  # all columns absent: 0, not log V
+    part = all_reduce_(D.mul_(Et).sum(-1) / zt, tp)  # D is dead after this dot product
+    if kind == "soft_ce":  # D held the shifted student logits
+        loss = torch.where(mx[0] > ABSENT, lzs - part, 0.0)  # all columns absent: 0, not log V
     else:
-        loss = all_reduce_(_dot(Et, D) / zt, tp) - lzt + lzs
+        loss = part - lzt + lzs
     if not need_grad:
         return loss, None
     torch.mul(Es, (inv_t / zs).unsqueeze(-1), out=target)  # q / T
@@ -175,9 +180,11 @@ def _tvd(S, Tt, tp: TPContext, need_grad: bool):
     return 0.5 * red[0], grad
 
 
-def _mse(S, Tt, absent: torch.Tensor, tp: TPContext, need_grad: bool):
+def _mse(S, Tt, absent: Optional[torch.Tensor], tp: TPContext, need_grad: bool):
     d = S.sub_(Tt)
-    present = S.shape[-1] - absent.sum(-1).to(S.dtype)
+    present = torch.full(S.shape[:1], float(S.shape[-1]), dtype=S.dtype, device=S.device)
+    if absent is not None:
+        present -= absent.sum(-1).to(S.dtype)
     red = all_reduce_(torch.stack((_dot(d, d), present)), tp)
     count = red[1].clamp_min(1.0)
     grad = d.mul_((2.0 / count).unsqueeze(-1)) if need_grad else None
