@@ -96,7 +96,11 @@ def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec
                                cfg.teacher.tokenizer, cfg.data.tokenizer)
         resolve_pairs(cfg.kd.intermediate, model_cfg, spec.model_config, cfg.parallel.pipeline_parallel)
     elif cfg.kd.mode == "offline":
-        _open_store(cfg)
+        store = _open_store(cfg)
+        if cfg.train.seq_length > store.seq_length:
+            raise ValueError(f"train.seq_length={cfg.train.seq_length} exceeds the logits store's teacher window "
+                             f"{store.seq_length}: train with shorter sequences or recompute the store")
+        store.check_compatible(cfg.data.prefixes[0])  # computed on this very dataset (tokenizer: at data build)
     return model_cfg, spec
 
 
