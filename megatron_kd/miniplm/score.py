@@ -74,6 +74,17 @@ def _model_identity(meta: dict[str, Any]) -> dict[str, Any]:
             "vocab_size": meta["model_config"]["vocab_size"]}
 
 
+def checkpoint_tokenizer(ckpt_dir: str | Path, meta: dict[str, Any]) -> str | None:
+    """``meta["tokenizer"]`` resolved against the checkpoint directory when it is relative and
+    exists there (``convert hf-to-mcore`` copies the tokenizer to ``CKPT/tokenizer``)."""
+    ref = meta.get("tokenizer")
+    if not ref:
+        return None
+    if not Path(ref).is_absolute() and (Path(ckpt_dir) / ref).exists():
+        return str((Path(ckpt_dir) / ref).resolve())
+    return ref
+
+
 def _tokenizer_identity(ref: str | None) -> str | None:
     """A tokenizer reference's content identity when the data package can load it, else the ref."""
     if ref is None:
@@ -107,8 +118,11 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     r_meta = read_checkpoint_meta(cfg.reference)
     tv, rv = t_meta["model_config"]["vocab_size"], r_meta["model_config"]["vocab_size"]
     if tv != rv:
-        raise ValueError(f"teacher vocab_size {tv} != reference vocab_size {rv}: both models must use the same tokenizer")
-    tt, rt = t_meta.get("tokenizer"), r_meta.get("tokenizer")
+        raise ValueError(f"teacher vocab_size {tv} != reference vocab_size {rv}: both models must use the same "
+                         f"tokenizer and vocabulary (train the reference with model.vocab_size={tv})")
+    t_meta["tokenizer"] = checkpoint_tokenizer(cfg.teacher, t_meta)
+    r_meta["tokenizer"] = checkpoint_tokenizer(cfg.reference, r_meta)
+    tt, rt = t_meta["tokenizer"], r_meta["tokenizer"]
     if tt and rt and tt != rt and _tokenizer_identity(tt) != _tokenizer_identity(rt):
         raise ValueError(f"teacher tokenizer {tt!r} differs from reference tokenizer {rt!r}: "
                          "train the reference model with the teacher's tokenizer")

@@ -179,17 +179,32 @@ def test_input_errors_are_one_line(runs, tmp_path, capsys):
     assert "no 'latest' file" in err[0] and "not found" in err[1] and "max_position_embeddings" in err[3]
 
 
-def test_tokenizer_mismatch_is_refused(runs, tmp_path):
+def _with_tokenizer(src, dst, ref):
     import shutil
 
-    from megatron_kd.miniplm.score import ScoreConfig, check_inputs
     from megatron_kd.utils.io import read_json, write_json_atomic
 
-    other = tmp_path / "reference"
-    shutil.copytree(runs["reference"], other)
-    meta_path = next(other.glob("iter_*")) / "meta.json"
+    shutil.copytree(src, dst)
+    meta_path = next(dst.glob("iter_*")) / "meta.json"
     meta = read_json(meta_path)
-    meta["tokenizer"] = "another-tokenizer"
+    meta["tokenizer"] = ref
     write_json_atomic(meta_path, meta)
+    return str(dst)
+
+
+def test_tokenizer_mismatch_is_refused(runs, tmp_path):
+    from megatron_kd.miniplm.score import ScoreConfig, check_inputs
+
+    # convert hf-to-mcore copies the tokenizer into CKPT/tokenizer and records it relatively
+    teacher = _with_tokenizer(runs["teacher"], tmp_path / "teacher", "tokenizer")
+    (tmp_path / "teacher" / "tokenizer").mkdir()
+    same = _with_tokenizer(runs["reference"], tmp_path / "ref_same", str(tmp_path / "teacher" / "tokenizer"))
+    other = _with_tokenizer(runs["reference"], tmp_path / "ref_other", "another-tokenizer")
+    data = make_dataset(tmp_path / "d", random_docs(3, 4, 9), tokenizer=None)
+    t_meta, r_meta, _ = check_inputs(ScoreConfig(teacher=teacher, reference=same, data=data, out="x", chunk_length=CHUNK))
+    assert t_meta["tokenizer"] == r_meta["tokenizer"] == str((tmp_path / "teacher" / "tokenizer").resolve())
     with pytest.raises(ValueError, match="differs from reference tokenizer"):
-        check_inputs(ScoreConfig(teacher=runs["teacher"], reference=str(other), data=runs["data"], out="x"))
+        check_inputs(ScoreConfig(teacher=teacher, reference=other, data=data, out="x", chunk_length=CHUNK))
+    with pytest.raises(ValueError, match="was tokenized with"):  # data from another tokenizer
+        check_inputs(ScoreConfig(teacher=runs["teacher"], reference=runs["reference"],
+                                 data=make_dataset(tmp_path / "d2", random_docs(3, 4, 9), tokenizer="gpt2"), out="x", chunk_length=CHUNK))
