@@ -86,7 +86,9 @@ def write_report(qs, total_seconds: float) -> dict[str, Any]:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "size": size.name,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-        "total_seconds": round(total_seconds, 1),
+        # Sum of stage times, so a resumed run reports the whole pipeline, not just its last leg.
+        "total_seconds": round(sum(res.get("seconds") or 0.0 for res in r.values()), 1),
+        "this_invocation_seconds": round(total_seconds, 1),
         "stages": {name: res.get("seconds") for name, res in r.items()},
         "corpus": r["corpus"],
         "tokenizer": r["tokenizer"],
