@@ -65,16 +65,20 @@ def init_distributed(parallel: ParallelConfig | None = None, backend: str | None
     parallel = parallel or ParallelConfig()
     cpu.install()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        world_size = int(os.environ["WORLD_SIZE"])
+        launched = "RANK" in os.environ
+        world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
         parallel.validate(world_size)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend=backend)
+        if launched:
+            dist.init_process_group(backend=backend)
+        else:
+            # A private loopback rendezvous, passed explicitly: writing RANK/MASTER_PORT into
+            # os.environ would leak into child processes, which would then think torchrun
+            # launched them and try to bind the same port.
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     else:
         parallel.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
