@@ -94,25 +94,23 @@ def _kl_family(kind: str, S, Tt, smax, tp: TPContext, need_grad: bool, out, inv_
                ws: Workspace):
     """forward_kl, soft_ce, reverse_kl: loss and d loss / d student logits (1/T included).
 
-    The hot path, with three [n, V_local] scratch buffers: the shifted student logits become
-    D = t - s after exp(s) is taken, the teacher's are exponentiated in place, probabilities are
-    never normalised in a separate pass, and the gradient is written straight into ``out`` (the
-    gradient buffer's rows) when given.
+    The hot path. exp(s) goes straight into ``out`` (the gradient buffer's rows, when given), the
+    shifted student logits become D = t - s, the teacher's are exponentiated in place, and the
+    probabilities are never normalised in a separate pass: two [n, V_local] scratch buffers.
     """
-    Es = torch.exp(S, out=ws.get("exp_s", S.shape[0], S.dtype))
+    Es = torch.exp(S, out=ws.get("exp_s", S.shape[0], S.dtype) if out is None else out)
     D = S if kind == "soft_ce" else torch.sub(Tt, S, out=S)  # log p - log q + const per row
     Et = Tt.exp_()
     z = all_reduce_(torch.stack((Es.sum(-1), Et.sum(-1))), tp)
     zs, zt = z[0], z[1]
     lzs, lzt = zs.log(), zt.log()
-    target = Es if out is None else out
     if kind == "reverse_kl":  # Et is only needed for its sum: reuse it for the product
         qd = all_reduce_(torch.mul(Es, D, out=Et).sum(-1) / zs, tp)
         loss = lzt - lzs - qd
         if not need_grad:
             return loss, None
         D.sub_(qd.unsqueeze(-1)).mul_((-inv_t / zs).unsqueeze(-1))  # (sum q D - D) / (T zs)
-        return loss, torch.mul(Es, D, out=target)
+        return loss, Es.mul_(D)
     part = all_reduce_(D.mul_(Et).sum(-1) / zt, tp)  # D is dead after this dot product
     if kind == "soft_ce":  # D held the shifted student logits
         loss = torch.where(smax > ABSENT, lzs - part, 0.0)  # all columns absent: 0, not log V
@@ -120,8 +118,8 @@ def _kl_family(kind: str, S, Tt, smax, tp: TPContext, need_grad: bool, out, inv_
         loss = part - lzt + lzs
     if not need_grad:
         return loss, None
-    torch.mul(Es, (inv_t / zs).unsqueeze(-1), out=target)  # q / T
-    return loss, target.addcmul_(Et, (-inv_t / zt).unsqueeze(-1))  # - p / T
+    Es.mul_((inv_t / zs).unsqueeze(-1))  # q / T
+    return loss, Es.addcmul_(Et, (-inv_t / zt).unsqueeze(-1))  # - p / T
 
 
 def _skew_forward(a: float, S, Tt, tp: TPContext, need_grad: bool):
@@ -274,7 +272,8 @@ def kd_loss(
             skipped entirely (must be identical on all TP ranks).
         tp_group: TP group the vocabulary is split over; ``None``: megatron's TP group when
             model parallel is initialised with TP > 1, else a single process.
-        chunk_size: tokens per chunk; ``None`` picks ~4M elements / V_local. Peak scratch memory
+        chunk_size: tokens per chunk; ``None``: ~4M logits per CPU thread (up to 4), 32M on GPUs
+            (:func:`~megatron_kd.losses.vocab_parallel.auto_chunk`). Peak scratch memory
             is a few [chunk, V_local] fp32 buffers plus one gradient shaped like the logits.
         retain_graph: allow more than one backward through the result (``retain_graph=True``,
             ``torch.autograd.gradcheck``); costs one more logits-sized tensor per backward.
@@ -306,5 +305,6 @@ def kd_loss(
         student_logits.detach().reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab),
         kind, float(temperature), float(skew), float(beta), tp, cdtype,
     )
-    return run_chunked(student_logits, kernel, auto_chunk(vocab, chunk_size), loss_mask, cdtype,
+    chunk = auto_chunk(vocab, chunk_size, student_logits.device)
+    return run_chunked(student_logits, kernel, chunk, loss_mask, cdtype,
                        retain_graph)

@@ -33,9 +33,13 @@ when not None, is the gradient buffer's slice for these rows (same dtype): a ker
 gradient there and return it, saving a copy."""
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-"""Token chunk size target, in elements of one [chunk, V_local] fp32 buffer (16 MiB). Larger
-chunks mean fewer, bigger kernels (less threading overhead); the scratch memory is a few such
-buffers (forward KL: three fp32 and two bool), independent of the number of tokens."""
+"""Token chunk size target on CPU, in logits per chunk (a [chunk, V_local] fp32 buffer of 16 MiB),
+per intra-op thread (up to 4): each kernel should get a few million elements per thread, or the
+fork/join cost of many mid-size kernels shows, badly so on a shared machine. The scratch memory
+is a few such buffers (forward KL: two fp32), independent of the number of tokens."""
+
+CUDA_CHUNK_ELEMENTS = 1 << 25
+"""Token chunk size target on GPUs (128 MiB fp32 buffers): fewer, longer kernels."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +123,21 @@ class Workspace:
         return buf[:rows]
 
 
-def auto_chunk(local_vocab: int, chunk_size: Optional[int]) -> int:
-    """Tokens per chunk: ``chunk_size`` if given, else about ``DEFAULT_CHUNK_ELEMENTS / V_local``."""
+def auto_chunk(local_vocab: int, chunk_size: Optional[int], device: Optional[torch.device] = None) -> int:
+    """Tokens per chunk: ``chunk_size`` if given, else the element budget / V_local.
+
+    The budget is :data:`CUDA_CHUNK_ELEMENTS` on GPUs and :data:`DEFAULT_CHUNK_ELEMENTS` times
+    ``min(torch.get_num_threads(), 4)`` on CPU.
+    """
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk) or None")
         return int(chunk_size)
-    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab))
+    if device is not None and device.type == "cuda":
+        budget = CUDA_CHUNK_ELEMENTS
+    else:
+        budget = DEFAULT_CHUNK_ELEMENTS * min(max(torch.get_num_threads(), 1), 4)
+    return max(1, budget // max(1, local_vocab))
 
 
 def plan_chunks(num_rows: int, chunk: int, mask: Optional[torch.Tensor]) -> Iterator[Rows]:
