@@ -169,8 +169,10 @@ def flat_mask(loss_mask: Optional[torch.Tensor], lead_shape: torch.Size) -> Opti
 class ChunkedLoss(torch.autograd.Function):
     """Per-token loss computed chunk by chunk, with the analytic gradient produced in forward.
 
-    ``forward(student2d, kernel, chunk, mask, out_dtype)``: ``student2d`` is [N, V_local];
-    ``kernel`` computes (loss, grad) for a chunk of rows (see :data:`KernelFn`). The gradient
+    ``forward(student2d, kernel, chunk, mask, out_dtype, retain, want_grad)``: ``student2d`` is
+    [N, V_local]; ``kernel`` computes (loss, grad) for a chunk of rows (see :data:`KernelFn`);
+    ``want_grad`` is False under ``torch.no_grad()`` (inside ``forward`` grad mode is always off
+    and ``needs_input_grad`` does not tell), so no gradient is computed for nothing. The gradient
     buffer (student dtype, [N, V_local]) is the only thing kept for backward, so the peak extra
     memory is one logits-sized tensor plus O(chunk x V_local) scratch. Rows outside ``mask`` get
     loss 0 and gradient 0 and are never computed.
@@ -183,8 +185,8 @@ class ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student2d, kernel, chunk, mask, out_dtype, retain):  # noqa: D102
-        need_grad = bool(ctx.needs_input_grad[0])
+    def forward(ctx, student2d, kernel, chunk, mask, out_dtype, retain, want_grad):  # noqa: D102
+        need_grad = bool(want_grad and ctx.needs_input_grad[0])
         num_rows = student2d.shape[0]
         loss = torch.zeros(num_rows, dtype=out_dtype, device=student2d.device)
         grad = None
@@ -215,12 +217,12 @@ class ChunkedLoss(torch.autograd.Function):
                     "KD loss backward ran twice on one graph: the analytic gradient buffer is "
                     "consumed by the first backward - pass retain_graph=True to the loss function"
                 )
-            return None, None, None, None, None, None
+            return (None,) * 7
         if ctx.retain:
-            return grad * grad_loss.unsqueeze(-1), None, None, None, None, None
+            return (grad * grad_loss.unsqueeze(-1),) + (None,) * 6
         ctx.grad_buffer = None
         grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None, None
+        return (grad,) + (None,) * 6
 
 
 def run_chunked(student: torch.Tensor, kernel: KernelFn, chunk: int,
@@ -230,5 +232,6 @@ def run_chunked(student: torch.Tensor, kernel: KernelFn, chunk: int,
     lead = student.shape[:-1]
     student2d = student.reshape(-1, student.shape[-1])
     mask = flat_mask(loss_mask, lead)
-    loss = ChunkedLoss.apply(student2d, kernel, chunk, mask, out_dtype, bool(retain_graph))
+    want_grad = torch.is_grad_enabled() and student.requires_grad
+    loss = ChunkedLoss.apply(student2d, kernel, chunk, mask, out_dtype, bool(retain_graph), want_grad)
     return loss.view(lead)
