@@ -46,7 +46,7 @@ class KDLossConfig:
     """Sparse targets only: keep the stored top-k mass un-renormalised and match the rest as one
     remainder bucket (needs temperature 1). False = renormalise over the kept ids (PD paper)."""
     chunk_size: Optional[int] = None
-    """Tokens per chunk of the KD kernels; None = about 4M logits per chunk."""
+    """Tokens per chunk of the KD kernels; None = about 4M logits per CPU thread (max 4), 32M on GPUs."""
     ignore_index: int = -100
     """Labels equal to this are excluded (like a 0 in loss_mask) from both LM and KD terms."""
     lm_inplace: bool = False

@@ -71,18 +71,21 @@ def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss_func(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, inplace: bool = False):
     """Plain LM loss in megatron's per-token 3-tuple form (pre-training, the reference LM).
 
     Args:
         logits: [..., V/tp] vocab-parallel student logits (e.g. [s, b, V/tp] or [b, s, V/tp]).
         labels: [...] next-token ids (``ignore_index`` entries are skipped).
         loss_mask: [...] 1 = count this token, 0 = skip.
+        ignore_index: labels equal to it are skipped too.
+        inplace: let megatron's CE overwrite fp32 ``logits`` (saves a logits-sized copy; see
+            :func:`lm_per_token`).
     Returns:
         ``(loss_sum, num_tokens, {"lm": [sum, count], "total": [sum, count]})`` (module doc).
     """
     mask, safe = _token_mask(labels, loss_mask, ignore_index)
-    lm = lm_per_token(logits, safe)
+    lm = lm_per_token(logits, safe, inplace=inplace)
     loss_sum = torch.where(mask, lm, 0.0).sum()
     count = mask.sum()
     pair = _pair(loss_sum, count)

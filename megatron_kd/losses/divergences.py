@@ -75,11 +75,8 @@ def _mask_absent(S: torch.Tensor, Tt: torch.Tensor, ws: Workspace) -> Optional[t
     return absent
 
 
-def _softmax_stats(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext):
-    """Shift S, Tt in place by their global row max; return exp(S), exp(Tt), global row sums."""
-    mx = all_reduce_(torch.stack((S.amax(-1), Tt.amax(-1))), tp, "max")
-    S.sub_(mx[0].unsqueeze(-1))
-    Tt.sub_(mx[1].unsqueeze(-1))
+def _exp_sums(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext):
+    """exp() of the max-shifted S, Tt and their global row sums."""
     Es, Et = torch.exp(S), torch.exp(Tt)
     z = all_reduce_(torch.stack((Es.sum(-1), Et.sum(-1))), tp)
     return Es, Et, z[0], z[1]
@@ -87,47 +84,42 @@ def _softmax_stats(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext):
 
 def _probs(S: torch.Tensor, Tt: torch.Tensor, tp: TPContext):
     """(p, q, log p, log q), all [n, V_local]; S and Tt are overwritten by log q and log p."""
-    Es, Et, zs, zt = _softmax_stats(S, Tt, tp)
+    Es, Et, zs, zt = _exp_sums(S, Tt, tp)
     lq = S.sub_(zs.log().unsqueeze(-1))
     lp = Tt.sub_(zt.log().unsqueeze(-1))
     return Et.div_(zt.unsqueeze(-1)), Es.div_(zs.unsqueeze(-1)), lp, lq
 
 
-def _kl_family(kind: str, S, Tt, tp: TPContext, need_grad: bool, out, inv_t: float,
+def _kl_family(kind: str, S, Tt, smax, tp: TPContext, need_grad: bool, out, inv_t: float,
                ws: Workspace):
     """forward_kl, soft_ce, reverse_kl: loss and d loss / d student logits (1/T included).
 
-    The hot path, with three [n, V_local] scratch buffers: the shifted student logits become
-    D = t - s after exp(s) is taken, the teacher's are exponentiated in place, probabilities are
-    never normalised in a separate pass, and the gradient is written straight into ``out`` (the
-    gradient buffer's rows) when given.
+    The hot path. exp(s) goes straight into ``out`` (the gradient buffer's rows, when given), the
+    shifted student logits become D = t - s, the teacher's are exponentiated in place, and the
+    probabilities are never normalised in a separate pass: two [n, V_local] scratch buffers.
     """
-    mx = all_reduce_(torch.stack((S.amax(-1), Tt.amax(-1))), tp, "max")
-    S.sub_(mx[0].unsqueeze(-1))
-    Tt.sub_(mx[1].unsqueeze(-1))
-    Es = torch.exp(S, out=ws.get("exp_s", S.shape[0], S.dtype))
+    Es = torch.exp(S, out=ws.get("exp_s", S.shape[0], S.dtype) if out is None else out)
     D = S if kind == "soft_ce" else torch.sub(Tt, S, out=S)  # log p - log q + const per row
     Et = Tt.exp_()
     z = all_reduce_(torch.stack((Es.sum(-1), Et.sum(-1))), tp)
     zs, zt = z[0], z[1]
     lzs, lzt = zs.log(), zt.log()
-    target = Es if out is None else out
     if kind == "reverse_kl":  # Et is only needed for its sum: reuse it for the product
         qd = all_reduce_(torch.mul(Es, D, out=Et).sum(-1) / zs, tp)
         loss = lzt - lzs - qd
         if not need_grad:
             return loss, None
         D.sub_(qd.unsqueeze(-1)).mul_((-inv_t / zs).unsqueeze(-1))  # (sum q D - D) / (T zs)
-        return loss, torch.mul(Es, D, out=target)
+        return loss, Es.mul_(D)
     part = all_reduce_(D.mul_(Et).sum(-1) / zt, tp)  # D is dead after this dot product
     if kind == "soft_ce":  # D held the shifted student logits
-        loss = torch.where(mx[0] > ABSENT, lzs - part, 0.0)  # all columns absent: 0, not log V
+        loss = torch.where(smax > ABSENT, lzs - part, 0.0)  # all columns absent: 0, not log V
     else:
         loss = part - lzt + lzs
     if not need_grad:
         return loss, None
-    torch.mul(Es, (inv_t / zs).unsqueeze(-1), out=target)  # q / T
-    return loss, target.addcmul_(Et, (-inv_t / zt).unsqueeze(-1))  # - p / T
+    Es.mul_((inv_t / zs).unsqueeze(-1))  # q / T
+    return loss, Es.addcmul_(Et, (-inv_t / zt).unsqueeze(-1))  # - p / T
 
 
 def _skew_forward(a: float, S, Tt, tp: TPContext, need_grad: bool):
@@ -171,7 +163,7 @@ def _jsd(b: float, S, Tt, tp: TPContext, need_grad: bool):
 
 
 def _tvd(S, Tt, tp: TPContext, need_grad: bool):
-    Es, Et, zs, zt = _softmax_stats(S, Tt, tp)
+    Es, Et, zs, zt = _exp_sums(S, Tt, tp)
     q = Es.div_(zs.unsqueeze(-1))
     d = torch.sub(q, Et.div_(zt.unsqueeze(-1)))
     sg = torch.sign(d)
@@ -194,27 +186,52 @@ def _mse(S, Tt, absent: Optional[torch.Tensor], tp: TPContext, need_grad: bool):
 def _dense_kernel(student2d, teacher2d, kind, temperature, skew, beta, tp, cdtype):
     inv_t = 1.0 / temperature
     ws = Workspace(student2d.shape[-1], student2d.device)
+    # One check per call (one host sync on GPUs): without any -inf the per-chunk absent-column
+    # handling is skipped and copy, temperature and max shift fuse into one kernel per input.
+    clean = student2d.numel() == 0 or (
+        bool(student2d.amin() > float("-inf")) and bool(teacher2d.amin() > float("-inf"))
+    )
 
-    def kernel(rows: Rows, need_grad: bool, out: Optional[torch.Tensor]):
-        n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+    def tempered(rows: Rows, n: int):
+        """Fresh tempered copies of the rows, absent columns set to ABSENT, and that mask."""
         S = take_rows(student2d, rows, cdtype, ws.get("s", n, cdtype))
         Tt = take_rows(teacher2d, rows, cdtype, ws.get("t", n, cdtype))
         if inv_t != 1.0:
             S.mul_(inv_t)
             Tt.mul_(inv_t)
-        absent = _mask_absent(S, Tt, ws)
-        if kind in ("forward_kl", "reverse_kl", "soft_ce"):
-            return _kl_family(kind, S, Tt, tp, need_grad, out, inv_t, ws)
-        if kind == "skew_forward_kl":
-            loss, grad = _skew_forward(skew, S, Tt, tp, need_grad)
-        elif kind == "skew_reverse_kl":
-            loss, grad = _skew_reverse(skew, S, Tt, tp, need_grad)
-        elif kind == "jsd":
-            loss, grad = _jsd(beta, S, Tt, tp, need_grad)
-        elif kind == "tvd":
-            loss, grad = _tvd(S, Tt, tp, need_grad)
-        else:
+        return S, Tt, _mask_absent(S, Tt, ws)
+
+    def shifted(rows: Rows, n: int):
+        """Tempered rows minus their global (TP) row max, and that max [2, n]."""
+        if not clean:
+            S, Tt, _ = tempered(rows, n)
+            mx = all_reduce_(torch.stack((S.amax(-1), Tt.amax(-1))), tp, "max")
+            return S.sub_(mx[0].unsqueeze(-1)), Tt.sub_(mx[1].unsqueeze(-1)), mx
+        xs = student2d[rows] if isinstance(rows, slice) else student2d.index_select(0, rows)
+        xt = teacher2d[rows] if isinstance(rows, slice) else teacher2d.index_select(0, rows)
+        mx = torch.stack((xs.amax(-1).to(cdtype), xt.amax(-1).to(cdtype))).mul_(inv_t)
+        all_reduce_(mx, tp, "max")
+        S = torch.add(mx[0].neg().unsqueeze(-1), xs, alpha=inv_t, out=ws.get("s", n, cdtype))
+        Tt = torch.add(mx[1].neg().unsqueeze(-1), xt, alpha=inv_t, out=ws.get("t", n, cdtype))
+        return S, Tt, mx
+
+    def kernel(rows: Rows, need_grad: bool, out: Optional[torch.Tensor]):
+        n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+        if kind == "mse":
+            S, Tt, absent = tempered(rows, n)
             loss, grad = _mse(S, Tt, absent, tp, need_grad)
+        else:
+            S, Tt, mx = shifted(rows, n)
+            if kind in ("forward_kl", "reverse_kl", "soft_ce"):
+                return _kl_family(kind, S, Tt, mx[0], tp, need_grad, out, inv_t, ws)
+            if kind == "skew_forward_kl":
+                loss, grad = _skew_forward(skew, S, Tt, tp, need_grad)
+            elif kind == "skew_reverse_kl":
+                loss, grad = _skew_reverse(skew, S, Tt, tp, need_grad)
+            elif kind == "jsd":
+                loss, grad = _jsd(beta, S, Tt, tp, need_grad)
+            else:
+                loss, grad = _tvd(S, Tt, tp, need_grad)
         if grad is not None and inv_t != 1.0:
             grad.mul_(inv_t)
         return loss, grad  # ChunkedLoss copies it into the gradient buffer
@@ -255,7 +272,8 @@ def kd_loss(
             skipped entirely (must be identical on all TP ranks).
         tp_group: TP group the vocabulary is split over; ``None``: megatron's TP group when
             model parallel is initialised with TP > 1, else a single process.
-        chunk_size: tokens per chunk; ``None`` picks ~4M elements / V_local. Peak scratch memory
+        chunk_size: tokens per chunk; ``None``: ~4M logits per CPU thread (up to 4), 32M on GPUs
+            (:func:`~megatron_kd.losses.vocab_parallel.auto_chunk`). Peak scratch memory
             is a few [chunk, V_local] fp32 buffers plus one gradient shaped like the logits.
         retain_graph: allow more than one backward through the result (``retain_graph=True``,
             ``torch.autograd.gradcheck``); costs one more logits-sized tensor per backward.
@@ -287,5 +305,6 @@ def kd_loss(
         student_logits.detach().reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab),
         kind, float(temperature), float(skew), float(beta), tp, cdtype,
     )
-    return run_chunked(student_logits, kernel, auto_chunk(vocab, chunk_size), loss_mask, cdtype,
+    chunk = auto_chunk(vocab, chunk_size, student_logits.device)
+    return run_chunked(student_logits, kernel, chunk, loss_mask, cdtype,
                        retain_graph)

@@ -151,7 +151,7 @@ def sparse_kd_loss(
         residual: keep the stored mass un-renormalised plus one remainder bucket (module doc).
         loss_mask: optional [...]; 0 = token skipped (loss 0, gradient 0).
         tp_group: as in :func:`megatron_kd.losses.kd_loss`.
-        chunk_size: tokens per chunk (``None``: ~4M elements / V_local).
+        chunk_size: tokens per chunk (``None``: see :func:`~megatron_kd.losses.vocab_parallel.auto_chunk`).
         retain_graph: allow more than one backward through the result (see ``kd_loss``).
 
     Returns:
@@ -182,5 +182,6 @@ def sparse_kd_loss(
         student_logits.detach().reshape(-1, vocab), target_ids.reshape(-1, k),
         target_logprobs.detach().reshape(-1, k), float(temperature), bool(residual), tp, cdtype,
     )
-    return run_chunked(student_logits, kernel, auto_chunk(vocab, chunk_size), loss_mask, cdtype,
+    chunk = auto_chunk(vocab, chunk_size, student_logits.device)
+    return run_chunked(student_logits, kernel, chunk, loss_mask, cdtype,
                        retain_graph)

@@ -33,9 +33,13 @@ when not None, is the gradient buffer's slice for these rows (same dtype): a ker
 gradient there and return it, saving a copy."""
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-"""Token chunk size target, in elements of one [chunk, V_local] fp32 buffer (16 MiB). Larger
-chunks mean fewer, bigger kernels (less threading overhead); the scratch memory is a few such
-buffers (forward KL: three fp32 and two bool), independent of the number of tokens."""
+"""Token chunk size target on CPU, in logits per chunk (a [chunk, V_local] fp32 buffer of 16 MiB),
+per intra-op thread (up to 4): each kernel should get a few million elements per thread, or the
+fork/join cost of many mid-size kernels shows, badly so on a shared machine. The scratch memory
+is a few such buffers (forward KL: two fp32), independent of the number of tokens."""
+
+CUDA_CHUNK_ELEMENTS = 1 << 25
+"""Token chunk size target on GPUs (128 MiB fp32 buffers): fewer, longer kernels."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +123,21 @@ class Workspace:
         return buf[:rows]
 
 
-def auto_chunk(local_vocab: int, chunk_size: Optional[int]) -> int:
-    """Tokens per chunk: ``chunk_size`` if given, else about ``DEFAULT_CHUNK_ELEMENTS / V_local``."""
+def auto_chunk(local_vocab: int, chunk_size: Optional[int], device: Optional[torch.device] = None) -> int:
+    """Tokens per chunk: ``chunk_size`` if given, else the element budget / V_local.
+
+    The budget is :data:`CUDA_CHUNK_ELEMENTS` on GPUs and :data:`DEFAULT_CHUNK_ELEMENTS` times
+    ``min(torch.get_num_threads(), 4)`` on CPU.
+    """
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk) or None")
         return int(chunk_size)
-    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab))
+    if device is not None and device.type == "cuda":
+        budget = CUDA_CHUNK_ELEMENTS
+    else:
+        budget = DEFAULT_CHUNK_ELEMENTS * min(max(torch.get_num_threads(), 1), 4)
+    return max(1, budget // max(1, local_vocab))
 
 
 def plan_chunks(num_rows: int, chunk: int, mask: Optional[torch.Tensor]) -> Iterator[Rows]:
@@ -157,8 +169,10 @@ def flat_mask(loss_mask: Optional[torch.Tensor], lead_shape: torch.Size) -> Opti
 class ChunkedLoss(torch.autograd.Function):
     """Per-token loss computed chunk by chunk, with the analytic gradient produced in forward.
 
-    ``forward(student2d, kernel, chunk, mask, out_dtype)``: ``student2d`` is [N, V_local];
-    ``kernel`` computes (loss, grad) for a chunk of rows (see :data:`KernelFn`). The gradient
+    ``forward(student2d, kernel, chunk, mask, out_dtype, retain, want_grad)``: ``student2d`` is
+    [N, V_local]; ``kernel`` computes (loss, grad) for a chunk of rows (see :data:`KernelFn`);
+    ``want_grad`` is False under ``torch.no_grad()`` (inside ``forward`` grad mode is always off
+    and ``needs_input_grad`` does not tell), so no gradient is computed for nothing. The gradient
     buffer (student dtype, [N, V_local]) is the only thing kept for backward, so the peak extra
     memory is one logits-sized tensor plus O(chunk x V_local) scratch. Rows outside ``mask`` get
     loss 0 and gradient 0 and are never computed.
@@ -171,8 +185,8 @@ class ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student2d, kernel, chunk, mask, out_dtype, retain):  # noqa: D102
-        need_grad = bool(ctx.needs_input_grad[0])
+    def forward(ctx, student2d, kernel, chunk, mask, out_dtype, retain, want_grad):  # noqa: D102
+        need_grad = bool(want_grad and ctx.needs_input_grad[0])
         num_rows = student2d.shape[0]
         loss = torch.zeros(num_rows, dtype=out_dtype, device=student2d.device)
         grad = None
@@ -203,12 +217,12 @@ class ChunkedLoss(torch.autograd.Function):
                     "KD loss backward ran twice on one graph: the analytic gradient buffer is "
                     "consumed by the first backward - pass retain_graph=True to the loss function"
                 )
-            return None, None, None, None, None, None
+            return (None,) * 7
         if ctx.retain:
-            return grad * grad_loss.unsqueeze(-1), None, None, None, None, None
+            return (grad * grad_loss.unsqueeze(-1),) + (None,) * 6
         ctx.grad_buffer = None
         grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None, None
+        return (grad,) + (None,) * 6
 
 
 def run_chunked(student: torch.Tensor, kernel: KernelFn, chunk: int,
@@ -218,5 +232,6 @@ def run_chunked(student: torch.Tensor, kernel: KernelFn, chunk: int,
     lead = student.shape[:-1]
     student2d = student.reshape(-1, student.shape[-1])
     mask = flat_mask(loss_mask, lead)
-    loss = ChunkedLoss.apply(student2d, kernel, chunk, mask, out_dtype, bool(retain_graph))
+    want_grad = torch.is_grad_enabled() and student.requires_grad
+    loss = ChunkedLoss.apply(student2d, kernel, chunk, mask, out_dtype, bool(retain_graph), want_grad)
     return loss.view(lead)

@@ -146,11 +146,19 @@ def test_teacher_gets_no_gradient_and_weighted_backward():
     torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_no_grad_path_and_double_backward_error():
-    s, t = _logits((2, V), 22), _logits((2, V), 23)
+def test_no_grad_path_and_double_backward_error(monkeypatch):
+    import megatron_kd.losses.divergences as div
+
+    s, t = _logits((2, V), 22).requires_grad_(True), _logits((2, V), 23)
+    need_grad_seen = []
+    orig = div._kl_family
+    monkeypatch.setattr(div, "_kl_family", lambda *a: need_grad_seen.append(a[5]) or orig(*a))
     with torch.no_grad():
-        a = kd_loss(s.requires_grad_(True), t)
-    assert a.grad_fn is None
+        a = kd_loss(s, t)
+    b = kd_loss(s, t)
+    assert a.grad_fn is None and torch.equal(a, b.detach())
+    assert need_grad_seen == [False, True]  # no gradient buffer is computed under no_grad
+    monkeypatch.undo()
     loss = kd_loss(s, t).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
