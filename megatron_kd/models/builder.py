@@ -105,7 +105,9 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype | str = torch.fl
     )
     model.model_type = ModelType.encoder_or_decoder
     if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+        from megatron_kd.runtime.distributed import device
+
+        model.to(device())
     return model
 
 
