@@ -11,28 +11,15 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from megatron_kd.models.builder import parse_dtype
+from megatron_kd.interop.convert import checkpoint_tokenizer
+from megatron_kd.interop.vocab import check_vocab_compatible
 from megatron_kd.models.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class VocabPlan:
-    """How teacher and student logits are compared (same fields as ``megatron_kd.interop.vocab.VocabPlan``)."""
-
-    kd_vocab_size: int
-    """Ids [0, kd_vocab_size) take part in KD; columns beyond are masked to -inf on both sides."""
-    teacher_vocab_size: int
-    """Teacher model's (unpadded) vocab_size."""
-    student_vocab_size: int
-    """Student model's (unpadded) vocab_size."""
-    tokenizer_checked: bool
-    """True when both tokenizers were known and found identical."""
 
 
 @dataclass
@@ -53,62 +40,14 @@ class TeacherSpec:
     """The teacher's tokenizer reference (resolved path), if known."""
 
 
-def checkpoint_tokenizer(ckpt_dir: str | Path, meta: dict[str, Any]) -> str | None:
-    """``meta["tokenizer"]`` resolved against ``ckpt_dir`` when it is a relative path there."""
-    ref = meta.get("tokenizer")
-    if not ref:
-        return None
-    path = Path(ref)
-    if not path.is_absolute() and (Path(ckpt_dir) / path).exists():
-        path = Path(ckpt_dir) / path
-    return str(path)
-
-
-def _load_tokenizer(ref: Any) -> Any:
-    if ref is None or hasattr(ref, "identity"):
-        return ref
-    try:
-        from megatron_kd.data.tokenizers import load_tokenizer
-    except ImportError:  # the data package is not installed: compare references instead
-        return None
-    return load_tokenizer(ref)
-
-
-def _fallback_vocab_check(v_t: int, v_s: int, tok_t: Any, tok_s: Any) -> VocabPlan:
-    """The interop branch's rule, used until ``megatron_kd.interop.vocab`` is importable."""
-    t, s = _load_tokenizer(tok_t), _load_tokenizer(tok_s)
-    checked = t is not None and s is not None
-    if checked and t.identity != s.identity:
-        raise ValueError(f"teacher tokenizer ({t.identity}) and student tokenizer ({s.identity}) differ: "
-                         "logit KD needs the same tokenizer for both models")
-    if not checked and v_t != v_s:
-        raise ValueError(f"teacher vocab_size={v_t} and student vocab_size={v_s} differ and the tokenizers are not "
-                         "both known to prove they share ids: pass teacher.tokenizer and data.tokenizer")
-    known = t or s
-    if known is None:
-        return VocabPlan(v_t, v_t, v_s, False)
-    n_tok = int(known.vocab_size)
-    for side, v in (("teacher", v_t), ("student", v_s)):
-        if n_tok > v:
-            raise ValueError(f"{side} vocab_size={v} is smaller than the tokenizer's {n_tok} ids: the {side} "
-                             "model cannot score every token (was it built for another tokenizer?)")
-    return VocabPlan(n_tok, v_t, v_s, checked)
-
-
 def check_vocab(teacher_cfg: ModelConfig, student_cfg: ModelConfig, teacher_tokenizer: Any = None,
                 student_tokenizer: Any = None):
     """Vocabulary compatibility of a teacher/student pair; returns a plan with ``kd_vocab_size``.
 
-    Rule (``megatron_kd.interop.vocab.check_vocab_compatible`` when importable, else the same rule
-    here): tokenizers, when both are known, must be identical; otherwise the model vocab sizes must
+    Rule (``megatron_kd.interop.vocab.check_vocab_compatible``, documented in docs/interop.md): tokenizers, when both are known, must be identical; otherwise the model vocab sizes must
     be equal. KD then runs over the tokenizer's ids (or the common vocab size) and every column
     beyond is masked on both sides. Raises a one-line ``ValueError``.
     """
-    try:
-        from megatron_kd.interop.vocab import check_vocab_compatible
-    except ImportError:
-        return _fallback_vocab_check(teacher_cfg.vocab_size, student_cfg.vocab_size, teacher_tokenizer,
-                                     student_tokenizer)
     return check_vocab_compatible(teacher_cfg, student_cfg, teacher_tokenizer, student_tokenizer)
 
 
