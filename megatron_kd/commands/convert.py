@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="exported weight dtype; auto = the checkpoint's")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
-    exp.add_argument("--arch", default=None, choices=["llama", "mistral", "qwen2", "qwen3"],
+    exp.add_argument("--arch", default=None, choices=["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
+                                                          "qwen2_moe"],
                      help="HF family (default: the imported one, else qwen3 with QK-norm, qwen2 with QKV bias, "
                           "otherwise llama)")
     exp.add_argument("--hf-config", default=None,
