@@ -157,9 +157,7 @@ class ModelConfig:
 
     def validate_parallel(self, tensor_parallel: int, pipeline_parallel: int, expert_parallel: int = 1) -> None:
         """Raise ``ValueError`` (one line) if the model cannot be split this way."""
-        if expert_parallel > 1 and not self.is_moe:
-            raise ValueError(f"parallel.expert_parallel={expert_parallel} needs a mixture-of-experts model "
-                             "(model.num_moe_experts is null): use expert_parallel=1")
+        # A dense model ignores expert parallelism (e.g. a dense student next to an EP-split MoE teacher).
         if self.is_moe and self.num_moe_experts % expert_parallel:
             raise ValueError(f"parallel.expert_parallel={expert_parallel} does not divide model.num_moe_experts="
                              f"{self.num_moe_experts}: choose an EP size that divides the expert count")

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_kd.models.config import ModelConfig
+from megatron_kd.models.moe import router_loss_metrics
 from megatron_kd.runtime.distributed import is_main_process
 from megatron_kd.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from megatron_kd.training.config import CheckpointConfig, LoggingConfig, TrainConfig
@@ -165,6 +166,7 @@ class Trainer:
         self.iteration += 1
         self.consumed_samples += self.train_cfg.global_batch_size
         metrics = reduce_reports(reports)
+        metrics.update(router_loss_metrics(self.num_microbatches))  # MoE students with an aux loss; else {}
         out = {"loss": main_loss(metrics), **metrics, "lr": lr,
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                "consumed_samples": self.consumed_samples}
