@@ -3,7 +3,6 @@ logits``) and MiniPLM scores (``megatron-kd miniplm score``) made from converted
 expert, top-4 un-renormalised) and Mixtral (top-2) checkpoints equal a direct ``transformers``
 forward of the original HF models: stored ids exactly, log-probs within the codec's tolerance,
 mean NLLs within 1e-4."""
-import os
 
 import numpy as np
 import pytest
