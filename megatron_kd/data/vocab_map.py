@@ -77,3 +77,39 @@ def build_vocab_map(student_tok: Any, teacher_tok: Any) -> VocabMap:
     a = np.asarray([p[0] for p in pairs], dtype=np.int64)
     b = np.asarray([p[1] for p in pairs], dtype=np.int64)
     return VocabMap(a, b, n_s, n_t)
+
+
+def build_projection(student_tok: Any, teacher_tok: Any) -> np.ndarray:
+    """``proj[u]`` = the student id a continuation starting with teacher token ``u`` begins with
+    (-1: none), for :func:`megatron_kd.losses.projected_kd_loss`.
+
+    The teacher token's text is encoded by the student tokenizer and its first id is kept: a
+    teacher ``"▁function"`` maps to the student's ``"▁fun"`` when that is how the student starts
+    the word, so the teacher's mass lands on the student token the student itself would emit.
+    Exact when the student's first token lies inside the teacher's token (the usual case when the
+    student vocabulary is the smaller one). Byte pieces that are not text on their own (byte
+    fallback, byte-level fragments of a character) map to the student's byte-fallback piece of
+    their first byte, or -1; the end-of-document ids map to each other; other specials to -1.
+    """
+    n_t = int(teacher_tok.vocab_size)
+    if str(student_tok.identity) == str(teacher_tok.identity):
+        return np.arange(n_t, dtype=np.int64)
+    ts, tt = token_bytes(student_tok), token_bytes(teacher_tok)
+    if ts is None or tt is None:
+        raise ValueError("a projection between the vocabularies needs byte-level tokenizers on both sides "
+                         "(SentencePiece or byte-level/metaspace HF)")
+    byte_ids = {ts.pieces[i][0]: i for i in sorted(ts.byte_fallback)}
+    proj = np.full(n_t, -1, dtype=np.int64)
+    for u, piece in enumerate(tt.pieces):
+        if not piece:
+            continue
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            proj[u] = byte_ids.get(piece[0], -1)
+            continue
+        ids = student_tok.encode(text)
+        if ids:
+            proj[u] = ids[0]
+    proj[tt.eod] = ts.eod
+    return proj

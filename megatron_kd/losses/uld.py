@@ -295,3 +295,76 @@ def hybrid_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, v
     kernel = _hybrid_kernel(s2d, t2d, s_ids, t_ids, s_matched, t_matched, float(temperature),
                             float(matched_weight), float(unmatched_weight), top_m, tp, dtype)
     return run_chunked(student_logits, kernel, chunk, loss_mask, dtype, retain_graph)
+
+
+def _projected_kernel(student2d, teacher2d, proj_local, temperature, tp, dtype, student_global):
+    valid = proj_local >= 0
+    src = torch.nonzero(valid).reshape(-1)
+    dst = proj_local[src]
+
+    def kernel(rows, need_grad, out):
+        s = take_rows(student2d, rows, dtype)
+        t = take_rows(teacher2d, rows, dtype)
+        p = _local_softmax_tp(t, temperature, tp)
+        r = torch.zeros(s.shape[0], student_global, dtype=dtype, device=s.device)
+        r.index_add_(1, dst, p.index_select(1, src))
+        all_reduce_(r, tp)
+        mass = r.sum(-1, keepdim=True)
+        r = r / torch.where(mass > 0, mass, torch.ones_like(mass))
+        v = s.shape[-1]
+        r = r[:, tp.rank * v:(tp.rank + 1) * v]
+        z = s / temperature
+        m = z.amax(-1, keepdim=True)
+        all_reduce_(m, tp, "max")
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(z - m)
+        total = e.sum(-1, keepdim=True)
+        all_reduce_(total, tp)
+        lse = m + torch.log(total)
+        q = e / total
+        log_q = torch.where(r > 0, z - lse, torch.zeros_like(z))
+        log_r = torch.where(r > 0, torch.log(torch.where(r > 0, r, torch.ones_like(r))), torch.zeros_like(r))
+        part = (r * (log_r - log_q)).sum(-1)
+        all_reduce_(part, tp)
+        loss = torch.where(mass.squeeze(-1) > 0, part, torch.zeros_like(part))
+        if not need_grad:
+            return loss, None
+        grad = (q - r) / temperature
+        grad = torch.where(mass > 0, grad, torch.zeros_like(grad))
+        return loss, grad
+
+    return kernel
+
+
+def projected_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, projection,
+                      temperature: float = 1.0, *, loss_mask: Optional[torch.Tensor] = None,
+                      chunk_size: Optional[int] = None, tp_group: Optional[dist.ProcessGroup] = None,
+                      retain_graph: bool = False) -> torch.Tensor:
+    """Forward KL from the teacher's distribution *projected* onto the student vocabulary.
+
+    ``projection[u]`` is the student id a continuation starting with teacher token ``u`` begins
+    with (-1: dropped; :func:`megatron_kd.data.vocab_map.build_projection`). With
+    ``p = softmax(teacher / T)``, the target is ``r(v) ∝ Σ_{u: projection[u] = v} p(u)``
+    (renormalised over the mapped mass) and the loss ``KL(r ‖ softmax(student / T))``, gradient
+    ``(q − r) / T``. Identical tokenizers (identity projection): exactly forward KL. Under TP each
+    rank scatter-adds its teacher shard into a ``[chunk, V_s]`` buffer, one all-reduce sums it.
+    """
+    _check_pair(student_logits, teacher_logits, temperature)
+    tp = resolve_tp(tp_group)
+    dev = student_logits.device
+    vs = student_logits.shape[-1] * tp.world_size
+    vt_local = teacher_logits.shape[-1]
+    proj = torch.as_tensor(np.asarray(projection), dtype=torch.long, device=dev)
+    if len(proj) and int(proj.max()) >= vs:
+        raise ValueError(f"projection maps to student id {int(proj.max())} beyond the student logits' {vs} "
+                         "columns: build it from the tokenizers of these two models")
+    full = torch.full((vt_local * tp.world_size,), -1, dtype=torch.long, device=dev)
+    n = min(len(proj), len(full))
+    full[:n] = proj[:n]
+    proj_local = full[tp.rank * vt_local:(tp.rank + 1) * vt_local]
+    dtype = compute_dtype(student_logits, teacher_logits)
+    chunk = auto_chunk(max(vs, vt_local), chunk_size, dev)
+    t2d = teacher_logits.detach().reshape(-1, vt_local)
+    s2d = student_logits.reshape(-1, student_logits.shape[-1])
+    kernel = _projected_kernel(s2d, t2d, proj_local, float(temperature), tp, dtype, vs)
+    return run_chunked(student_logits, kernel, chunk, loss_mask, dtype, retain_graph)

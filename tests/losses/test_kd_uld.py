@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dist_helpers import run_workers
 from megatron_kd.data.vocab_map import VocabMap
-from megatron_kd.losses import hybrid_kd_loss, kd_loss, uld_loss
+from megatron_kd.losses import hybrid_kd_loss, kd_loss, projected_kd_loss, uld_loss
 
 VS, VT = 38, 54  # student and teacher vocabularies (padded, even for TP=2)
 REAL_S, REAL_T = 35, 51
@@ -65,6 +65,25 @@ def ref_hybrid_row(s, t, vmap, temperature, w_m, w_u):
     t_un = torch.ones(len(p), dtype=torch.bool)
     t_un[b] = False
     return w_m * kl + w_u * _sorted_l1(q[s_un], p[t_un])
+
+
+def ref_projected_row(s, t, proj, temperature):
+    p = _probs(t, temperature)
+    proj = torch.as_tensor(proj)
+    keep = (proj >= 0).nonzero().reshape(-1)
+    r = torch.zeros(len(s), dtype=s.dtype).index_add(0, proj[keep], p[keep])
+    r = r / r.sum()
+    log_q = torch.log_softmax(s / temperature, -1)
+    nz = (r > 0).nonzero().reshape(-1)
+    return (r[nz] * (r[nz].log() - log_q[nz])).sum()
+
+
+def _projection(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randint(0, REAL_S, (VT,), generator=g)
+    proj[REAL_T:] = -1  # padded teacher columns
+    proj[::7] = -1      # some teacher ids map nowhere (their mass is dropped)
+    return proj.numpy()
 
 
 def _reference(row_fn, s, t, mask, *args):
@@ -138,6 +157,22 @@ def test_identical_tokenizers_hybrid_is_forward_kl_and_uld_of_self_is_zero():
     assert uld_loss(s, s, T).abs().max() < 1e-12
 
 
+def test_projected_matches_float64_reference_and_reduces_to_forward_kl():
+    s, t, mask, _ = _inputs(6)
+    proj = _projection()
+    ref_loss, ref_grad = _reference(ref_projected_row, s, t, mask, proj, T)
+    loss, grad = _ours(projected_kd_loss, s, t, mask, proj, T, chunk_size=5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    t_same = t[..., :VS].clone()
+    t_same[..., REAL_S:] = float("-inf")
+    ident = np.arange(VS)
+    loss, grad = _ours(projected_kd_loss, s, t_same, mask, ident, T)
+    ref_loss, ref_grad = _ours(kd_loss, s, t_same, mask, "forward_kl", T)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
 def test_float32_and_no_grad_and_bad_input():
     s, t, mask, vmap = _inputs(4)
     loss32 = uld_loss(s.float(), t.float(), T, loss_mask=mask)
@@ -159,7 +194,8 @@ def _tp_cases(s, t, mask, vmap):
     for name, fn, args in (("uld", uld_loss, (T, None)), ("uld_top3", uld_loss, (T, 3)),
                            ("uld_top40", uld_loss, (T, 40)),
                            ("hybrid", hybrid_kd_loss, (vmap, T, 0.6, 0.5)),
-                           ("hybrid_top3", hybrid_kd_loss, (vmap, T, 0.6, 0.5, 3))):
+                           ("hybrid_top3", hybrid_kd_loss, (vmap, T, 0.6, 0.5, 3)),
+                           ("projected", projected_kd_loss, (_projection(), T))):
         out[name] = _ours(fn, s, t, mask, *args, chunk_size=5)
     return out
 
