@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from megatron_kd.data.manifest import strip_dataset_ext  # noqa: F401  (re-exported: runner imports it here)
 from megatron_kd.evaluation.forward import dp_all_reduce_sum, dp_shard, forward_reduce, progress_bar
 from megatron_kd.evaluation.vocab import token_logprobs
 
@@ -196,15 +197,6 @@ def _evaluate_batches(model, batches: Iterable[dict[str, torch.Tensor]], vocab_s
                                [b["loss_mask"].double() for b in group], vocab_size)
     dp_all_reduce_sum(totals)
     return _result(float(totals[0]), float(totals[1]))
-
-
-def strip_dataset_ext(path: str | Path) -> str:
-    """``path`` without a ``.bin``/``.idx`` extension (users pass either)."""
-    prefix = str(path)
-    for ext in (".bin", ".idx"):
-        if prefix.endswith(ext):
-            return prefix[: -len(ext)]
-    return prefix
 
 
 def open_eval_dataset(prefix: str | Path):
