@@ -158,8 +158,8 @@ def evaluate_lm_loss(model: torch.nn.Module, data: Any, vocab_size: int, seq_len
             width = seq_length if fixed_width else max(len(s) - 1 for s in seqs)
             if fixed_width:  # equally many rows too
                 seqs += [np.zeros(1, dtype=np.int64)] * (micro_batch_size - len(seqs))
-            t, l, m = _pad_batch(seqs, width)
-            toks.append(t), labs.append(l), masks.append(m)
+            t, lab, m = _pad_batch(seqs, width)
+            toks.append(t), labs.append(lab), masks.append(m)
         totals += _masked_sums(model, toks, labs, masks, vocab_size)
         bar.update(len(group))
     bar.close()

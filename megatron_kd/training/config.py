@@ -8,7 +8,6 @@ data source) and raises a one-line ``ValueError`` naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 

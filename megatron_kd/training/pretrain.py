@@ -6,7 +6,6 @@ or deterministic synthetic tokens (``data.synthetic: true``, for tests and bench
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
