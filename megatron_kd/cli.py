@@ -127,16 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from megatron_kd.utils import exits
+    from megatron_kd.utils.processes import children_die_with_parent
+
+    children_die_with_parent()
     try:
         if getattr(args, "wants_explicit", False):
             args.explicit = explicit_dests(sys.argv[1:] if argv is None else argv)
         if getattr(args, "generic_dry_run", False):
             return _generic_dry_run(args)
         result = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        # Input problems are reported as one line, not a traceback.
-        print(f"megatron-kd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, exits.RunStopped) as exc:
+        if isinstance(exc, OSError) and not exits.is_filesystem_error(exc):
+            raise  # e.g. a lost connection to another rank: not the user's input, keep the traceback
+        # Input problems, filesystem errors and stopped runs are reported as one line, not a
+        # traceback; the exit code says which (see megatron_kd.utils.exits / docs/reliability.md).
+        print(f"megatron-kd {args.command}: error: {exits.one_line(exc)}", file=sys.stderr)
+        if isinstance(exc, exits.RunStopped):
+            return exc.exit_code
+        if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)):
+            return exits.EXIT_BAD_INPUT
+        return exits.EXIT_IO_ERROR
     return int(result or 0)
 
 
