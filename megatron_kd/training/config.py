@@ -195,6 +195,16 @@ class ModelSpec:
     init_method_std: Optional[float] = None
     hidden_dropout: Optional[float] = None
     attention_dropout: Optional[float] = None
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+    moe_router_pre_softmax: Optional[bool] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: Optional[bool] = None
+    moe_layer_pattern: Optional[list[int]] = None
+    moe_aux_loss_coeff: Optional[float] = None
+    moe_router_dtype: Optional[str] = None
+    moe_token_dispatcher_type: Optional[str] = None
 
 
 def resolve_model_config(spec: Any) -> ModelConfig:
