@@ -1,7 +1,18 @@
 """``megatron-kd <command>``: thin argument parsing; the work lives in the library modules.
 
 Commands are discovered from :mod:`megatron_kd.commands`: every module there that defines
-``register(subparsers)`` adds its sub-command (and sets ``func`` on its parser).
+``register(subparsers)`` adds its sub-command (and sets ``func`` on its parser). Command modules
+import only the standard library at module level and at ``register`` time (the library, torch and
+megatron are imported inside the command functions), so ``megatron-kd --help`` and every
+``megatron-kd <cmd> --help`` answer without importing torch (``tests/test_cli_startup.py``).
+
+Global flags (accepted before or after the command name):
+
+* ``--verbose``: show every warning (known-benign ones from megatron-core, e.g. "Transformer Engine
+  and Apex are not installed", are otherwise hidden and summarised in one line at exit, on rank 0;
+  see :mod:`megatron_kd.utils.quiet`).
+* ``--help-config`` (commands with a config dataclass, set as ``config_class`` on their parser):
+  print every config key with its type, default and docstring, and exit.
 """
 from __future__ import annotations
 
@@ -11,6 +22,39 @@ import pkgutil
 import sys
 
 import megatron_kd.commands as commands_pkg
+from megatron_kd.utils import quiet
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser`` (sub-commands and their steps), depth first."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                found.append(child)
+                found.extend(_subparsers(child))
+    return found
+
+
+def resolve_class(path: str) -> type:
+    """``"package.module:Class"`` -> the class (imported now, not at parser build time)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class _HelpConfigAction(argparse.Action):
+    """``--help-config``: print the command's config keys (type, default, docstring) and exit."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None,
+                 config_class: str = ""):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+        self.config_class = config_class
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from megatron_kd.config import format_config_help
+
+        print(format_config_help(resolve_class(self.config_class), title=parser.prog))
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-kd",
         description="Knowledge distillation for LLM pre- and post-training on Megatron-core.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every warning (known-benign megatron/TE/Apex warnings are otherwise "
+                             "hidden and summarised in one line)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for info in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -26,22 +73,47 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"{commands_pkg.__name__}.{info.name}")
         if hasattr(module, "register"):
             module.register(sub)
+    for child in _subparsers(parser):
+        child.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        config_class = child.get_default("config_class")
+        if config_class and "--help-config" not in child._option_string_actions:
+            child.add_argument("--help-config", action=_HelpConfigAction, config_class=config_class,
+                               help="print every config key with its type, default and docstring, and exit")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``megatron-kd`` console script. Returns the process exit code."""
+    """Entry point of the ``megatron-kd`` console script. Returns the process exit code.
+
+    ``argv=None`` (the console script) also installs the warning summariser for this process;
+    in-process calls with an explicit ``argv`` (tests, notebooks) leave warnings alone.
+    """
+    if argv is None:
+        quiet.install("--verbose" in sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        quiet.install(True)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from megatron_kd.utils import exits
+    from megatron_kd.utils.processes import children_die_with_parent
+
+    children_die_with_parent()
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        # Input problems are reported as one line, not a traceback.
-        print(f"megatron-kd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, exits.RunStopped) as exc:
+        if isinstance(exc, OSError) and not exits.is_filesystem_error(exc):
+            raise  # e.g. a lost connection to another rank: not the user's input, keep the traceback
+        # Input problems, filesystem errors and stopped runs are reported as one line, not a
+        # traceback; the exit code says which (see megatron_kd.utils.exits / docs/reliability.md).
+        print(f"megatron-kd {args.command}: error: {exits.one_line(exc)}", file=sys.stderr)
+        if isinstance(exc, exits.RunStopped):
+            return exc.exit_code
+        if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)):
+            return exits.EXIT_BAD_INPUT
+        return exits.EXIT_IO_ERROR
     return int(result or 0)
 
 

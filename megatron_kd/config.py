@@ -8,7 +8,10 @@ that names the key, before any model is built::
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -36,10 +39,33 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _choice(value: Any, choices: tuple, key: str) -> Any:
+    """``value`` if it is one of ``choices`` (YAML scalars compared as text too), else a one-line error."""
+    for choice in choices:
+        if value == choice and type(value) is type(choice):
+            return choice
+    for choice in choices:
+        if str(value) == str(choice):
+            return choice
+    shown = ", ".join(str(c) for c in choices)
+    raise ConfigError(f"config key '{key}' is {value!r}; choose one of: {shown}")
+
+
+def check_choice(value: Any, tp: Any, key: str) -> Any:
+    """Validate ``value`` against a ``Literal[...]`` type (Optional allowed) outside the loader (e.g.
+    in ``__post_init__`` of a dataclass built in code): returns it, or raises a one-line ConfigError."""
+    tp = _unwrap_optional(tp)
+    if value is None and tp is not type(None):
+        return None
+    return _choice(value, typing.get_args(tp), key)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     tp = _unwrap_optional(tp)
     if value is None:
         return None
+    if typing.get_origin(tp) is typing.Literal:
+        return _choice(value, typing.get_args(tp), key)
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
@@ -155,3 +181,130 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write a dataclass tree as YAML (the resolved config of a run, next to its outputs)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --- Field documentation: one source of truth (the docstring under each field) ------------------
+
+def _field_nodes(class_node: ast.ClassDef) -> dict[str, tuple[ast.AnnAssign, str]]:
+    """``name -> (AnnAssign node, docstring)`` for the annotated fields of one class body."""
+    out: dict[str, tuple[ast.AnnAssign, str]] = {}
+    body = class_node.body
+    for i, stmt in enumerate(body):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            doc = ""
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                doc = inspect.cleandoc(nxt.value.value)
+            out[stmt.target.id] = (stmt, doc)
+    return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``field name -> docstring`` of a dataclass, from the string literal under each field in the source
+    (base classes included; ``field(metadata={"help": ...})`` wins where given)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # built with make_dataclass / no source: no docstrings
+            continue
+        tree = ast.parse(source)
+        node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+        if node is not None:
+            docs.update({name: doc for name, (_, doc) in _field_nodes(node).items() if doc})
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            docs[f.name] = str(f.metadata["help"])
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return "None" if tp is type(None) else str(tp).replace("typing.", "")
+
+
+def describe_config(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[str, str, Any, str]]:
+    """Every leaf key of the dataclass tree ``cls``: ``(dotted key, type, default, docstring)``."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    if instance is None:
+        try:
+            instance = cls()
+        except TypeError:  # required fields: defaults only where declared
+            instance = None
+    rows: list[tuple[str, str, Any, str]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints.get(f.name, f.type)
+        if instance is not None:
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        inner = _unwrap_optional(tp)
+        if _is_dataclass_type(inner):
+            sub = default if dataclasses.is_dataclass(default) else None
+            rows.append((prefix + f.name, inner.__name__, None if sub is None else "{...}", docs.get(f.name, "")))
+            rows.extend(describe_config(inner, prefix + f.name + ".", sub))
+        else:
+            rows.append((prefix + f.name, _type_name(tp), default, docs.get(f.name, "")))
+    return rows
+
+
+def format_config_help(cls: type, title: str = "") -> str:
+    """``--help-config`` text: every key with its type, default and docstring."""
+    lines = [f"{title + ': ' if title else ''}config keys of {cls.__name__} (YAML via --config, or key.sub=value "
+             "overrides)", ""]
+    for key, type_name, default, doc in describe_config(cls):
+        shown = "" if default == "{...}" else f" = {default!r}"
+        lines.append(f"{key}: {type_name}{shown}")
+        for para in (doc or "(undocumented)").splitlines():
+            lines.append(f"    {para}")
+    return "\n".join(lines)
+
+
+def source_defaults(module: str, class_name: str) -> dict[str, Any]:
+    """Field defaults of a dataclass read from its source file without importing it (literal defaults,
+    ``field(default=...)`` and ``field(default_factory=list|dict|tuple)``). For ``--help`` texts that
+    must not import torch. Fields with other defaults are left out."""
+    base = Path(__file__).resolve().parent.parent
+    path = base / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name)
+    out: dict[str, Any] = {}
+    factories = {"list": list, "dict": dict, "tuple": tuple}
+    for name, (stmt, _) in _field_nodes(node).items():
+        value = stmt.value
+        if value is None:
+            continue
+        if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "field":
+            kw = {k.arg: k.value for k in value.keywords}
+            if "default" in kw:
+                value = kw["default"]
+            elif "default_factory" in kw and getattr(kw["default_factory"], "id", None) in factories:
+                out[name] = factories[kw["default_factory"].id]()
+                continue
+            else:
+                continue
+        try:
+            out[name] = ast.literal_eval(value)
+        except ValueError:
+            continue
+    return out

@@ -6,10 +6,6 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     """Load and validate the config, then distil (or, with --dry-run, only validate)."""
-    import warnings
-
-    # megatron-core warns at import about missing Apex/TE (expected on CPU): keep the console clean.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     import yaml
 
     from megatron_kd.config import load_config, to_dict
@@ -44,4 +40,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate the config (and the teacher checkpoint), "
                    "print it resolved, and exit")
     p.add_argument("overrides", nargs="*", default=[], help="config overrides like kd.alpha=0.9 teacher.dtype=bf16")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_class="megatron_kd.distill.config:DistillConfig")

@@ -16,9 +16,12 @@ def _csv(value: str) -> list[str]:
 
 def register(subparsers) -> None:
     """Add the ``eval`` sub-command."""
-    from megatron_kd.evaluation.runner import EvalConfig
+    from types import SimpleNamespace
 
-    d = EvalConfig()
+    from megatron_kd.config import source_defaults
+
+    # EvalConfig's defaults, read from its source: importing the evaluation package would import torch.
+    d = SimpleNamespace(**source_defaults("megatron_kd.evaluation.runner", "EvalConfig"))
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint: LM loss / perplexity, multiple choice, ROUGE-L, lm-eval tasks",
         description="Evaluate a megatron-kd checkpoint. See docs/evaluation.md for formats and conventions.",
@@ -59,7 +62,7 @@ def register(subparsers) -> None:
     p.add_argument("--params-dtype", default=d.params_dtype, choices=["fp32", "bf16", "fp16"],
                    help="weights dtype (log-probs are computed in fp32)")
     p.add_argument("--out", default=d.out, help="results JSON path (written atomically by rank 0)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_class="megatron_kd.evaluation.runner:EvalConfig")
 
 
 def run(args: argparse.Namespace) -> int:

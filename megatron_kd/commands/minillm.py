@@ -93,15 +93,15 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("sft", help="SFT / word-level KD baseline on instruction data")
     _config_args(p)
-    p.set_defaults(func=_sft)
+    p.set_defaults(func=_sft, config_class="megatron_kd.minillm.run:SFTRunConfig")
 
     p = subparsers.add_parser("minillm", help="MiniLLM: reverse-KL policy-gradient distillation")
     _config_args(p)
-    p.set_defaults(func=_minillm)
+    p.set_defaults(func=_minillm, config_class="megatron_kd.minillm.run:MiniLLMRunConfig")
 
     p = subparsers.add_parser("onpolicy", help="GKD or DistiLLM on-policy distillation (onpolicy.method=...)")
     _config_args(p)
-    p.set_defaults(func=_onpolicy)
+    p.set_defaults(func=_onpolicy, config_class="megatron_kd.minillm.run:OnPolicyRunConfig")
 
     p = subparsers.add_parser("generate", help="answer a JSONL's prompts with a checkpoint (SeqKD data)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory of the generating model")

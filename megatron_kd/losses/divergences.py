@@ -8,7 +8,9 @@ vocabulary, :func:`kd_loss` returns the per-token value of one of :data:`KINDS`:
 ``reverse_kl``      KL(q || p) = sum q (log q - log p)
 ``skew_forward_kl`` KL(p || a p + (1-a) q), a = ``skew``                      (DistiLLM)
 ``skew_reverse_kl`` KL(q || a q + (1-a) p), a = ``skew``                      (DistiLLM)
-``jsd``             b KL(p || m) + (1-b) KL(q || m), m = b p + (1-b) q, b = ``beta`` (GKD)
+``jsd``             b KL(p || m) + (1-b) KL(q || m), m = b p + (1-b) q, b = ``beta`` (GKD);
+                    at the endpoints (TRL's ``generalized_jsd_loss``) b = 0 is KL(p || q)
+                    and b = 1 is KL(q || p), not the (identically 0) mixture formula
 ``tvd``             1/2 sum |p - q|
 ``soft_ce``         -sum p log q  (= forward KL + teacher entropy; same gradient)
 ``mse``             mean over the vocabulary of (student/T - teacher/T)^2
@@ -267,7 +269,7 @@ def kd_loss(
         kind: one of :data:`KINDS`.
         temperature: T > 0; both distributions are softmax(logits / T). No T^2 factor.
         skew: a in [0, 1] for ``skew_forward_kl`` / ``skew_reverse_kl`` (0 = plain KL).
-        beta: b in [0, 1] for ``jsd``.
+        beta: b in [0, 1] for ``jsd``; 0 = forward KL, 1 = reverse KL (TRL's GKD convention).
         loss_mask: optional [...] tensor; tokens where it is 0 get loss 0 and gradient 0 and are
             skipped entirely (must be identical on all TP ranks).
         tp_group: TP group the vocabulary is split over; ``None``: megatron's TP group when
@@ -298,6 +300,8 @@ def kd_loss(
         kind = "forward_kl"
     elif kind == "skew_reverse_kl" and skew == 0.0:
         kind = "reverse_kl"
+    elif kind == "jsd" and beta in (0.0, 1.0):  # the mixture equals one side: TRL's endpoint limits
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
     tp = resolve_tp(tp_group)
     cdtype = compute_dtype(student_logits, teacher_logits)
     vocab = student_logits.shape[-1]

@@ -17,8 +17,8 @@ previous ``latest`` intact and loadable.
 """
 from __future__ import annotations
 
-import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from megatron_kd.models.builder import build_gpt_model
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.sharding import local_padded_vocab_size
 from megatron_kd.runtime.distributed import barrier, is_main_process, rank
-from megatron_kd.utils.io import atomic_write, read_json, write_json_atomic
+from megatron_kd.utils.exits import FilesystemError
+from megatron_kd.utils.io import atomic_write, read_json, replace_dir_atomic, write_json_atomic
 
 LATEST = "latest"
 MODEL_CONFIG = "model_config.json"
@@ -103,6 +104,63 @@ def has_checkpoint(ckpt_dir: str | Path | None) -> bool:
     return bool(ckpt_dir) and (Path(ckpt_dir) / LATEST).is_file()
 
 
+def _in_process_write_results() -> None:
+    """Make megatron-core's synchronous checkpoint writer collect its results in this process.
+
+    By default it starts a ``multiprocessing.Manager`` server process once (for *async* saves),
+    which a process-group SIGTERM (Slurm ``scancel``, preemption) kills before the graceful save
+    runs (``BrokenPipeError``) and which outlives a SIGKILLed trainer. Our saves are synchronous:
+    the results queue is only ever used inside this process, so a plain thread-safe queue serves.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
+_ITER_DIR = re.compile(r"iter_\d{7}")
+
+
+def _complete_iteration_dirs(ckpt_dir: Path) -> list[Path]:
+    """Complete iteration directories (``iter_NNNNNNN`` with a ``meta.json``), oldest write first."""
+    found = [p for p in ckpt_dir.iterdir() if _ITER_DIR.fullmatch(p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: ((p / "meta.json").stat().st_mtime_ns, p.name))
+
+
+def rotate_checkpoints(ckpt_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` most recently *written* complete iteration directories,
+    never the one ``latest`` names; returns the deleted ones. Recency is write order (``meta.json``
+    time), not the iteration number: a run restarted from an earlier step keeps its new saves."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    current = pointer.read_text().strip() if pointer.is_file() else None
+    dirs = [p for p in _complete_iteration_dirs(ckpt_dir) if p.name != current]
+    keep_others = max(keep_last - (1 if current else 0), 0)
+    doomed = dirs[: len(dirs) - keep_others] if keep_others else dirs
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def _state_bytes(sharded: dict[str, Any]) -> int:
+    """Approximate bytes of the tensors a save writes (for 'disk full' messages)."""
+    total = 0
+    stack: list[Any] = [sharded]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        else:
+            data = getattr(item, "data", None)
+            if isinstance(data, torch.Tensor):
+                total += data.numel() * data.element_size()
+    return total
+
+
 def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], model_config: ModelConfig,
                     iteration: int, optimizer=None, scheduler=None, extra: dict[str, Any] | None = None,
                     tokenizer: str | None = None, keep_last: int | None = None) -> Path:
@@ -110,49 +168,61 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
 
     Collective: every rank must call it. ``extra`` is JSON-serialisable run state (e.g. the data
     position ``consumed_samples``, KD schedule step). Returns the final iteration directory.
-    ``keep_last`` deletes older iteration directories beyond the newest N.
+    ``keep_last`` keeps the N most recently written iteration directories (see
+    :func:`rotate_checkpoints`). A failed save (e.g. disk full) removes its temporary directory and
+    leaves ``latest`` and every earlier checkpoint untouched; filesystem errors are re-raised as an
+    ``OSError`` whose message names the path and the space needed/free.
     """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / iteration_dir_name(iteration)
     tmp = ckpt_dir / (final.name + ".tmp")
-    if is_main_process():
-        # Remnants of saves that crashed (never renamed, never pointed to by ``latest``).
-        for stale in ckpt_dir.glob("iter_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model_config.save(ckpt_dir / MODEL_CONFIG)
-    barrier()
-    sharded = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded.get("model") or sharded)
-    dist_checkpointing.save(sharded, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "tracker": _rng_tracker_states()}, tmp / "rng" / f"rank_{rank():05d}.pt")
-    padded = _padded_vocab(model_chunks)
-    barrier()
-    if is_main_process():
-        meta = {
-            "iteration": iteration,
-            "padded_vocab_size": padded,
-            "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-            "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-            "model_config": model_config.to_dict(),
-            "tokenizer": tokenizer,
-            "has_optimizer": optimizer is not None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "extra": extra or {},
-        }
-        write_json_atomic(tmp / "meta.json", meta)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        with atomic_write(ckpt_dir / LATEST) as fh:
-            fh.write(final.name + "\n")
-        if keep_last:
-            olds = sorted(p for p in ckpt_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in olds[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+    _in_process_write_results()
+    sharded: dict[str, Any] = {}
+    try:
+        if is_main_process():
+            # Remnants of saves that crashed (never renamed, never pointed to by ``latest``).
+            for stale in ckpt_dir.glob("iter_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in ckpt_dir.glob("iter_*.old"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            model_config.save(ckpt_dir / MODEL_CONFIG)
+        barrier()
+        sharded = _model_sharded_state_dict(model_chunks)
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(sharded.get("model") or sharded)
+        dist_checkpointing.save(sharded, str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "tracker": _rng_tracker_states()}, tmp / "rng" / f"rank_{rank():05d}.pt")
+        padded = _padded_vocab(model_chunks)
+        barrier()
+        if is_main_process():
+            meta = {
+                "iteration": iteration,
+                "padded_vocab_size": padded,
+                "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+                "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+                "model_config": model_config.to_dict(),
+                "tokenizer": tokenizer,
+                "has_optimizer": optimizer is not None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "extra": extra or {},
+            }
+            write_json_atomic(tmp / "meta.json", meta)
+            # Re-saving an iteration (e.g. the one ``latest`` names): the old copy stays complete
+            # under ``iter_X.old`` until the new one is in place.
+            replace_dir_atomic(tmp, final)
+            with atomic_write(ckpt_dir / LATEST) as fh:
+                fh.write(final.name + "\n")
+            if keep_last:
+                rotate_checkpoints(ckpt_dir, keep_last)
+    except BaseException as exc:
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise FilesystemError(exc, "checkpoint save failed", _state_bytes(sharded) or None) from None
+        raise
     barrier()
     return final
 

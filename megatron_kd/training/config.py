@@ -44,6 +44,13 @@ class TrainConfig:
     exit_duration_mins: float = 0.0
     """Stop (after checkpointing) once this many minutes of training have passed (0 = no limit);
     set it a little below a Slurm time limit so every allocation ends with a checkpoint."""
+    nonfinite: str = "stop"
+    """What a NaN/inf loss or gradient norm does (checked every step): "stop" = exit with code 3 and
+    one line naming the step and the likely cause, without saving that state; "skip" = drop the
+    update (the step still counts), report it as `nonfinite_skipped` in the metrics, and stop only
+    after `nonfinite_max_consecutive` such steps in a row."""
+    nonfinite_max_consecutive: int = 10
+    """With nonfinite=skip: stop (exit code 3) after this many consecutive non-finite steps."""
 
 
 @dataclass
@@ -182,8 +189,27 @@ _WSD_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 _PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+_NONFINITE = ("stop", "skip")
+
+
+def require_numbers(section: str, obj: Any, names: tuple[str, ...]) -> None:
+    """One-line ``ValueError`` for a numeric setting given as null / not a number (e.g. ``lr=null``)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            shown = "null" if value is None else repr(value)
+            raise ValueError(f"{section}.{name}={shown} must be a number: set it or remove it to use the default")
+
+
 def validate_train(train: TrainConfig, data_parallel: int) -> int:
     """Check batch arithmetic; return the number of micro-batches per step per DP rank."""
+    require_numbers("train", train, ("micro_batch_size", "global_batch_size", "seq_length", "train_iters",
+                                     "eval_interval", "eval_iters", "log_interval", "exit_interval",
+                                     "exit_duration_mins", "nonfinite_max_consecutive"))
+    if train.nonfinite not in _NONFINITE:
+        raise ValueError(f"train.nonfinite={train.nonfinite!r} must be one of {list(_NONFINITE)}")
+    if train.nonfinite_max_consecutive < 1:
+        raise ValueError(f"train.nonfinite_max_consecutive={train.nonfinite_max_consecutive} must be >= 1")
     for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters"):
         if getattr(train, name) < 1:
             raise ValueError(f"train.{name}={getattr(train, name)} must be >= 1")
@@ -201,6 +227,11 @@ def validate_train(train: TrainConfig, data_parallel: int) -> int:
 
 def validate_optim(optim: OptimConfig, train_iters: int, on_gpu: bool) -> None:
     """Check the optimizer / schedule / precision settings."""
+    require_numbers("optim", optim, ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                                     "clip_grad", "warmup_fraction", "warmup_iters", "wsd_decay_fraction",
+                                     "initial_loss_scale"))
+    if not optim.lr > 0:
+        raise ValueError(f"optim.lr={optim.lr} must be > 0")
     if optim.lr_schedule not in _SCHEDULES:
         raise ValueError(f"optim.lr_schedule={optim.lr_schedule!r} must be one of {list(_SCHEDULES)}")
     if optim.wsd_decay_style not in _WSD_STYLES:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,11 +22,15 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_kd.models.config import ModelConfig
-from megatron_kd.runtime.distributed import is_main_process
+from megatron_kd.runtime.distributed import device, is_main_process
 from megatron_kd.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from megatron_kd.training.config import CheckpointConfig, LoggingConfig, TrainConfig
-from megatron_kd.training.metrics import MetricsLogger, main_loss, reduce_reports
+from megatron_kd.training.metrics import (MetricsLogger, check_metrics_owner, claim_metrics_path,
+                                          default_metrics_path, main_loss, reduce_reports)
 from megatron_kd.training.optim import current_lr
+from megatron_kd.utils.exits import NonFiniteError, RunInterrupted
+from megatron_kd.utils.processes import StopSignals, children_die_with_parent
+from megatron_kd.utils.progress import read_jsonl
 
 ForwardStep = Callable[[Iterator, torch.nn.Module], tuple[torch.Tensor, Callable]]
 
@@ -69,6 +72,18 @@ def _call_step_hook(hook: Callable, step: int, metrics: dict[str, Any]) -> None:
         hook(step, metrics)
 
 
+def _ddp_grad_buffers(chunk: Any) -> list:
+    """megatron DDP's gradient buffers of ``chunk`` (or of the DDP under its ``.module`` chain, e.g. a
+    distillation wrapper); ``nn.Module.buffers`` (a method) is not what is meant."""
+    module = chunk
+    while module is not None:
+        found = getattr(module, "buffers", None)
+        if isinstance(found, (list, tuple)):
+            return list(found) + list(getattr(module, "expert_parallel_buffers", None) or [])
+        module = getattr(module, "module", None)
+    return []
+
+
 class Trainer:
     """Runs optimizer steps over megatron-core model chunks (see the module docstring).
 
@@ -97,7 +112,11 @@ class Trainer:
         self.consumed_samples = 0
         self.num_microbatches = num_microbatches(train)
         self._stop_requested = False
+        self._signals: StopSignals | None = None
         self._fit_start = time.perf_counter()
+        self._saved_iteration: int | None = None  # iteration of the checkpoint in checkpoint.save, if any
+        self.nonfinite_skips = 0  # updates dropped by train.nonfinite=skip over the whole run
+        self._nonfinite_streak = 0
 
     # ----------------------------------------------------------------------------- checkpoints
     def resume(self) -> bool:
@@ -120,6 +139,9 @@ class Trainer:
         self.iteration = int(meta["iteration"])
         extra = meta.get("extra") or {}
         self.consumed_samples = int(extra.get("consumed_samples", self.iteration * self.train_cfg.global_batch_size))
+        self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
+        if self.ckpt_cfg.save and Path(source).resolve() == Path(self.ckpt_cfg.save).resolve():
+            self._saved_iteration = self.iteration
         if self.load_extra_state is not None:
             self.load_extra_state(extra.get("hooks") or {})
         self._print(f"resumed from {meta['path']} at iteration {self.iteration} "
@@ -130,12 +152,13 @@ class Trainer:
         """Checkpoint the current state into ``checkpoint.save`` (collective; no-op without a save dir)."""
         if not self.ckpt_cfg.save:
             return None
-        extra = {"consumed_samples": self.consumed_samples,
+        extra = {"consumed_samples": self.consumed_samples, "nonfinite_skips": self.nonfinite_skips,
                  "hooks": self.extra_state() if self.extra_state is not None else {}}
         path = save_checkpoint(self.ckpt_cfg.save, self.model_chunks, self.model_config, self.iteration,
                                optimizer=self.optimizer, scheduler=self.scheduler, extra=extra,
                                tokenizer=self.ckpt_cfg.tokenizer or self.tokenizer,
                                keep_last=self.ckpt_cfg.keep_last or None)
+        self._saved_iteration = self.iteration
         self._print(f"saved checkpoint {path}")
         return path
 
@@ -161,16 +184,69 @@ class Trainer:
         # Step k (1-based) uses the schedule's lr(k): warmup reaches the peak at step W exactly.
         self.scheduler.step(1)
         lr = current_lr(self.optimizer)
-        ok, grad_norm, _ = self.optimizer.step()
+        metrics = reduce_reports(reports)
+        loss = main_loss(metrics)
+        finite = math.isfinite(loss) and self._grads_finite()
+        ok, grad_norm = False, None
+        if finite:  # a non-finite update is never applied (train.nonfinite decides what happens next)
+            ok, grad_norm, _ = self.optimizer.step()
         self.iteration += 1
         self.consumed_samples += self.train_cfg.global_batch_size
-        metrics = reduce_reports(reports)
-        out = {"loss": main_loss(metrics), **metrics, "lr": lr,
+        out = {"loss": loss, **metrics, "lr": lr,
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                "consumed_samples": self.consumed_samples}
-        if not ok:
+        if not finite:
+            out["nonfinite_skipped"] = 1
+        elif not ok:
             out["skipped"] = 1  # fp16 overflow: megatron skipped the update
         return out
+
+    def _grads_finite(self) -> bool:
+        """True when every gradient element on every rank is finite (collective; one pass over the
+        DDP gradient buffers). fp16 runs leave overflow to megatron's loss scaler."""
+        if getattr(getattr(self.optimizer, "config", None), "fp16", False):
+            return True
+        local = True
+        for chunk in self.model_chunks:
+            buffers = _ddp_grad_buffers(chunk)
+            grads = [b.grad_data for b in buffers if getattr(b, "grad_data", None) is not None]
+            if not grads:
+                grads = [g for p in chunk.parameters()
+                         if (g := (getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None
+                                   else p.grad)) is not None]
+            local = local and all(bool(torch.isfinite(g).all()) for g in grads)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([int(local)], dtype=torch.int32, device=device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            local = bool(flag.item())
+        return local
+
+    def _handle_nonfinite(self, metrics: dict[str, Any]) -> None:
+        """Apply ``train.nonfinite`` after a step whose update was dropped (raises NonFiniteError)."""
+        if not metrics.get("nonfinite_skipped"):
+            self._nonfinite_streak = 0
+            return
+        self.nonfinite_skips += 1
+        self._nonfinite_streak += 1
+        metrics["nonfinite_skips"] = self.nonfinite_skips
+        cfg = self.train_cfg
+        loss = metrics.get("loss", float("nan"))
+        what = f"loss {loss}" if not math.isfinite(loss) else "gradient (NaN/inf elements)"
+        if cfg.nonfinite == "skip" and self._nonfinite_streak < cfg.nonfinite_max_consecutive:
+            self._print(f"step {self.iteration}: non-finite {what}: update skipped "
+                        f"({self._nonfinite_streak}/{cfg.nonfinite_max_consecutive} in a row)")
+            return
+        if self.iteration == 1 or self.iteration - self._nonfinite_streak == 0:
+            cause = "the data or the initialisation (non-finite from the first step)"
+        else:
+            cause = f"divergence: learning rate too high (lr {metrics.get('lr', float('nan')):.3g} at this step)"
+        streak = f"{self._nonfinite_streak} consecutive non-finite steps, " if cfg.nonfinite == "skip" else ""
+        saved = (f"last checkpoint: iteration {self._saved_iteration}" if self._saved_iteration is not None
+                 else "no checkpoint saved")
+        raise NonFiniteError(
+            f"non-finite {what} at step {self.iteration} ({streak}train.nonfinite={cfg.nonfinite}); likely cause: "
+            f"{cause}; this state was not saved ({saved}); lower optim.lr, set optim.clip_grad, or "
+            "train.nonfinite=skip")
 
     @torch.no_grad()
     def evaluate(self, valid_iterator: Iterator) -> dict[str, float]:
@@ -187,84 +263,111 @@ class Trainer:
         return {"loss": loss, **metrics, "ppl": math.exp(min(loss, 50.0))}
 
     # ----------------------------------------------------------------------------- the loop
+    def metrics_path(self) -> str | None:
+        """The JSONL metrics file: ``logging.metrics_path``, else ``<checkpoint.save>/metrics.jsonl``."""
+        path = self.log_cfg.metrics_path or default_metrics_path(self.ckpt_cfg.save)
+        return str(path) if path is not None else None
+
     def fit(self, make_train_iterator: Callable[[int], Iterator],
             make_valid_iterator: Callable[[], Iterator] | None = None) -> dict[str, Any]:
-        """Train until ``train.train_iters`` (or ``exit_interval`` / ``exit_duration_mins`` / SIGTERM),
+        """Train until ``train.train_iters`` (or ``exit_interval`` / ``exit_duration_mins`` / a signal),
         checkpointing and evaluating.
 
         ``make_train_iterator(consumed_samples)`` returns this rank's micro-batch iterator starting
         at that global sample; ``make_valid_iterator()`` a fresh validation iterator (each evaluation
         sees the same batches). Returns ``{"iteration", "train": last step metrics, "valid": last eval}``.
+
+        Faults: SIGTERM/SIGINT finish the current step, save, and raise :class:`RunInterrupted`
+        (exit code 75); a non-finite step follows ``train.nonfinite`` (:class:`NonFiniteError`,
+        exit code 3); a run that had already finished returns at once, changing nothing.
         """
         train_cfg = self.train_cfg
+        children_die_with_parent()
+        metrics_path = self.metrics_path()
+        if self.iteration >= train_cfg.train_iters and self._saved_iteration == self.iteration:
+            return self._finished_result(metrics_path)
+        check_metrics_owner(metrics_path, self.ckpt_cfg.save)
+        claim_metrics_path(metrics_path, self.ckpt_cfg.save)
         self._fit_start = time.perf_counter()
         for chunk in self.model_chunks:
             chunk.train()
         data_iterator = make_train_iterator(self.consumed_samples)
-        metrics_path = self.log_cfg.metrics_path or (
-            str(Path(self.ckpt_cfg.save) / "metrics.jsonl") if self.ckpt_cfg.save else None)
         logger = MetricsLogger(self.log_cfg, metrics_path, train_cfg.train_iters, self.iteration,
                                train_cfg.global_batch_size * train_cfg.seq_length, train_cfg.log_interval, self.desc)
-        previous = self._install_sigterm()
         last: dict[str, Any] = {"iteration": self.iteration, "train": {}, "valid": {}}
-        saved_at = self.iteration
         do_eval = make_valid_iterator is not None and train_cfg.eval_iters > 0
         try:
-            while self.iteration < train_cfg.train_iters:
-                t0 = time.perf_counter()
-                step_metrics = self.train_step(data_iterator)
-                logger.log_train(self.iteration, step_metrics, time.perf_counter() - t0)
-                last["train"] = step_metrics
-                if self.on_step_end is not None:
-                    _call_step_hook(self.on_step_end, self.iteration, step_metrics)
-                if do_eval and train_cfg.eval_interval and self.iteration % train_cfg.eval_interval == 0:
+            with StopSignals() as self._signals:
+                while self.iteration < train_cfg.train_iters:
+                    t0 = time.perf_counter()
+                    step_metrics = self.train_step(data_iterator)
+                    self._handle_nonfinite_logged(logger, step_metrics, time.perf_counter() - t0)
+                    last["train"] = step_metrics
+                    if self.on_step_end is not None:
+                        _call_step_hook(self.on_step_end, self.iteration, step_metrics)
+                    if do_eval and train_cfg.eval_interval and self.iteration % train_cfg.eval_interval == 0:
+                        last["valid"] = self.evaluate(make_valid_iterator())
+                        logger.log_eval(self.iteration, last["valid"])
+                    interval = self.ckpt_cfg.save_interval
+                    if interval and self.iteration % interval == 0:
+                        self.save()
+                    if self._should_stop():
+                        break
+                finished = self.iteration >= train_cfg.train_iters
+                # An interrupted run skips the final evaluation: its resumed run does it, so the
+                # metrics equal those of an uninterrupted run.
+                if finished and do_eval and not (train_cfg.eval_interval
+                                                 and self.iteration % train_cfg.eval_interval == 0):
                     last["valid"] = self.evaluate(make_valid_iterator())
                     logger.log_eval(self.iteration, last["valid"])
-                interval = self.ckpt_cfg.save_interval
-                if interval and self.iteration % interval == 0:
+                if self._saved_iteration != self.iteration:
                     self.save()
-                    saved_at = self.iteration
-                stop = self._should_stop()
-                if stop:
-                    break
-            if do_eval and not (train_cfg.eval_interval and self.iteration % train_cfg.eval_interval == 0):
-                last["valid"] = self.evaluate(make_valid_iterator())
-                logger.log_eval(self.iteration, last["valid"])
-            if saved_at != self.iteration:
-                self.save()
+                signal_name = self._signals.received
         finally:
+            self._signals = None
             logger.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
         last["iteration"] = self.iteration
+        if signal_name and not finished:
+            where = (f"checkpoint {self.ckpt_cfg.save} at iteration {self.iteration} saved; rerun the same command "
+                     "to resume" if self.ckpt_cfg.save else "nothing saved (no checkpoint.save)")
+            raise RunInterrupted(f"interrupted by {signal_name} after step {self.iteration}/{train_cfg.train_iters}: "
+                                 f"{where} (exit code 75 = requeue)")
+        return last
+
+    def _handle_nonfinite_logged(self, logger: MetricsLogger, metrics: dict[str, Any], step_time: float) -> None:
+        """Count a dropped update, log the step, then apply ``train.nonfinite`` (may raise)."""
+        try:
+            self._handle_nonfinite(metrics)
+        finally:
+            logger.log_train(self.iteration, metrics, step_time)
+
+    def _finished_result(self, metrics_path: str | None) -> dict[str, Any]:
+        """A rerun of a finished run: say so, touch nothing, return the recorded final metrics."""
+        self._print(f"run already finished: checkpoint {self.ckpt_cfg.save} is at iteration {self.iteration} "
+                    f"= train.train_iters; nothing to do (raise train.train_iters to train further)")
+        last: dict[str, Any] = {"iteration": self.iteration, "train": {}, "valid": {}, "already_finished": True}
+        if metrics_path and Path(metrics_path).is_file():
+            for record in read_jsonl(metrics_path):
+                if record.get("step") == self.iteration and record.get("split") in ("train", "valid"):
+                    last[record["split"]] = {k: v for k, v in record.items() if k not in ("step", "split", "time")}
         return last
 
     def _should_stop(self) -> bool:
-        """Agree across ranks on stopping early (exit_interval, or SIGTERM seen by any rank)."""
+        """Agree across ranks on stopping early (exit_interval, exit_duration_mins, or a signal on any rank)."""
         exit_interval, minutes = self.train_cfg.exit_interval, self.train_cfg.exit_duration_mins
-        local = self._stop_requested or bool(exit_interval and self.iteration % exit_interval == 0)
+        signalled = self._stop_requested or bool(self._signals is not None and self._signals.received)
+        local = signalled or bool(exit_interval and self.iteration % exit_interval == 0)
         local = local or bool(minutes and time.perf_counter() - self._fit_start > 60.0 * minutes)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([int(local)], dtype=torch.int32)
+            flag = torch.tensor([int(local), int(signalled)], dtype=torch.int32, device=device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            local = bool(flag.item())
+            local = bool(flag[0].item())
+            if flag[1].item() and self._signals is not None and not self._signals.received:
+                self._signals.received = "SIGTERM"  # another rank was signalled
         if local and self.iteration < self.train_cfg.train_iters:
             self._print(f"stopping early at iteration {self.iteration} (exit_interval, exit_duration_mins "
-                        "or SIGTERM)")
+                        "or a signal)")
         return local
-
-    def _install_sigterm(self):
-        """Slurm sends SIGTERM before killing a job: finish the step, checkpoint, exit cleanly."""
-        if not self.ckpt_cfg.save:
-            return None
-
-        def handler(signum, frame):  # noqa: ARG001
-            self._stop_requested = True
-
-        try:
-            return signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread
-            return None
 
     def _print(self, message: str) -> None:
         if is_main_process():

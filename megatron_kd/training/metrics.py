@@ -8,7 +8,9 @@ loss layer reports (``lm``, ``kd``, ``total``, ``alpha``, ...) reaches the metri
 from __future__ import annotations
 
 import datetime
+import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from megatron.core import parallel_state
 from megatron_kd.runtime.distributed import is_main_process
 from megatron_kd.training.config import LoggingConfig
 from megatron_kd.utils.io import atomic_write
-from megatron_kd.utils.progress import JsonlWriter, progress, read_jsonl
+from megatron_kd.utils.progress import JsonlWriter, progress, read_jsonl_lines
 
 
 def _pairs(reports: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -67,16 +69,68 @@ def main_loss(metrics: dict[str, float]) -> float:
     return next(iter(metrics.values())) if metrics else float("nan")
 
 
+METRICS_OWNER = "metrics_owner.json"
+
+
+def default_metrics_path(save_dir: str | Path | None) -> Path | None:
+    """``<checkpoint.save>/metrics.jsonl``: where a run's metrics go unless ``logging.metrics_path`` says."""
+    return Path(save_dir) / "metrics.jsonl" if save_dir else None
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def check_metrics_owner(metrics_path: str | Path | None, save_dir: str | Path | None) -> None:
+    """Refuse (one-line ``ValueError``) a metrics file that holds another run's records.
+
+    A run owns ``<save>/metrics.jsonl`` and any file its save directory has claimed (in
+    ``<save>/metrics_owner.json``); it resumes into them and truncates them to its checkpoint. Any
+    other non-empty file belongs to another run and is never truncated.
+    """
+    if metrics_path is None or not Path(metrics_path).is_file() or Path(metrics_path).stat().st_size == 0:
+        return
+    default = default_metrics_path(save_dir)
+    if default is not None and _same_file(metrics_path, default):
+        return
+    if save_dir is not None:
+        claim = Path(save_dir) / METRICS_OWNER
+        try:
+            claimed = json.loads(claim.read_text(encoding="utf-8")).get("metrics_path") if claim.is_file() else None
+        except (json.JSONDecodeError, AttributeError):
+            claimed = None
+        if claimed and _same_file(Path(save_dir) / claimed, metrics_path):
+            return
+    where = f"<checkpoint.save>/metrics.jsonl = {default}" if default is not None else "a new file"
+    raise ValueError(f"logging.metrics_path={metrics_path} holds another run's metrics: it is not truncated; "
+                     f"unset logging.metrics_path (default {where}) or choose a new file")
+
+
+def claim_metrics_path(metrics_path: str | Path | None, save_dir: str | Path | None) -> None:
+    """Record in ``<save>/metrics_owner.json`` that this run writes ``metrics_path`` (rank 0)."""
+    if metrics_path is None or save_dir is None or not is_main_process():
+        return
+    default = default_metrics_path(save_dir)
+    if _same_file(metrics_path, default):
+        return
+    target = Path(os.path.relpath(Path(metrics_path).resolve(), Path(save_dir).resolve()))
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    with atomic_write(Path(save_dir) / METRICS_OWNER) as fh:
+        json.dump({"metrics_path": str(target)}, fh)
+
+
 def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop records with ``step > last_step`` (from a run that was killed after its last checkpoint)."""
+    """Drop records with ``step > last_step`` (from a run that was killed after its last checkpoint)
+    and a torn last line (reported in one line), so a resumed run never duplicates a record."""
     path = Path(path)
     if not is_main_process() or not path.is_file():
         return
-    records = read_jsonl(path)
+    records, torn = read_jsonl_lines(path)
+    if torn is not None:
+        print(f"{path}: ignored a torn last line ({len(torn.encode())} bytes, a write cut short by a crash "
+              "or a full disk)", flush=True)
     kept = [r for r in records if r.get("step", 0) <= last_step]
-    if len(kept) != len(records):
-        import json
-
+    if len(kept) != len(records) or torn is not None:
         with atomic_write(path) as fh:
             for r in kept:
                 fh.write(json.dumps(r) + "\n")

@@ -44,7 +44,27 @@ class JsonlWriter:
             self._fh = None
 
 
+def read_jsonl_lines(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
+    """``(records, torn)`` of a JSONL file. A last line that does not parse (a write cut short by
+    a crash or a full disk) is left out and returned as ``torn``; a bad line elsewhere raises a
+    one-line ``ValueError`` naming ``file:line``."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.readlines()
+    records: list[dict[str, Any]] = []
+    torn = None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                torn = line
+                break
+            raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg}): fix or delete that line") from None
+    return records, torn
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL file."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """All records of a JSONL file (a torn last line is ignored, see :func:`read_jsonl_lines`)."""
+    return read_jsonl_lines(path)[0]

@@ -43,6 +43,8 @@ def dense_row(s, t, kind, temperature=1.0, skew=0.1, beta=0.5):
         return _kl(p, lt, _log_mix(skew, lt, ls))
     if kind == "skew_reverse_kl":
         return _kl(q, ls, _log_mix(skew, ls, lt))
+    if kind == "jsd" and beta in (0.0, 1.0):  # TRL's GKD endpoints: forward / reverse KL
+        return _kl(p, lt, ls) if beta == 0.0 else _kl(q, ls, lt)
     if kind == "jsd":
         lm = _log_mix(beta, lt, ls)
         return beta * _kl(p, lt, lm) + (1 - beta) * _kl(q, ls, lm)

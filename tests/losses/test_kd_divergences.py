@@ -52,13 +52,36 @@ def test_special_parameter_values():
     torch.testing.assert_close(kd_loss(s, t, "skew_reverse_kl", skew=0.0), rkl)
     for kind in ("skew_forward_kl", "skew_reverse_kl"):
         assert kd_loss(s, t, kind, skew=1.0).abs().max() < 1e-5
-    for beta in (0.0, 1.0):
-        assert kd_loss(s, t, "jsd", beta=beta).abs().max() < 1e-5
+    # generalised JSD endpoints as TRL's generalized_jsd_loss defines them (not the 0 of the formula)
+    torch.testing.assert_close(kd_loss(s, t, "jsd", beta=0.0), fkl)
+    torch.testing.assert_close(kd_loss(s, t, "jsd", beta=1.0), rkl)
     # soft CE = forward KL + teacher entropy; identical logits give KL 0
     ent = -(t.softmax(-1) * t.log_softmax(-1)).sum(-1)
     torch.testing.assert_close(kd_loss(s, t, "soft_ce"), fkl + ent, rtol=1e-5, atol=1e-5)
     for kind in set(KINDS) - {"soft_ce"}:
         assert kd_loss(t, t, kind).abs().max() < 1e-5, kind
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gkd_jsd_against_float64_trl_convention(beta):
+    """GKD's generalised JSD (value and gradient) against float64 maths written the way TRL's
+    ``generalized_jsd_loss`` writes it: beta=0 is KL(teacher || student), beta=1 KL(student || teacher)."""
+    s, t = _logits((3, 4, V), 21).double(), _logits((3, 4, V), 22).double()
+    T = 0.9
+    x = s.clone().requires_grad_(True)
+    lq, lp = torch.log_softmax(x / T, -1), torch.log_softmax(t / T, -1)
+    if beta == 0.0:
+        ref = (lp.exp() * (lp - lq)).sum(-1)
+    elif beta == 1.0:
+        ref = (lq.exp() * (lq - lp)).sum(-1)
+    else:
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log(1 - beta))
+        ref = beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
+    ref.sum().backward()
+    loss, grad = R.loss_and_grad(kd_loss, s, t, "jsd", temperature=T, beta=beta)
+    assert float(ref.detach().min()) > 1e-3  # a real divergence, not the degenerate 0
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", KINDS)
