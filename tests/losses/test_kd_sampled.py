@@ -147,7 +147,7 @@ def test_bad_inputs_fail_in_one_line():
         KDLossConfig(target_kind="topk")
     # the loss layer forwards the configured kind
     labels = torch.zeros(P, dtype=torch.long)
-    loss, _, rep = DistillationLoss(KDLossConfig(alpha=1.0, target_kind="weights"))(
+    loss, _, _ = DistillationLoss(KDLossConfig(alpha=1.0, target_kind="weights"))(
         s, labels, torch.ones(P), target_ids=ids, target_logprobs=lw)
     ref = sparse_kd_loss(s, ids, lw, target_kind="weights").sum()
     assert torch.allclose(loss, ref)
