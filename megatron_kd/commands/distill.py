@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_kd.commands._flags import flag
+
 
 def run(args: argparse.Namespace) -> int:
     """Load and validate the config, then distil (or, with --dry-run, only validate)."""
@@ -12,7 +14,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_kd.distill.config import DistillConfig
     from megatron_kd.distill.run import prepare_distill_config, run_distill
 
-    cfg = load_config(DistillConfig, args.config, args.overrides)
+    overrides = list(args.overrides) + (["logging.quiet=true"] if args.no_progress else [])
+    cfg = load_config(DistillConfig, args.config, overrides)
     if args.dry_run:
         model_cfg, spec = prepare_distill_config(cfg)
         resolved = {**to_dict(cfg), "resolved_model": model_cfg.to_dict()}
@@ -39,5 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML file with a DistillConfig (default: built-in defaults)")
     p.add_argument("--dry-run", action="store_true", help="validate the config (and the teacher checkpoint), "
                    "print it resolved, and exit")
+    flag(p, "--no-progress", action="store_true", help="no progress bar (= logging.quiet=true)")
     p.add_argument("overrides", nargs="*", default=[], help="config overrides like kd.alpha=0.9 teacher.dtype=bf16")
     p.set_defaults(func=run, config_class="megatron_kd.distill.config:DistillConfig")

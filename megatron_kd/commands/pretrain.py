@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_kd.commands._flags import flag
+
 
 def run(args: argparse.Namespace) -> int:
     """Load and validate the config, then train (or, with --dry-run, only validate)."""
@@ -12,7 +14,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_kd.training.config import PretrainConfig
     from megatron_kd.training.pretrain import prepare_config, run_pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    overrides = list(args.overrides) + (["logging.quiet=true"] if args.no_progress else [])
+    cfg = load_config(PretrainConfig, args.config, overrides)
     if args.dry_run:
         model_cfg = prepare_config(cfg)
         shown = to_dict(cfg)
@@ -33,5 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default=None, help="YAML file with a PretrainConfig (default: built-in defaults)")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+    flag(p, "--no-progress", action="store_true", help="no progress bar (= logging.quiet=true)")
     p.add_argument("overrides", nargs="*", default=[], help="config overrides like train.train_iters=100")
     p.set_defaults(func=run, config_class="megatron_kd.training.config:PretrainConfig")
