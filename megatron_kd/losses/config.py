@@ -46,7 +46,7 @@ class KDLossConfig:
     residual: bool = False
     """Sparse targets only: keep the stored top-k mass un-renormalised and match the rest as one
     remainder bucket (needs temperature 1). False = renormalise over the kept ids (PD paper)."""
-    target_kind: str = "auto"
+    target_kind: Literal["auto", "logprobs", "weights"] = "auto"
     """Sparse targets only: what the stored values are. auto = what the logits store says (offline
     KD reads it from the store); logprobs = teacher log-probs (--method topk); weights = log
     target weights of a sampled store (--method sample|topk+sample: soft cross-entropy, needs
