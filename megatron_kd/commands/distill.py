@@ -12,7 +12,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_kd.distill.config import DistillConfig
     from megatron_kd.distill.run import prepare_distill_config, run_distill
 
-    cfg = load_config(DistillConfig, args.config, args.overrides)
+    overrides = list(args.overrides) + (["data.verify_data=true"] if args.verify_data else [])
+    cfg = load_config(DistillConfig, args.config, overrides)
     if args.dry_run:
         model_cfg, spec = prepare_distill_config(cfg)
         resolved = {**to_dict(cfg), "resolved_model": model_cfg.to_dict()}
@@ -39,5 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML file with a DistillConfig (default: built-in defaults)")
     p.add_argument("--dry-run", action="store_true", help="validate the config (and the teacher checkpoint), "
                    "print it resolved, and exit")
+    p.add_argument("--verify-data", action="store_true", help="check every token id and the data files' sha256 "
+                   "before training (default: a fast sampled check) = data.verify_data=true")
     p.add_argument("overrides", nargs="*", default=[], help="config overrides like kd.alpha=0.9 teacher.dtype=bf16")
     p.set_defaults(func=run, config_class="megatron_kd.distill.config:DistillConfig")

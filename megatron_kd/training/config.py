@@ -136,6 +136,9 @@ class PretrainDataConfig:
     """Where GPTDataset index caches go (None = next to the data)."""
     synthetic_concentration: float = 0.9
     """Synthetic data: probability that the next token is the chain's preferred successor."""
+    verify_data: bool = False
+    """Before training, check every token id against the vocabulary and the files' sha256 against
+    their manifest (`--verify-data`); by default a fast sampled check of the token ids runs."""
 
 
 def _model_spec_fields() -> list[tuple[str, Any, Any]]:

@@ -55,6 +55,11 @@ def prepare_config(cfg: PretrainConfig) -> ModelConfig:
         if model_cfg.vocab_size < tok_vocab:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                              f"{tok_vocab}: unset model.vocab_size or raise it")
+    if cfg.data.prefixes and not cfg.data.synthetic:
+        from megatron_kd.data.manifest import check_token_ids
+
+        for prefix in cfg.data.prefixes:  # sizes, header and a sampled token-id check, before any work
+            check_token_ids(prefix, model_cfg.vocab_size)
     source, _ = resume_dir(cfg.checkpoint)
     if source is not None:
         meta = read_checkpoint_meta(source)
@@ -77,7 +82,8 @@ def _data_config(cfg: PretrainConfig):
     ours = {"prefixes": cfg.data.prefixes, "train_prefixes": cfg.data.prefixes, "paths": cfg.data.prefixes,
             "split": cfg.data.split, "seq_length": cfg.train.seq_length, "sequence_length": cfg.train.seq_length,
             "seed": cfg.train.seed, "random_seed": cfg.train.seed, "cache_dir": cfg.data.cache_dir,
-            "path_to_cache": cfg.data.cache_dir, "tokenizer": cfg.data.tokenizer}
+            "path_to_cache": cfg.data.cache_dir, "tokenizer": cfg.data.tokenizer,
+            "verify_data": getattr(cfg.data, "verify_data", False)}
     names = {f.name for f in dataclasses.fields(DataConfig)}
     return DataConfig(**{k: v for k, v in ours.items() if k in names})
 
