@@ -19,6 +19,10 @@ from typing import Optional
 from megatron_kd.losses.config import KDLossConfig
 from megatron_kd.training.config import PretrainConfig
 
+CROSS_TOKENIZER_LOSSES = ("uld", "hybrid", "projected")
+"""kd.cross_tokenizer values (megatron_kd.distill.cross_tokenizer)."""
+ALIGNMENT_RULES = ("exact", "nearest_earlier")
+"""kd.alignment values (megatron_kd.data.alignment)."""
 MODES = ("online", "offline", "none")
 """online: teacher in the job; offline: stored sparse targets; none: the student alone (LM loss)."""
 INTERMEDIATE_LOSSES = ("cosine", "mse")
@@ -39,7 +43,8 @@ class TeacherConfig:
     iteration: Optional[int] = None
     """Teacher checkpoint iteration to load; None = the one its `latest` file names."""
     tokenizer: Optional[str] = None
-    """Tokenizer of the teacher for the vocabulary check; None = the one recorded in its checkpoint."""
+    """Tokenizer of the teacher (the vocabulary check; with kd.cross_tokenizer also the one the
+    teacher reads the documents with); None = the one recorded in its checkpoint."""
 
 
 @dataclass
@@ -71,6 +76,22 @@ class KDConfig(KDLossConfig):
     projection maps student width to teacher width when they differ). Any pipeline stage."""
     intermediate_weight: float = 1.0
     """Weight of the summed intermediate losses inside the KD term: KD = logits + w * intermediate."""
+    cross_tokenizer: Optional[str] = None
+    """online, teacher with another tokenizer: uld (Universal Logit Distillation: sorted
+    probabilities) | hybrid (exact KL on ids with the same text in both vocabularies + ULD on the
+    rest) | projected (forward KL to the teacher distribution mapped onto the student token each
+    teacher token's text starts with); None = same tokenizer, id-by-id KD (kd.kind).
+    docs/cross_tokenizer.md."""
+    uld_top_m: Optional[int] = None
+    """cross_tokenizer: compare only the m largest probabilities of each side (+ the tail masses);
+    None = exact (whole sorted vectors; under TP each chunk's logits are all-gathered)."""
+    hybrid_matched_weight: float = 1.0
+    """cross_tokenizer=hybrid: weight of the KL over the matched (same-text) ids."""
+    hybrid_unmatched_weight: float = 1.0
+    """cross_tokenizer=hybrid: weight of the ULD over the unmatched ids' probabilities."""
+    alignment: str = "exact"
+    """cross_tokenizer: exact (teacher position ending at the same byte, else unaligned) |
+    nearest_earlier (the last teacher position ending at or before it)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +101,15 @@ class KDConfig(KDLossConfig):
             raise ValueError(f"kd.logits_top_k={self.logits_top_k} must be >= 1 or null")
         if self.intermediate_weight < 0:
             raise ValueError(f"kd.intermediate_weight={self.intermediate_weight} must be >= 0")
+        if self.cross_tokenizer is not None and self.cross_tokenizer not in CROSS_TOKENIZER_LOSSES:
+            raise ValueError(f"kd.cross_tokenizer={self.cross_tokenizer!r} is not one of "
+                             f"{', '.join(CROSS_TOKENIZER_LOSSES)} (or null)")
+        if self.uld_top_m is not None and self.uld_top_m < 1:
+            raise ValueError(f"kd.uld_top_m={self.uld_top_m} must be >= 1 or null (exact)")
+        if self.hybrid_matched_weight < 0 or self.hybrid_unmatched_weight < 0:
+            raise ValueError("kd.hybrid_matched_weight and kd.hybrid_unmatched_weight must be >= 0")
+        if self.alignment not in ALIGNMENT_RULES:
+            raise ValueError(f"kd.alignment={self.alignment!r} is not one of {', '.join(ALIGNMENT_RULES)}")
         for i, pair in enumerate(self.intermediate):
             if pair.loss not in INTERMEDIATE_LOSSES:
                 raise ValueError(f"kd.intermediate[{i}].loss={pair.loss!r} is not one of "
@@ -132,6 +162,16 @@ def validate_kd_settings(cfg: DistillConfig) -> None:
         if kd.kind not in ("forward_kl", "soft_ce"):
             raise ValueError(f"kd.kind={kd.kind} is not available with stored sparse targets (offline KD is "
                              "forward KL over the kept ids): use kd.kind=forward_kl, or kd.mode=online")
+    if kd.cross_tokenizer is not None and kd.mode != "none":
+        if kd.mode != "online":
+            raise ValueError(f"kd.cross_tokenizer needs kd.mode=online (got {kd.mode}): a byte-offset keyed logits "
+                             "store is not implemented yet (docs/cross_tokenizer.md)")
+        if kd.intermediate:
+            raise ValueError("kd.intermediate cannot be combined with kd.cross_tokenizer: the two models' "
+                             "positions do not correspond token by token")
+        if cfg.data.synthetic or not cfg.data.tokenizer:
+            raise ValueError("kd.cross_tokenizer needs indexed text data and data.tokenizer (the teacher re-reads "
+                             "the documents' text), not synthetic data")
     if kd.mode != "offline" and kd.residual:
         raise ValueError("kd.residual=true applies to stored sparse targets only: set kd.mode=offline or "
                          "kd.residual=false")

@@ -86,6 +86,8 @@ class DistillationModel(torch.nn.Module):
         self.teacher_timer, self.student_timer = ForwardTimer(), ForwardTimer()
         self.intermediate = intermediate  # IntermediateLosses of this stage's pairs, or None
         self.loss_mask: Optional[torch.Tensor] = None  # [b, s] of the next forward (set by the forward step)
+        # (tokens, position_ids) the teacher reads instead of the student's (cross-tokenizer KD), or None
+        self.teacher_inputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._teacher_output: Optional[torch.Tensor] = None
         self._aux: Optional[torch.Tensor] = None
 
@@ -108,8 +110,10 @@ class DistillationModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Any = None,
                 **kwargs: Any) -> torch.Tensor:
         """Teacher stage (no grad), then student stage; see the module docstring for the output."""
+        t_ids, t_pos = self.teacher_inputs if self.teacher_inputs is not None else (input_ids, position_ids)
+        self.teacher_inputs = None
         with torch.no_grad(), self.teacher_timer():
-            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+            teacher_out = self.teacher(t_ids, t_pos, attention_mask)
         with self.student_timer():
             student_out = self.module(input_ids, position_ids, attention_mask, **kwargs)
         aux = None

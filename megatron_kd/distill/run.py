@@ -93,7 +93,8 @@ def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec
     if cfg.kd.mode == "online":
         spec = inspect_teacher(cfg.teacher.load, model_cfg, cfg.parallel.tensor_parallel,
                                cfg.parallel.pipeline_parallel, cfg.train.seq_length, cfg.teacher.iteration,
-                               cfg.teacher.tokenizer, cfg.data.tokenizer)
+                               cfg.teacher.tokenizer, cfg.data.tokenizer,
+                               cross_tokenizer=cfg.kd.cross_tokenizer is not None)
         resolve_pairs(cfg.kd.intermediate, model_cfg, spec.model_config, cfg.parallel.pipeline_parallel)
     elif cfg.kd.mode == "offline":
         store = _open_store(cfg)
@@ -107,6 +108,15 @@ def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec
 def kd_vocab_size(model_cfg: ModelConfig, spec: TeacherSpec | None) -> int:
     """Real vocabulary the losses run over (columns beyond are masked on both sides)."""
     return int(spec.vocab.kd_vocab_size) if spec is not None else model_cfg.vocab_size
+
+
+def _teacher_tokenizer(cfg: DistillConfig) -> str | None:
+    """teacher.tokenizer, else the tokenizer the teacher checkpoint records."""
+    if cfg.teacher.tokenizer:
+        return cfg.teacher.tokenizer
+    from megatron_kd.interop.convert import checkpoint_tokenizer
+
+    return checkpoint_tokenizer(cfg.teacher.load)
 
 
 def _open_store(cfg: DistillConfig):
@@ -126,6 +136,10 @@ def build_distill_data_iterators(cfg: DistillConfig, model_cfg: ModelConfig) -> 
     (``TeacherTargetsDataset``, which refuses a store of other data or another tokenizer); the
     validation split stays plain (held-out LM loss).
     """
+    if cfg.kd.mode == "online" and cfg.kd.cross_tokenizer is not None:
+        from megatron_kd.distill.cross_tokenizer import build_cross_tokenizer_iterators
+
+        return build_cross_tokenizer_iterators(cfg, model_cfg, _teacher_tokenizer(cfg))
     if cfg.kd.mode != "offline":
         return build_data_iterators(cfg, model_cfg)
     from megatron_kd.data.gpt_dataset import ResumableBatchIterator, build_gpt_datasets
@@ -159,7 +173,9 @@ def build_distill_trainer(cfg: DistillConfig, model_cfg: ModelConfig, spec: Teac
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     source, _ = resume_dir(cfg.checkpoint)
     resume_padded = read_checkpoint_meta(source)["padded_vocab_size"] if source is not None else None
-    padded = student_padded_vocab(spec, model_cfg, tp, resume_padded) if spec is not None else resume_padded
+    xtok = spec is not None and cfg.kd.cross_tokenizer is not None
+    # Cross-tokenizer: the student keeps its own vocabulary (no shard of it lines up with the teacher's).
+    padded = student_padded_vocab(spec, model_cfg, tp, resume_padded) if spec is not None and not xtok else resume_padded
     state = KDState(0, cfg.train.train_iters)
     pairs, builder = [], None
     if spec is not None and cfg.kd.intermediate:
@@ -185,8 +201,15 @@ def build_distill_trainer(cfg: DistillConfig, model_cfg: ModelConfig, spec: Teac
         if pp > 1:
             adjust = make_adjust_tensor_shapes_fn(spec.model_config.hidden_size)
     vocab = kd_vocab_size(model_cfg, spec)
-    step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state)
-    valid_step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state, evaluation=True)
+    if xtok:
+        from megatron_kd.distill.cross_tokenizer import CrossTokenizerForwardStep, build_plan_vocab_map
+
+        vmap = build_plan_vocab_map(spec.vocab, cfg.kd.cross_tokenizer)
+        step = CrossTokenizerForwardStep(cfg.kd, spec.vocab, vmap, state)
+        valid_step = CrossTokenizerForwardStep(cfg.kd, spec.vocab, vmap, state, evaluation=True)
+    else:
+        step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state)
+        valid_step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state, evaluation=True)
 
     def extra_state() -> dict[str, Any]:
         # alpha is a function of the iteration, which the checkpoint restores: recorded for reference.
@@ -223,7 +246,9 @@ def run_distill(cfg: DistillConfig, data: IteratorFactories | None = None) -> di
                        f"{cfg.teacher.dtype or cfg.optim.precision})" if spec else "no teacher")
             print(f"distill[{cfg.kd.mode}]: student {model_cfg.num_parameters() / 1e6:.2f}M parameters, {teacher}, "
                   f"TP {cfg.parallel.tensor_parallel} PP {cfg.parallel.pipeline_parallel}, kd.kind={cfg.kd.kind} "
-                  f"T={cfg.kd.temperature} alpha={cfg.kd.alpha} ({cfg.kd.alpha_schedule})", flush=True)
+                  f"T={cfg.kd.temperature} alpha={cfg.kd.alpha} ({cfg.kd.alpha_schedule})"
+                  + (f", cross_tokenizer={cfg.kd.cross_tokenizer}" if spec and cfg.kd.cross_tokenizer else ""),
+                  flush=True)
         trainer.resume()
         result = trainer.fit(make_train, make_valid)
         result["config"] = to_dict(cfg)

@@ -53,12 +53,14 @@ def check_vocab(teacher_cfg: ModelConfig, student_cfg: ModelConfig, teacher_toke
 
 def inspect_teacher(load: str, student_cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int,
                     seq_length: int, iteration: int | None = None, teacher_tokenizer: str | None = None,
-                    student_tokenizer: str | None = None) -> TeacherSpec:
+                    student_tokenizer: str | None = None, cross_tokenizer: bool = False) -> TeacherSpec:
     """Validate a teacher checkpoint against the student run without building anything.
 
     Checks: the checkpoint exists; the teacher splits over this TP/PP (heads, KV groups, layers);
     its padded vocabulary divides TP; it was built for ``seq_length`` tokens; its vocabulary is
-    compatible with the student's (:func:`check_vocab`). One-line errors name the fix.
+    compatible with the student's (:func:`check_vocab`; with ``cross_tokenizer`` each model must
+    cover its own tokenizer instead, :func:`~megatron_kd.distill.cross_tokenizer.check_cross_tokenizer`).
+    One-line errors name the fix.
     """
     from megatron_kd.training.checkpoint import read_checkpoint_meta
 
@@ -76,7 +78,12 @@ def inspect_teacher(load: str, student_cfg: ModelConfig, tensor_parallel: int, p
         raise ValueError(f"train.seq_length={seq_length} exceeds the teacher's max_position_embeddings="
                          f"{cfg.max_position_embeddings}: shorten the sequences")
     tok = teacher_tokenizer or checkpoint_tokenizer(load, meta)
-    plan = check_vocab(cfg, student_cfg, tok, student_tokenizer)
+    if cross_tokenizer:
+        from megatron_kd.distill.cross_tokenizer import check_cross_tokenizer
+
+        plan = check_cross_tokenizer(cfg, student_cfg, tok, student_tokenizer)
+    else:
+        plan = check_vocab(cfg, student_cfg, tok, student_tokenizer)
     return TeacherSpec(str(load), int(meta["iteration"]), cfg, padded, plan, tok)
 
 

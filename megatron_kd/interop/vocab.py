@@ -151,7 +151,8 @@ def check_vocab_compatible(teacher_cfg_or_meta: ModelConfig | Mapping[str, Any] 
     checked = tok_t is not None and tok_s is not None
     if checked and not _same_tokenizer(tok_t, tok_s):
         raise ValueError(f"teacher tokenizer ({tok_t.identity}) and student tokenizer ({tok_s.identity}) differ: "
-                         "logit KD needs the same tokenizer for both models")
+                         "logit KD needs the same tokenizer for both models, or set kd.cross_tokenizer=uld "
+                         "or hybrid to distil across tokenizers (docs/cross_tokenizer.md)")
     if not checked and v_t != v_s:
         raise ValueError(f"teacher vocab_size={v_t} and student vocab_size={v_s} differ and the tokenizers are "
                          "not both known to prove they share ids: pass both models' tokenizers")

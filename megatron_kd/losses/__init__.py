@@ -8,6 +8,7 @@ from megatron_kd.losses.distillation import DistillationLoss, lm_loss_func, lm_p
 from megatron_kd.losses.divergences import KINDS, kd_loss
 from megatron_kd.losses.schedules import alpha_at
 from megatron_kd.losses.sparse import sparse_kd_loss
+from megatron_kd.losses.uld import hybrid_kd_loss, projected_kd_loss, uld_loss
 from megatron_kd.losses.vocab_parallel import TPContext, resolve_tp
 
 __all__ = [
@@ -17,9 +18,12 @@ __all__ = [
     "KINDS",
     "TPContext",
     "alpha_at",
+    "hybrid_kd_loss",
     "kd_loss",
     "lm_loss_func",
     "lm_per_token",
+    "projected_kd_loss",
     "resolve_tp",
     "sparse_kd_loss",
+    "uld_loss",
 ]

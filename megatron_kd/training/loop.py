@@ -72,6 +72,18 @@ def _call_step_hook(hook: Callable, step: int, metrics: dict[str, Any]) -> None:
         hook(step, metrics)
 
 
+def _ddp_grad_buffers(chunk: Any) -> list:
+    """megatron DDP's gradient buffers of ``chunk`` (or of the DDP under its ``.module`` chain, e.g. a
+    distillation wrapper); ``nn.Module.buffers`` (a method) is not what is meant."""
+    module = chunk
+    while module is not None:
+        found = getattr(module, "buffers", None)
+        if isinstance(found, (list, tuple)):
+            return list(found) + list(getattr(module, "expert_parallel_buffers", None) or [])
+        module = getattr(module, "module", None)
+    return []
+
+
 class Trainer:
     """Runs optimizer steps over megatron-core model chunks (see the module docstring).
 
@@ -196,8 +208,7 @@ class Trainer:
             return True
         local = True
         for chunk in self.model_chunks:
-            buffers = list(getattr(chunk, "buffers", None) or []) + list(getattr(chunk, "expert_parallel_buffers",
-                                                                               None) or [])
+            buffers = _ddp_grad_buffers(chunk)
             grads = [b.grad_data for b in buffers if getattr(b, "grad_data", None) is not None]
             if not grads:
                 grads = [g for p in chunk.parameters()
