@@ -116,3 +116,22 @@ def remove_dead_temps(directory: str | Path, pattern: str, pid_regex: str) -> li
                 path.unlink()
         removed.append(path)
     return removed
+
+
+def check_output_dir(path: str | Path, what: str) -> None:
+    """Before any work: ``path`` (or its nearest existing parent) must be a writable directory.
+    Raises a one-line ``ValueError`` / ``FilesystemError`` naming ``what`` and the path; writes nothing."""
+    import errno
+
+    from megatron_kd.utils.exits import FilesystemError
+
+    target = Path(path)
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what}={path}: {probe} is a file, not a directory; choose another path")
+    read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(probe, os.W_OK | os.X_OK):
+        code = errno.EROFS if read_only else errno.EACCES
+        raise FilesystemError(OSError(code, os.strerror(code), str(probe)), f"{what}={path}")
