@@ -1,9 +1,6 @@
 """Bad-input table: every case gives a clean one-line error (no traceback), the documented exit
 code, and writes nothing. Config cases run `megatron_kd.cli.main` in-process (they fail before
 any model is built); file cases call the validators the commands run before their work."""
-import json
-import shutil
-import struct
 
 import numpy as np
 import pytest
