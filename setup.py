@@ -24,7 +24,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff==0.17.6"],  # ruff: .ci/run lints with this pin
         # lm-evaluation-harness adapter (megatron_kd.evaluation.lm_eval_adapter); brings rouge-score.
         "eval": ["lm_eval>=0.4.13,<0.5", "rouge-score"],
     },

@@ -22,6 +22,7 @@ import pkgutil
 import sys
 
 import megatron_kd.commands as commands_pkg
+from megatron_kd.commands._flags import alias_hiding
 from megatron_kd.utils import quiet
 
 
@@ -73,13 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"{commands_pkg.__name__}.{info.name}")
         if hasattr(module, "register"):
             module.register(sub)
+    for child in [parser, *_subparsers(parser)]:
+        child.formatter_class = alias_hiding(child.formatter_class)
     for child in _subparsers(parser):
         child.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         config_class = child.get_default("config_class")
         if config_class and "--help-config" not in child._option_string_actions:
             child.add_argument("--help-config", action=_HelpConfigAction, config_class=config_class,
                                help="print every config key with its type, default and docstring, and exit")
+        if config_class and "--dry-run" not in child._option_string_actions:
+            # Commands whose function does not validate on its own: load + check the config, print it.
+            child.add_argument("--dry-run", dest="generic_dry_run", action="store_true",
+                               help="load and check the config (types, choices, unknown keys), print it resolved "
+                                    "as YAML, and exit")
     return parser
+
+
+def explicit_dests(argv: list[str]) -> set[str]:
+    """The ``dest``s given explicitly on the command line ``argv`` (not filled in from defaults): a
+    flag wins over ``--config``/overrides only when it was given."""
+    parser = build_parser()
+    for child in [parser, *_subparsers(parser)]:
+        child._defaults.clear()
+        for action in child._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _generic_dry_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from megatron_kd.config import load_config, to_dict
+
+    cfg = load_config(resolve_class(args.config_class), getattr(args, "config", None), getattr(args, "overrides", []))
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
     children_die_with_parent()
     try:
+        if getattr(args, "wants_explicit", False):
+            args.explicit = explicit_dests(sys.argv[1:] if argv is None else argv)
+        if getattr(args, "generic_dry_run", False):
+            return _generic_dry_run(args)
         result = args.func(args)
     except (ValueError, OSError, exits.RunStopped) as exc:
         if isinstance(exc, OSError) and not exits.is_filesystem_error(exc):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import textwrap
 import types
@@ -48,7 +49,7 @@ def _choice(value: Any, choices: tuple, key: str) -> Any:
         if str(value) == str(choice):
             return choice
     shown = ", ".join(str(c) for c in choices)
-    raise ConfigError(f"config key '{key}' is {value!r}; choose one of: {shown}")
+    raise ConfigError(f"{key}={value!r} must be one of: {shown}")
 
 
 def check_choice(value: Any, tp: Any, key: str) -> Any:
@@ -58,6 +59,20 @@ def check_choice(value: Any, tp: Any, key: str) -> Any:
     if value is None and tp is not type(None):
         return None
     return _choice(value, typing.get_args(tp), key)
+
+
+@functools.lru_cache(maxsize=None)
+def _choice_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls)
+                 if typing.get_origin(_unwrap_optional(hints[f.name])) is typing.Literal)
+
+
+def validate_choices(obj: Any, prefix: str = "") -> None:
+    """Check every ``Literal[...]``-typed field of the dataclass ``obj`` (call it in ``__post_init__``, so
+    configs built in code are checked like loaded ones); one-line ConfigError naming key, value, choices."""
+    for name, tp in _choice_fields(type(obj)):
+        setattr(obj, name, check_choice(getattr(obj, name), tp, prefix + name))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -217,6 +232,10 @@ def field_docs(cls: type) -> dict[str, str]:
     for f in dataclasses.fields(cls):
         if f.metadata.get("help"):
             docs[f.name] = str(f.metadata["help"])
+    source = getattr(cls, "_field_docs_from", None)  # a mirror of another dataclass (e.g. ModelSpec)
+    if source is not None and source is not cls:
+        docs = {**{k: v for k, v in field_docs(source).items() if k in {f.name for f in dataclasses.fields(cls)}},
+                **docs}
     return docs
 
 

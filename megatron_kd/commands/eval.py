@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from megatron_kd.commands._flags import flag
+
 
 def _csv(value: str) -> list[str]:
     return [v for v in (s.strip() for s in value.split(",")) if v]
@@ -26,7 +28,13 @@ def register(subparsers) -> None:
         "eval", help="evaluate a checkpoint: LM loss / perplexity, multiple choice, ROUGE-L, lm-eval tasks",
         description="Evaluate a megatron-kd checkpoint. See docs/evaluation.md for formats and conventions.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (its 'latest' iteration is used)")
+    p.add_argument("--config", default=None, help="YAML file with EvalConfig keys (see --help-config); flags given "
+                   "on the command line win over it and over the overrides")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the inputs (checkpoint, data, task files) without loading the model, print the "
+                        "resolved config, and exit")
+    p.add_argument("overrides", nargs="*", default=[], help="EvalConfig overrides like seq_length=256 limit=10")
+    flag(p, "--checkpoint", dest="ckpt", help="checkpoint directory (its 'latest' iteration is used)")
     p.add_argument("--iteration", type=int, default=d.iteration, help="evaluate this iteration instead")
     p.add_argument("--tokenizer", default=d.tokenizer,
                    help="tokenizer path; None = the one recorded in the checkpoint")
@@ -57,24 +65,42 @@ def register(subparsers) -> None:
                    help="lm_eval limit: examples per task (or a fraction < 1)")
     p.add_argument("--harness-num-fewshot", type=int, default=d.harness_num_fewshot,
                    help="lm_eval few-shot examples; None = the task's own (0 for MiniPLM's)")
-    p.add_argument("--tensor-parallel", type=int, default=d.tensor_parallel, help="tensor-parallel size")
-    p.add_argument("--pipeline-parallel", type=int, default=d.pipeline_parallel, help="pipeline-parallel size")
+    flag(p, "--tensor-parallel", type=int, default=d.tensor_parallel, help="tensor-parallel size")
+    flag(p, "--pipeline-parallel", type=int, default=d.pipeline_parallel, help="pipeline-parallel size")
     p.add_argument("--params-dtype", default=d.params_dtype, choices=["fp32", "bf16", "fp16"],
                    help="weights dtype (log-probs are computed in fp32)")
-    p.add_argument("--out", default=d.out, help="results JSON path (written atomically by rank 0)")
-    p.set_defaults(func=run, config_class="megatron_kd.evaluation.runner:EvalConfig")
+    flag(p, "--output", dest="out", default=d.out, help="results JSON path (written atomically by rank 0)")
+    p.set_defaults(func=run, config_class="megatron_kd.evaluation.runner:EvalConfig", wants_explicit=True)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the config from ``args``, evaluate, print a summary on rank 0."""
     from dataclasses import fields
 
-    from megatron_kd.evaluation.runner import EvalConfig, run_evaluation
-    from megatron_kd.runtime.distributed import is_main_process
+    from megatron_kd.config import load_config
+    from megatron_kd.evaluation.runner import EvalConfig, run_evaluation, validate
 
-    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
+    # EvalConfig defaults < --config YAML < key=value overrides < flags given on the command line.
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    explicit = getattr(args, "explicit", None)
+    for f in fields(EvalConfig):
+        given = f.name in explicit if explicit is not None else getattr(args, f.name) != f.default
+        if given or (not args.config and not args.overrides):
+            setattr(cfg, f.name, getattr(args, f.name))
     if cfg.harness_limit is not None and cfg.harness_limit >= 1:
         cfg.harness_limit = int(cfg.harness_limit)
+    if not cfg.ckpt:
+        raise ValueError("no checkpoint given: pass --checkpoint CKPT_DIR (or ckpt: in --config)")
+    if args.dry_run:
+        import yaml
+
+        from megatron_kd.config import to_dict
+
+        validate(cfg)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from megatron_kd.runtime.distributed import is_main_process
+
     results = run_evaluation(cfg)
     if is_main_process():
         summary = {"lm_loss": {k: {m: v[m] for m in ("loss", "ppl", "tokens")} for k, v in results["lm_loss"].items()},

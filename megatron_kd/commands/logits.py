@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from megatron_kd.commands._flags import flag
+
 
 def register(subparsers) -> None:
     """Add the ``logits`` sub-command."""
@@ -15,7 +17,7 @@ def register(subparsers) -> None:
                     "torchrun for TP/PP/DP; re-run the same command to resume. See docs/logits_store.md.")
     p.add_argument("--teacher", default=None, help="teacher checkpoint directory (megatron-kd layout)")
     p.add_argument("--data", default=None, help="indexed dataset prefix (path without .bin/.idx)")
-    p.add_argument("--out", required=True, help="store directory to create, resume or verify")
+    flag(p, "--output", dest="out", required=True, help="store directory to create, resume or verify")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass kept per token (default 0.95)")
     p.add_argument("--top-k", type=int, default=100, help="cap on kept ids per token, 1..255 (default 100)")
     p.add_argument("--seq-length", type=int, default=1024,
@@ -31,13 +33,13 @@ def register(subparsers) -> None:
                    help="log-prob quantisation step in nats (default 0.0625: <= 0.031 nats error per entry)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="teacher weights dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="teacher tensor-parallel size (default 1)")
-    p.add_argument("--pipeline-parallel", type=int, default=1, help="teacher pipeline-parallel size (default 1)")
+    flag(p, "--tensor-parallel", type=int, default=1, help="teacher tensor-parallel size (default 1)")
+    flag(p, "--pipeline-parallel", type=int, default=1, help="teacher pipeline-parallel size (default 1)")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: latest)")
     p.add_argument("--max-shards", type=int, default=None,
                    help="stop after this many shards per data-parallel rank (resume later; default: all)")
     p.add_argument("--verify", action="store_true",
-                   help="only check the store at --out (manifest, sizes, sha256 of every shard) and exit")
+                   help="only check the store at --output (manifest, sizes, sha256 of every shard) and exit")
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from megatron_kd.commands._flags import flag
+
 
 def _score(args: argparse.Namespace) -> int:
     from megatron_kd.miniplm.score import ScoreConfig, score_corpus
@@ -64,7 +66,7 @@ def register(subparsers) -> None:
     s.add_argument("--teacher", required=True, help="teacher checkpoint directory (megatron-kd layout)")
     s.add_argument("--reference", required=True, help="reference-model checkpoint directory (same tokenizer)")
     s.add_argument("--data", required=True, help="indexed dataset prefix (path without .bin/.idx)")
-    s.add_argument("--out", required=True, help="scores directory (created, or resumed if it holds this run)")
+    flag(s, "--output", dest="out", required=True, help="scores directory (created, or resumed if it holds this run)")
     s.add_argument("--chunk-length", type=int, default=1024,
                    help="tokens per instance; a chunk of L tokens gives L-1 predictions (1025 = the paper)")
     s.add_argument("--mode", choices=("chunk", "document"), default="chunk",
@@ -75,8 +77,8 @@ def register(subparsers) -> None:
     s.add_argument("--num-microbatches", type=int, default=0,
                    help="micro-batches per pipeline schedule call (0 = 1 without PP, 2*PP with PP)")
     s.add_argument("--shard-size", type=int, default=16384, help="instances per store shard (unit of resume)")
-    s.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size for both models")
-    s.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline-parallel size for both models")
+    flag(s, "--tensor-parallel", type=int, default=1, help="tensor-parallel size for both models")
+    flag(s, "--pipeline-parallel", type=int, default=1, help="pipeline-parallel size for both models")
     s.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="model dtype (auto: bf16 on GPU, fp32 on CPU); NLL is always fp32/fp64")
     s.add_argument("--pad-multiple", type=int, default=0,
@@ -91,7 +93,7 @@ def register(subparsers) -> None:
     c = sub.add_parser("select", help="keep the top-alpha instances by r = nll_ref - nll_teacher")
     c.add_argument("--scores", required=True, help="scores directory written by miniplm score")
     c.add_argument("--alpha", type=float, default=0.5, help="fraction to keep; floor(alpha * N) instances")
-    c.add_argument("--out", required=True, help="output prefix of the refined indexed dataset")
+    flag(c, "--output", dest="out", required=True, help="output prefix of the refined indexed dataset")
     c.add_argument("--data", default=None, help="source dataset prefix (default: the scored one, checksum-checked)")
     c.add_argument("--export-text", action="store_true", help="also write the kept text to OUT.jsonl")
     c.add_argument("--source-jsonl", default=None,
@@ -103,7 +105,7 @@ def register(subparsers) -> None:
     c.add_argument("--no-merge-adjacent", action="store_true",
                    help="write every kept instance as its own document (default: join adjacent pieces)")
     c.add_argument("--histogram-bins", type=int, default=50, help="bins of the report's score histogram")
-    c.add_argument("--overwrite", action="store_true", help="replace existing outputs at --out")
+    c.add_argument("--overwrite", action="store_true", help="replace existing outputs at --output")
     c.set_defaults(func=_select)
 
     t = sub.add_parser("split", help="hold out a reference-model split (by content hash, no overlap)")

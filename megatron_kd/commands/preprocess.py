@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from megatron_kd.commands._flags import flag
+
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``preprocess`` (shared with ``tools/preprocess_data.py``)."""
@@ -40,7 +42,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lang", default="english",
                    help="Punkt language if nltk's model is installed; else Punkt is trained on the input")
     g = p.add_argument_group("output")
-    g.add_argument("--output-prefix", required=True,
+    flag(g, "--output", "--output-prefix", "--out", dest="output_prefix", required=True,
                    help="outputs are {prefix}_{key}_document.bin/.idx/.manifest.json/.meta.jsonl")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs (atomically)")
     g.add_argument("--meta-keys", nargs="*", default=None, metavar="KEY",
@@ -121,7 +123,7 @@ def add_merge_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``merge-datasets`` (shared with ``tools/merge_datasets.py``)."""
     p.add_argument("--input", nargs="+", required=True, metavar="PREFIX",
                    help="dataset prefixes (path without .bin/.idx) or directories of them, in order")
-    p.add_argument("--output-prefix", required=True, help="merged dataset prefix (path without .bin/.idx)")
+    flag(p, "--output", "--output-prefix", "--out", dest="output_prefix", required=True, help="merged dataset prefix (path without .bin/.idx)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to check the inputs against (required for inputs without a manifest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
@@ -140,7 +142,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_merge)
 
     p = subparsers.add_parser("demo-corpus", help="write the offline demo corpus (stdlib docs) as JSONL")
-    p.add_argument("--out", required=True, help="output JSONL file")
+    flag(p, "--output", "--out", dest="out", required=True, help="output JSONL file")
     p.add_argument("--max-docs", type=int, default=None, help="keep the first N documents (default: all)")
     p.add_argument("--include-code", action="store_true",
                    help="also add each module's source code as documents (~4x larger)")
@@ -153,7 +155,7 @@ def register(subparsers) -> None:
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="default: bpe")
     p.add_argument("--max-lines", type=int, default=2_000_000,
                    help="train on at most this many non-empty lines (default: 2000000)")
-    p.add_argument("--out-prefix", required=True, help="writes {prefix}.model and {prefix}.manifest.json")
+    flag(p, "--output", "--out-prefix", "--output-prefix", "--out", dest="out_prefix", required=True, help="writes {prefix}.model and {prefix}.manifest.json")
     p.set_defaults(func=run_train_tokenizer)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_kd.commands._flags import flag
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``quickstart``."""
@@ -11,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the demo corpus, train a tokenizer, a teacher and a MiniPLM reference LM, refine the "
                     "corpus, precompute teacher logits, train five students on the same token budget and write "
                     "OUT/report.md, OUT/report.json and plots. Rerunning with the same --out resumes.")
-    p.add_argument("--out", required=True, help="output directory (created; completed stages are reused)")
+    flag(p, "--output", "--out", dest="out", required=True, help="output directory (created; completed stages are reused)")
     p.add_argument("--size", default="full", choices=["tiny", "full"],
                    help="full: <= 10 min on 2 CPU cores; tiny: <= 3 min smoke run (default: full)")
     p.add_argument("--seed", type=int, default=1234, help="random seed of every stage (default: 1234)")

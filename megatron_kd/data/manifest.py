@@ -215,3 +215,12 @@ def open_indexed_dataset(prefix: str | os.PathLike, tokenizer: Any = None, mmap:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     return IndexedDataset(prefix, multimodal=info["multimodal"], mmap=mmap)
+
+
+def strip_dataset_ext(path: str | Path) -> str:
+    """``path`` without a ``.bin``/``.idx`` extension (users pass either)."""
+    prefix = str(path)
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext):
+            return prefix[: -len(ext)]
+    return prefix

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
+from megatron_kd.config import validate_choices
 from megatron_kd.losses.config import KDLossConfig
 from megatron_kd.training.config import PretrainConfig
 
@@ -37,7 +38,7 @@ class TeacherConfig:
     """megatron-kd checkpoint directory of the teacher (from `megatron-kd pretrain`/`distill`, or a
     Hugging Face model converted with `megatron-kd convert hf-to-mcore`). Its own model_config is
     used (any depth/width); it is loaded at the student's TP/PP layout."""
-    dtype: Optional[str] = None
+    dtype: Optional[Literal[TEACHER_DTYPES]] = None  # type: ignore[valid-type]
     """fp32 | bf16 | fp16: parameter dtype of the teacher; None = the student's optim.precision.
     A bf16 teacher with an fp32 student halves teacher memory and time on GPU."""
     iteration: Optional[int] = None
@@ -55,7 +56,7 @@ class IntermediatePair:
     """Global (0-based) student layer index whose output is matched; negative counts from the end."""
     teacher_layer: int = -1
     """Global (0-based) teacher layer index; negative counts from the end."""
-    loss: str = "cosine"
+    loss: Literal[INTERMEDIATE_LOSSES] = "cosine"  # type: ignore[valid-type]
     """cosine (1 - cosine similarity per token) | mse (mean squared error per token)."""
 
 
@@ -63,7 +64,7 @@ class IntermediatePair:
 class KDConfig(KDLossConfig):
     """The distillation loss (every :class:`KDLossConfig` field) plus where the teacher signal comes from."""
 
-    mode: str = "online"
+    mode: Literal[MODES] = "online"  # type: ignore[valid-type]
     """online: run the teacher (teacher.load) in this job on the same TP/PP grid; offline: read
     sparse top-k targets from kd.logits_store (needs indexed data); none: no teacher, plain LM
     loss (the baseline a KD run is compared with)."""
@@ -94,9 +95,7 @@ class KDConfig(KDLossConfig):
     nearest_earlier (the last teacher position ending at or before it)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mode not in MODES:
-            raise ValueError(f"kd.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        super().__post_init__()  # validates the Literal fields (kd.kind, kd.mode, ...)
         if self.logits_top_k is not None and self.logits_top_k < 1:
             raise ValueError(f"kd.logits_top_k={self.logits_top_k} must be >= 1 or null")
         if self.intermediate_weight < 0:
@@ -111,9 +110,7 @@ class KDConfig(KDLossConfig):
         if self.alignment not in ALIGNMENT_RULES:
             raise ValueError(f"kd.alignment={self.alignment!r} is not one of {', '.join(ALIGNMENT_RULES)}")
         for i, pair in enumerate(self.intermediate):
-            if pair.loss not in INTERMEDIATE_LOSSES:
-                raise ValueError(f"kd.intermediate[{i}].loss={pair.loss!r} is not one of "
-                                 f"{', '.join(INTERMEDIATE_LOSSES)}")
+            validate_choices(pair, f"kd.intermediate[{i}].")
 
 
 @dataclass
@@ -134,8 +131,7 @@ def validate_kd_settings(cfg: DistillConfig) -> None:
     """One-line ``ValueError``/``FileNotFoundError`` for inconsistent teacher/kd settings (no I/O
     beyond checking that the named paths exist)."""
     kd, teacher = cfg.kd, cfg.teacher
-    if teacher.dtype is not None and teacher.dtype not in TEACHER_DTYPES:
-        raise ValueError(f"teacher.dtype={teacher.dtype!r} must be one of {', '.join(TEACHER_DTYPES)} or null")
+    validate_choices(teacher, "teacher.")
     if kd.mode == "online":
         if not teacher.load:
             raise ValueError("kd.mode=online needs teacher.load=<teacher checkpoint dir> "

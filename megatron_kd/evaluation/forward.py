@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_kd.runtime.distributed import device
+from megatron_kd.runtime.parallel import dp_all_gather_object, dp_group, dp_sum
 
 ReduceFn = Callable[[torch.Tensor, int], torch.Tensor]
 """``reduce_fn(logits [b, s, V/TP], microbatch_index) -> float tensor [b, width]`` (last stage;
@@ -84,9 +85,8 @@ def _pipeline_forward_reduce(model, mbs, reduce_fn, width) -> list[torch.Tensor]
 
 def data_parallel_info() -> tuple[int, int]:
     """(rank, size) of this process in its data-parallel group ((0, 1) without parallel_state)."""
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    dp = dp_group()
+    return dp.rank, dp.world_size
 
 
 def dp_shard(n_items: int) -> range:
@@ -97,25 +97,15 @@ def dp_shard(n_items: int) -> range:
 
 def dp_gather(n_items: int, mine: dict[int, Any]) -> list[Any]:
     """Reassemble per-item results computed by :func:`dp_shard` on every DP rank (in item order)."""
-    _, size = data_parallel_info()
-    if size > 1:
-        parts: list = [None] * size
-        dist.all_gather_object(parts, mine, group=parallel_state.get_data_parallel_group())
-        merged: dict[int, Any] = {}
-        for part in parts:
-            merged.update(part)
-        mine = merged
-    return [mine[i] for i in range(n_items)]
+    merged: dict[int, Any] = {}
+    for part in dp_all_gather_object(mine):
+        merged.update(part)
+    return [merged[i] for i in range(n_items)]
 
 
 def dp_all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a float64 tensor over the data-parallel group (in place; returned)."""
-    _, size = data_parallel_info()
-    if size > 1:
-        t = values.to(device())
-        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-        values.copy_(t.cpu())
-    return values
+    return dp_sum(values)
 
 
 class _NullBar:

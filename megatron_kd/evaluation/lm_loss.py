@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from megatron_kd.data.manifest import strip_dataset_ext  # noqa: F401  (re-exported: runner imports it here)
 from megatron_kd.evaluation.forward import dp_all_reduce_sum, dp_shard, forward_reduce, progress_bar
 from megatron_kd.evaluation.vocab import token_logprobs
 
@@ -157,8 +158,8 @@ def evaluate_lm_loss(model: torch.nn.Module, data: Any, vocab_size: int, seq_len
             width = seq_length if fixed_width else max(len(s) - 1 for s in seqs)
             if fixed_width:  # equally many rows too
                 seqs += [np.zeros(1, dtype=np.int64)] * (micro_batch_size - len(seqs))
-            t, l, m = _pad_batch(seqs, width)
-            toks.append(t), labs.append(l), masks.append(m)
+            t, lab, m = _pad_batch(seqs, width)
+            toks.append(t), labs.append(lab), masks.append(m)
         totals += _masked_sums(model, toks, labs, masks, vocab_size)
         bar.update(len(group))
     bar.close()
@@ -196,15 +197,6 @@ def _evaluate_batches(model, batches: Iterable[dict[str, torch.Tensor]], vocab_s
                                [b["loss_mask"].double() for b in group], vocab_size)
     dp_all_reduce_sum(totals)
     return _result(float(totals[0]), float(totals[1]))
-
-
-def strip_dataset_ext(path: str | Path) -> str:
-    """``path`` without a ``.bin``/``.idx`` extension (users pass either)."""
-    prefix = str(path)
-    for ext in (".bin", ".idx"):
-        if prefix.endswith(ext):
-            return prefix[: -len(ext)]
-    return prefix
 
 
 def open_eval_dataset(prefix: str | Path):

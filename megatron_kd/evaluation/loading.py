@@ -53,7 +53,7 @@ class EvalTarget:
             from megatron_kd.data.manifest import check_tokenizer, read_dataset_manifest
         except ImportError:
             return
-        from megatron_kd.evaluation.lm_loss import strip_dataset_ext
+        from megatron_kd.data.manifest import strip_dataset_ext
 
         prefix = strip_dataset_ext(dataset_prefix)
         if Path(prefix + ".manifest.json").is_file():

@@ -9,20 +9,13 @@ masked to ``-inf`` first (:func:`megatron_kd.models.mask_padded_vocab`); megatro
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     gather_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 
 from megatron_kd.models.builder import mask_padded_vocab, vocab_shard_range
-
-
-def _tp_all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(t, op=op, group=parallel_state.get_tensor_model_parallel_group())
-    return t
+from megatron_kd.runtime.parallel import all_reduce_, tp_group
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -40,13 +33,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
     greedy = None
     if return_greedy:
         # Must run before the cross entropy, which rewrites the logits in place.
-        start, end = vocab_shard_range(logits.shape[-1] * parallel_state.get_tensor_model_parallel_world_size())
-        global_max = _tp_all_reduce(logits.max(dim=-1).values.clone(), dist.ReduceOp.MAX)
+        tp = tp_group()
+        start, end = vocab_shard_range(logits.shape[-1] * tp.world_size)
+        global_max = all_reduce_(logits.max(dim=-1).values.clone(), tp, "max")
         in_shard = (targets >= start) & (targets < end)
         local_idx = (targets - start).clamp(0, logits.shape[-1] - 1)
         target_logit = logits.gather(-1, local_idx.unsqueeze(-1)).squeeze(-1)
         target_logit = target_logit.masked_fill(~in_shard, float("-inf"))
-        target_logit = _tp_all_reduce(target_logit.contiguous(), dist.ReduceOp.MAX)
+        target_logit = all_reduce_(target_logit.contiguous(), tp, "max")
         greedy = target_logit >= global_max
     nll = vocab_parallel_cross_entropy(logits.contiguous(), targets)
     logprobs = -nll

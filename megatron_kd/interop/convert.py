@@ -46,6 +46,7 @@ HF_CONFIG = "hf_config.json"
 HF_GENERATION_CONFIG = "hf_generation_config.json"
 TOKENIZER_DIR = "tokenizer"
 _LAYER_INDEX = re.compile(r"^decoder\.layers\.\d+\.")
+_EXPERT_INDEX = re.compile(r"\.local_experts\.\d+\.")
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -155,7 +156,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tensor_parallel: int = 
     cfg.validate_parallel(tensor_parallel, pipeline_parallel)
     params_dtype = _hf_dtype(hf_cfg) if dtype == "auto" else parse_dtype(dtype)
     reader = HFCheckpointReader(hf_dir)
-    check_hf_tensors(reader, cfg)
+    family = hf_family(hf_cfg)
+    check_hf_tensors(reader, cfg, family)
     tok_vocab = _tokenizer_vocab(hf_dir, cfg)
     _prepare_out(out_dir, overwrite, "checkpoint directory", hf_dir)
     for w in warnings:
@@ -178,7 +180,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tensor_parallel: int = 
         model = build_gpt_model(cfg, params_dtype=params_dtype, padded_vocab_size=padded, use_te=False,
                                 perform_initialization=False)
         bar = progress(total, "hf-to-mcore: read", unit="B", disable=not show_progress)
-        load_hf_weights(reader, model, cfg, on_tensor=bar.update)
+        load_hf_weights(reader, model, cfg, on_tensor=bar.update, family=family)
         bar.close()
         _presplit_gated_weights(model)
         extra = {"converted_from": "huggingface", "hf_architecture": hf_cfg["architectures"][0],
@@ -231,8 +233,9 @@ def _stored_dtype(iter_dir: Path, meta: dict[str, Any]) -> torch.dtype:
 
 def _group(key: str) -> str:
     """Load unit of a state-dict key: one weight across all layers (megatron stores each as one
-    stacked [num_layers, ...] tensor; a single-process load must read such a tensor whole)."""
-    return _LAYER_INDEX.sub("decoder.layers.", key)
+    stacked [num_layers, ...] tensor; a single-process load must read such a tensor whole) and, for
+    MoE routed experts, across all experts (stacked [num_layers, num_experts, ...] likewise)."""
+    return _EXPERT_INDEX.sub(".local_experts.", _LAYER_INDEX.sub("decoder.layers.", key))
 
 
 class _GroupLoader:
@@ -332,7 +335,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
                                 perform_initialization=False)
         loader = _GroupLoader(model, Path(meta["path"]))
         del model
-        specs = hf_tensor_specs(loader.get, cfg, out_dtype)
+        specs = hf_tensor_specs(loader.get, cfg, out_dtype, family=hf_family(hf_cfg))
         order = {g: i for i, g in enumerate(dict.fromkeys(_group(s.source) for s in specs))}
         specs.sort(key=lambda s: order[_group(s.source)])  # group-major: each group loaded once
         total = sum(s.nbytes for s in specs)

@@ -1,4 +1,5 @@
-"""Weight names and layouts: Hugging Face Llama/Mistral/Qwen2/Qwen3 <-> megatron-core full state.
+"""Weight names and layouts: Hugging Face Llama/Mistral/Qwen2/Qwen3 (+ Qwen3-MoE, Mixtral, Qwen2-MoE)
+<-> megatron-core full state.
 
 The megatron side is the *full* layout of :mod:`megatron_kd.models.sharding` (TP=1/PP=1 local-spec
 names, global layer indices) plus vocabulary padding rows. Layout changes:
@@ -8,7 +9,12 @@ names, global layer indices) plus vocabulary padding rows. Layout changes:
   heads/groups query heads, then k_g, then v_g (same for the Qwen2 biases);
 * gated MLP: ``linear_fc1`` = [gate_proj; up_proj];
 * embeddings / output layer: HF rows [0, vocab_size) then zero padding rows up to the padded size;
-* tied embeddings: no ``lm_head.weight`` / ``output_layer.weight``.
+* tied embeddings: no ``lm_head.weight`` / ``output_layer.weight``;
+* MoE layers: router ``mlp.gate`` (Mixtral ``block_sparse_moe.gate``) -> ``mlp.router.weight``;
+  expert j's gate/up/down (Mixtral w1/w3/w2) -> ``mlp.experts.local_experts.{j}.linear_fc1`` =
+  [gate; up] and ``linear_fc2`` (global expert index j in the full layout); Qwen2-MoE's
+  ``shared_expert`` -> ``mlp.shared_experts.linear_fc1/2`` and ``shared_expert_gate`` -> its
+  ``gate_weight``.
 
 Everything else is a rename. Import reads each HF tensor straight into the model's parameter
 (no full second copy); export yields HF tensors one at a time (views where the layout allows).
@@ -32,16 +38,54 @@ class WeightMap:
     """One megatron tensor and the HF tensor(s) it is made of.
 
     ``kind``: ``copy`` (rename), ``vocab`` (rename + padding rows), ``qkv`` (hf = q, k, v),
-    ``fc1`` (hf = gate, up).
+    ``fc1`` (hf = gate, up; split at half the fused rows). ``shapes``: the HF tensors' shapes where
+    the name alone does not tell them (expert and shared-expert MLPs, routers).
     """
 
     mcore: str
     hf: tuple[str, ...]
     kind: str = "copy"
+    shapes: tuple[tuple[int, ...], ...] | None = None
 
 
-def weight_maps(cfg: ModelConfig) -> list[WeightMap]:
-    """Every weight of a ``cfg`` model, in HF file order (embeddings, layers, final norm, head)."""
+def _mlp_maps(m: str, h: str, names: tuple[str, str, str], hidden: int, ffn: int) -> list[WeightMap]:
+    """fc1 = [gate; up] and fc2 = down of one SwiGLU MLP (megatron prefix m, HF names gate/up/down)."""
+    gate, up, down = names
+    return [WeightMap(m + "linear_fc1.weight", (h + gate, h + up), "fc1", ((ffn, hidden), (ffn, hidden))),
+            WeightMap(m + "linear_fc2.weight", (h + down,), "copy", ((hidden, ffn),))]
+
+
+def _moe_maps(cfg: ModelConfig, m: str, h: str, mixtral: bool) -> list[WeightMap]:
+    """Router, routed experts and the (gated) shared expert of one MoE layer."""
+    hid, e, f = cfg.hidden_size, cfg.num_moe_experts, cfg.moe_ffn_hidden_size
+    block = h + ("block_sparse_moe." if mixtral else "mlp.")
+    names = ("w1.weight", "w3.weight", "w2.weight") if mixtral else \
+        ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    maps = [WeightMap(m + "mlp.router.weight", (block + "gate.weight",), "copy", ((e, hid),))]
+    for j in range(e):
+        maps += _mlp_maps(f"{m}mlp.experts.local_experts.{j}.", f"{block}experts.{j}.", names, hid, f)
+    if cfg.moe_shared_expert_intermediate_size:
+        maps += _mlp_maps(m + "mlp.shared_experts.", block + "shared_expert.", names, hid,
+                          cfg.moe_shared_expert_intermediate_size)
+        if cfg.moe_shared_expert_gate:
+            maps.append(WeightMap(m + "mlp.shared_experts.gate_weight", (block + "shared_expert_gate.weight",),
+                                  "copy", ((1, hid),)))
+    return maps
+
+
+def weight_maps(cfg: ModelConfig, family: str | None = None) -> list[WeightMap]:
+    """Every weight of a ``cfg`` model, in HF file order (embeddings, layers, final norm, head).
+
+    ``family``: the HF family (only Mixtral names its MoE tensors differently); default: Mixtral
+    when :func:`megatron_kd.interop.hf_config.guess_family` says so.
+    """
+    if family is None and cfg.is_moe:
+        from megatron_kd.interop.hf_config import guess_family
+
+        family = guess_family(cfg)
+    moe_layers = cfg.moe_layers()
+
+
     maps = [WeightMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
     for i in range(cfg.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -57,9 +101,11 @@ def weight_maps(cfg: ModelConfig) -> list[WeightMap]:
             maps.append(WeightMap(m + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",)))
         maps.append(WeightMap(m + "self_attention.linear_proj.weight", (attn + "o_proj.weight",)))
         maps.append(WeightMap(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",)))
-        maps.append(WeightMap(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
-                              "fc1"))
-        maps.append(WeightMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",)))
+        if moe_layers[i]:
+            maps += _moe_maps(cfg, m, h, mixtral=family == "mixtral")
+        else:
+            maps += _mlp_maps(m + "mlp.", h + "mlp.", ("gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+                              cfg.hidden_size, cfg.ffn_hidden_size)
     maps.append(WeightMap("decoder.final_layernorm.weight", ("model.norm.weight",)))
     if not cfg.tie_embeddings:
         maps.append(WeightMap("output_layer.weight", ("lm_head.weight",), "vocab"))
@@ -98,7 +144,7 @@ def split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torc
     return q, k, v
 
 
-def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def hf_shapes(cfg: ModelConfig, family: str | None = None) -> dict[str, tuple[int, ...]]:
     """Expected shape of every HF tensor of a ``cfg`` model."""
     h, d, f, v = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
@@ -109,16 +155,19 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                  "q_norm.weight": (d,), "k_norm.weight": (d,), "gate_proj.weight": (f, h),
                  "up_proj.weight": (f, h), "down_proj.weight": (h, f)}
     out = {}
-    for wm in weight_maps(cfg):
+    for wm in weight_maps(cfg, family):
+        if wm.shapes is not None:
+            out.update(zip(wm.hf, wm.shapes))
+            continue
         for name in wm.hf:
             suffix = max((s for s in by_suffix if name.endswith(s)), key=len)
             out[name] = by_suffix[suffix]
     return out
 
 
-def check_hf_tensors(reader: HFCheckpointReader, cfg: ModelConfig) -> None:
+def check_hf_tensors(reader: HFCheckpointReader, cfg: ModelConfig, family: str | None = None) -> None:
     """One-line errors for missing, unexpected or mis-shaped HF tensors (before any heavy work)."""
-    want = hf_shapes(cfg)
+    want = hf_shapes(cfg, family)
     have = set(reader.keys())
     missing = sorted(set(want) - have)
     if missing:
@@ -136,7 +185,7 @@ def check_hf_tensors(reader: HFCheckpointReader, cfg: ModelConfig) -> None:
 
 
 def load_hf_weights(reader: HFCheckpointReader, model: torch.nn.Module, cfg: ModelConfig,
-                    on_tensor: Callable[[int], None] | None = None) -> None:
+                    on_tensor: Callable[[int], None] | None = None, family: str | None = None) -> None:
     """Copy every HF tensor into a TP=1/PP=1 ``model`` in place (casting to its dtype).
 
     ``on_tensor(nbytes)`` is called after each HF tensor (progress reporting). Padding rows of the
@@ -147,7 +196,7 @@ def load_hf_weights(reader: HFCheckpointReader, model: torch.nn.Module, cfg: Mod
     filled: set[str] = set()
     notify = on_tensor or (lambda n: None)
     with torch.no_grad():
-        for wm in weight_maps(cfg):
+        for wm in weight_maps(cfg, family):
             if wm.mcore not in local:
                 raise KeyError(f"model has no parameter {wm.mcore}: is parallel_state TP=1/PP=1?")
             dest = local[wm.mcore].data
@@ -157,7 +206,7 @@ def load_hf_weights(reader: HFCheckpointReader, model: torch.nn.Module, cfg: Mod
                 reader.read(wm.hf[0], out=dest[: cfg.vocab_size])
                 dest[cfg.vocab_size:].zero_()
             elif wm.kind == "fc1":
-                f = cfg.ffn_hidden_size
+                f = dest.shape[0] // 2
                 reader.read(wm.hf[0], out=dest[:f])
                 reader.read(wm.hf[1], out=dest[f:])
             else:  # qkv
@@ -177,7 +226,7 @@ def model_tensors(model: torch.nn.Module) -> Callable[[str], torch.Tensor]:
 
 
 def hf_tensor_specs(get: Callable[[str], torch.Tensor] | torch.nn.Module, cfg: ModelConfig,
-                    dtype: torch.dtype) -> list[TensorSpec]:
+                    dtype: torch.dtype, family: str | None = None) -> list[TensorSpec]:
     """Lazy HF tensors (unpadded vocab, ``dtype``) in HF file order.
 
     ``get(mcore_name)`` returns a full-layout megatron tensor when a spec is produced (so a caller
@@ -185,28 +234,34 @@ def hf_tensor_specs(get: Callable[[str], torch.Tensor] | torch.nn.Module, cfg: M
     """
     if isinstance(get, torch.nn.Module):
         get = model_tensors(get)
-    shapes = hf_shapes(cfg)
+    shapes = hf_shapes(cfg, family)
     specs: list[TensorSpec] = []
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(dtype)
 
-    f = cfg.ffn_hidden_size
-    for wm in weight_maps(cfg):
+    for wm in weight_maps(cfg, family):
         k = wm.mcore
         if wm.kind == "copy":
             producers = [lambda k=k: cast(get(k))]
         elif wm.kind == "vocab":
             producers = [lambda k=k: cast(get(k)[: cfg.vocab_size])]
         elif wm.kind == "fc1":
-            producers = [lambda k=k: cast(get(k)[:f]), lambda k=k: cast(get(k)[f:])]
+            producers = [lambda k=k: cast(_half(get(k), 0)), lambda k=k: cast(_half(get(k), 1))]
         else:
             producers = [lambda k=k, j=j: cast(split_qkv(get(k), cfg)[j]) for j in range(3)]
         specs += [TensorSpec(n, dtype, shapes[n], p, source=k) for n, p in zip(wm.hf, producers)]
     return specs
 
 
-def iter_hf_state(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _half(fused: torch.Tensor, which: int) -> torch.Tensor:
+    """Gate (0) or up (1) rows of a fused [gate; up] fc1 weight."""
+    f = fused.shape[0] // 2
+    return fused[:f] if which == 0 else fused[f:]
+
+
+def iter_hf_state(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype,
+                  family: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, tensor)`` pairs of a TP=1/PP=1 model, produced one at a time."""
-    for spec in hf_tensor_specs(model, cfg, dtype):
+    for spec in hf_tensor_specs(model, cfg, dtype, family):
         yield spec.name, spec.produce()

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
+from megatron_kd.config import validate_choices
 from megatron_kd.losses.divergences import KINDS
 
 ALPHA_SCHEDULES = ("constant", "linear", "wsd")
@@ -15,7 +16,7 @@ ALPHA_SCHEDULES = ("constant", "linear", "wsd")
 class KDLossConfig:
     """Distillation loss: ``total = (1 - alpha) * LM + alpha * KD`` per token (``kd.*`` keys)."""
 
-    kind: str = "forward_kl"
+    kind: Literal[KINDS] = "forward_kl"  # type: ignore[valid-type]
     """Divergence for dense teacher logits: forward_kl, reverse_kl, skew_forward_kl,
     skew_reverse_kl, jsd, tvd, soft_ce or mse. Sparse (stored top-k) targets always use the
     forward KL of :func:`megatron_kd.losses.sparse_kd_loss`."""
@@ -25,7 +26,7 @@ class KDLossConfig:
     alpha: float = 0.5
     """KD weight in [0, 1]: the constant value, or the stable-phase (peak) value of ``wsd``.
     1 = KD only (the LM loss is still computed, without gradient, for the report)."""
-    alpha_schedule: str = "constant"
+    alpha_schedule: Literal[ALPHA_SCHEDULES] = "constant"  # type: ignore[valid-type]
     """How alpha moves with the training step: constant | linear | wsd (warmup-stable-decay,
     the PD paper's best recipe together with a WSD learning rate)."""
     alpha_start: Optional[float] = None
@@ -55,12 +56,7 @@ class KDLossConfig:
     never modified either way."""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kd.kind={self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.alpha_schedule not in ALPHA_SCHEDULES:
-            raise ValueError(
-                f"kd.alpha_schedule={self.alpha_schedule!r} is not one of {', '.join(ALPHA_SCHEDULES)}"
-            )
+        validate_choices(self, "kd.")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"kd.temperature={self.temperature} must be a finite number > 0")
         for name in ("alpha", "alpha_start", "alpha_end", "skew", "beta",

@@ -8,6 +8,12 @@ vocabulary (no padding rows), so it is independent of the parallel layout:
   KV head: for each query group g, [q heads of g; k_g; v_g] rows (head_dim rows per head)
 * ``decoder.layers.{i}.mlp.linear_fc1.weight``: [gate; up] (2*ffn rows)
 * row-parallel ``linear_proj`` / ``linear_fc2``; replicated norms.
+* MoE layers: ``mlp.router.weight`` [experts, hidden] (replicated); routed expert j (GLOBAL index)
+  ``mlp.experts.local_experts.{j}.linear_fc1/2.weight`` (gated / row-parallel over the expert-TP
+  group, and held only by the expert-parallel rank that owns expert j); the shared expert
+  ``mlp.shared_experts.linear_fc1/2.weight`` (gated / row-parallel over TP) and its replicated
+  ``gate_weight``. Transformer Engine's grouped experts (``mlp.experts.linear_fc1.weight{j}``, local
+  index) are recognised too.
 
 :func:`shard_full_state` slices it for a TP/PP rank (used by HF import and tests);
 :func:`gather_full_state` is the inverse (HF export).
@@ -23,9 +29,11 @@ from megatron.core import parallel_state
 from megatron_kd.models.config import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+_TE_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$")
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
-_GATED = ("mlp.linear_fc1.weight",)
-_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_GATED = ("mlp.linear_fc1.weight", "mlp.shared_experts.linear_fc1.weight")
+_ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", "mlp.shared_experts.linear_fc2.weight")
 _VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
 # Transformer Engine spec fuses the pre-norms into the following linear layer.
 _TE_RENAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -40,6 +48,35 @@ def _layer_offset(cfg: ModelConfig) -> tuple[int, int]:
 
 def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return torch.chunk(t, size, dim=dim)[rank].contiguous()
+
+
+def _split_gated(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    gate, up = t.chunk(2, dim=0)
+    return torch.cat([_split(gate, 0, rank, size), _split(up, 0, rank, size)], dim=0)
+
+
+def _expert_layout() -> tuple[int, int, int, int]:
+    """(expert-parallel rank, size, expert-TP rank, size) of this process."""
+    return (parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size(),
+            parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size())
+
+
+def _shard_expert(rest: str, value: torch.Tensor, cfg: ModelConfig, local_prefix: str,
+                  local_keys: set[str] | None) -> tuple[str, torch.Tensor] | None:
+    """(local name, shard) of a routed-expert weight for this rank, or None if another EP rank owns it."""
+    m = _EXPERT.match(rest)
+    ep_rank, ep, etp_rank, etp = _expert_layout()
+    per_rank = cfg.num_moe_experts // ep
+    expert, weight = int(m.group(1)), m.group(2)
+    if expert // per_rank != ep_rank:
+        return None
+    local = expert - ep_rank * per_rank
+    name = f"{local_prefix}mlp.experts.local_experts.{local}.{weight}"
+    if local_keys is not None and name not in local_keys:
+        name = f"{local_prefix}mlp.experts.{weight}{local}"  # TE grouped GEMM experts
+    if weight.startswith("linear_fc1"):
+        return name, _split_gated(value, etp_rank, etp)
+    return name, _split(value, 1, etp_rank, etp)
 
 
 def shard_full_state(full: dict[str, torch.Tensor], cfg: ModelConfig, local_keys: set[str] | None = None,
@@ -60,14 +97,18 @@ def shard_full_state(full: dict[str, torch.Tensor], cfg: ModelConfig, local_keys
             layer, rest = int(m.group(1)), m.group(2)
             if not first <= layer < first + per_stage:
                 continue
+            if _EXPERT.match(rest):
+                sharded = _shard_expert(rest, value, cfg, f"decoder.layers.{layer - first}.", local_keys)
+                if sharded is not None:
+                    out[sharded[0]] = sharded[1]
+                continue
             name = f"decoder.layers.{layer - first}.{rest}"
             if local_keys is not None and name not in local_keys and rest in _TE_RENAMES:
                 name = f"decoder.layers.{layer - first}.{_TE_RENAMES[rest]}"
             if rest in _COLUMN:
                 value = _split(value, 0, tp_rank, tp)
             elif rest in _GATED:
-                gate, up = value.chunk(2, dim=0)
-                value = torch.cat([_split(gate, 0, tp_rank, tp), _split(up, 0, tp_rank, tp)], dim=0)
+                value = _split_gated(value, tp_rank, tp)
             elif rest in _ROW:
                 value = _split(value, 1, tp_rank, tp)
             out[name] = value
@@ -120,8 +161,28 @@ def _all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def _gather_expert(rest: str, value: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full-layout (global expert index) routed-expert weights from this rank's shard: gathered over
+    expert TP, then over EP (every EP rank contributes its own experts)."""
+    m = _EXPERT.match(rest) or _TE_EXPERT.match(rest)
+    local, weight = (int(m.group(1)), m.group(2)) if _EXPERT.match(rest) else (int(m.group(2)), m.group(1))
+    etp_group = parallel_state.get_expert_tensor_parallel_group()
+    if weight.startswith("linear_fc1"):
+        gate, up = value.chunk(2, dim=0)
+        value = torch.cat([_all_gather(gate, 0, etp_group), _all_gather(up, 0, etp_group)], dim=0)
+    else:
+        value = _all_gather(value, 1, etp_group)
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    ep = dist.get_world_size(ep_group) if dist.is_initialized() else 1
+    per_rank = cfg.num_moe_experts // ep
+    parts = [value] if ep == 1 else [torch.empty_like(value) for _ in range(ep)]
+    if ep > 1:
+        dist.all_gather(parts, value.contiguous(), group=ep_group)
+    return {f"mlp.experts.local_experts.{r * per_rank + local}.{weight}": part for r, part in enumerate(parts)}
+
+
 def gather_full_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`shard_full_state`: collective over TP and PP; every rank gets the result."""
+    """Inverse of :func:`shard_full_state`: collective over TP, EP and PP; every rank gets the result."""
     tp_group = parallel_state.get_tensor_model_parallel_group()
     first, _ = _layer_offset(cfg)
     te_back = {v: k for k, v in _TE_RENAMES.items()}
@@ -134,6 +195,10 @@ def gather_full_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, tor
         if m:
             layer, rest = int(m.group(1)), m.group(2)
             rest = te_back.get(rest, rest)
+            if _EXPERT.match(rest) or _TE_EXPERT.match(rest):
+                for name, full in _gather_expert(rest, value, cfg).items():
+                    stage[f"decoder.layers.{layer + first}.{name}"] = full
+                continue
             if rest in _COLUMN:
                 value = _all_gather(value, 0, tp_group)
             elif rest in _GATED:

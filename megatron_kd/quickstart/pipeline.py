@@ -17,16 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_kd.config import build_config
-from megatron_kd.quickstart.sizes import SIZES, QuickstartSize
+from megatron_kd.quickstart.sizes import SIZES, STUDENTS, QuickstartSize
 from megatron_kd.utils.io import read_json, write_json_atomic
-
-STUDENTS = [
-    ("no_kd", "No KD (plain LM loss)"),
-    ("online_kd", "Online KD (teacher in the job, forward KL)"),
-    ("offline_kd", "Offline top-k KD (stored teacher logits)"),
-    ("miniplm_data", "MiniPLM data (difference-sampled corpus), no KD"),
-    ("miniplm_kd", "MiniPLM data + online KD"),
-]
 
 
 class Quickstart:

@@ -35,7 +35,7 @@ def _plot_curves(qs, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_kd.quickstart.pipeline import STUDENTS
+    from megatron_kd.quickstart.sizes import STUDENTS
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, label in STUDENTS:
@@ -67,7 +67,7 @@ def _conclusions(students: list[dict[str, Any]], teacher_loss: float) -> list[st
 
 def write_report(qs, total_seconds: float) -> dict[str, Any]:
     """Assemble and write the report files under ``qs.out``; return the report dict."""
-    from megatron_kd.quickstart.pipeline import STUDENTS
+    from megatron_kd.quickstart.sizes import STUDENTS
 
     r, size = qs.results, qs.size
     evals = r["evaluate"]

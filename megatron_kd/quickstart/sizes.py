@@ -75,3 +75,12 @@ SIZES: dict[str, QuickstartSize] = {
         teacher_lr=2e-3, student_lr=3e-3, eval_docs=300, top_k=32,
     ),
 }
+
+
+STUDENTS = [  # (run name, label): the students every quickstart trains and reports
+    ("no_kd", "No KD (plain LM loss)"),
+    ("online_kd", "Online KD (teacher in the job, forward KL)"),
+    ("offline_kd", "Offline top-k KD (stored teacher logits)"),
+    ("miniplm_data", "MiniPLM data (difference-sampled corpus), no KD"),
+    ("miniplm_kd", "MiniPLM data + online KD"),
+]

@@ -13,7 +13,10 @@ schedules and optimizer, ``torch.cuda.current_device()`` buffers, the CUDA RNG t
 * megatron's RNG tracker state getters/setters and ``clip_grad_by_total_norm_fp32`` get CPU
   versions.
 
-Nothing is changed when CUDA is available. Nothing outside ``megatron_kd.runtime`` needs to know.
+Nothing is changed when CUDA is available, except one fix that applies to any machine without
+Transformer Engine: megatron-core 0.16.1's MoE router tests ``te_general_gemm is not None`` but only
+defines that name when TE imports, so :func:`patch_missing_te_names` binds it to None (the router then
+uses its plain ``torch.mm`` path). Nothing outside ``megatron_kd.runtime`` needs to know.
 """
 from __future__ import annotations
 
@@ -70,12 +73,22 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def patch_missing_te_names() -> None:
+    """Bind the Transformer-Engine-only names megatron-core's MoE code reads unconditionally to None
+    when TE is absent (``moe_utils.te_general_gemm``). Idempotent; no-op with TE."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def install() -> bool:
     """Activate the CPU compatibility layer if CUDA is absent. Idempotent, per process.
 
     Returns True when the layer is (now) active, False on a CUDA machine.
     """
     global _INSTALLED, _MODE
+    patch_missing_te_names()
     if cuda_available():
         return False
     with _LOCK:

@@ -26,10 +26,19 @@ class ParallelConfig:
     """Pipeline-parallel (PP) size: the layers are split into this many consecutive stages."""
     context_parallel: int = 1
     """Context-parallel (CP) size (GPU only: the local SDPA attention does not shard the sequence)."""
+    expert_parallel: int = 1
+    """Expert-parallel (EP) size for mixture-of-experts models: the routed experts of each MoE layer
+    are split this many ways over the data-parallel ranks (megatron's ``expert_model_parallel_size``;
+    it must divide the data-parallel size times CP and the expert count). 1 for dense models."""
+
+    @property
+    def expert_model_parallel_size(self) -> int:
+        """megatron-core's name for :attr:`expert_parallel`."""
+        return self.expert_parallel
 
     def validate(self, world_size: int) -> None:
         """Raise ``ValueError`` (one line) if this layout does not fit ``world_size`` processes."""
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         mp = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
@@ -37,6 +46,14 @@ class ParallelConfig:
             raise ValueError(
                 f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel*"
                 f"context_parallel={mp}: launch a multiple of {mp} processes or change parallel.*"
+            )
+        # megatron's expert groups: EP ranks come out of the data-parallel (x CP) ranks of one stage.
+        dp_cp = world_size // (self.tensor_parallel * self.pipeline_parallel)
+        if dp_cp % self.expert_parallel:
+            raise ValueError(
+                f"parallel.expert_parallel={self.expert_parallel} does not divide the data-parallel*context_parallel "
+                f"size {dp_cp} (world {world_size} / (tensor_parallel*pipeline_parallel)): launch "
+                f"{self.tensor_parallel * self.pipeline_parallel * self.expert_parallel}*k processes or lower it"
             )
 
 
@@ -85,6 +102,7 @@ def init_distributed(parallel: ParallelConfig | None = None, backend: str | None
         if (
             parallel_state.get_tensor_model_parallel_world_size() == parallel.tensor_parallel
             and parallel_state.get_pipeline_model_parallel_world_size() == parallel.pipeline_parallel
+            and parallel_state.get_expert_model_parallel_world_size() == parallel.expert_parallel
         ):
             return
         parallel_state.destroy_model_parallel()
@@ -92,6 +110,7 @@ def init_distributed(parallel: ParallelConfig | None = None, backend: str | None
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
+        expert_model_parallel_size=parallel.expert_parallel,
     )
 
 

@@ -31,6 +31,7 @@ from megatron_kd.models.builder import build_gpt_model
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.sharding import local_padded_vocab_size
 from megatron_kd.runtime.distributed import barrier, is_main_process, rank
+from megatron_kd.runtime.parallel import unwrap
 from megatron_kd.utils.exits import FilesystemError
 from megatron_kd.utils.io import atomic_write, read_json, replace_dir_atomic, write_json_atomic
 
@@ -43,10 +44,7 @@ def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+_unwrap = unwrap
 
 
 def _padded_vocab(model_chunks: list[torch.nn.Module]) -> int:

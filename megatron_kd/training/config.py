@@ -8,10 +8,11 @@ data source) and raises a one-line ``ValueError`` naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
+from megatron_kd.config import validate_choices
+from megatron_kd.data.gpt_dataset import DataConfig
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.presets import get_preset
 from megatron_kd.runtime.distributed import ParallelConfig
@@ -44,7 +45,7 @@ class TrainConfig:
     exit_duration_mins: float = 0.0
     """Stop (after checkpointing) once this many minutes of training have passed (0 = no limit);
     set it a little below a Slurm time limit so every allocation ends with a checkpoint."""
-    nonfinite: str = "stop"
+    nonfinite: Literal["stop", "skip"] = "stop"
     """What a NaN/inf loss or gradient norm does (checked every step): "stop" = exit with code 3 and
     one line naming the step and the likely cause, without saving that state; "skip" = drop the
     update (the step still counts), report it as `nonfinite_skipped` in the metrics, and stop only
@@ -71,18 +72,18 @@ class OptimConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient L2 norm to this value (0 = no clipping)."""
-    lr_schedule: str = "cosine"
-    """"constant" | "cosine" | "wsd" (warmup-stable-decay), all after a linear warmup."""
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "cosine"
+    """constant | cosine | wsd (warmup-stable-decay), all after a linear warmup."""
     warmup_fraction: float = 0.0
     """Linear warmup length as a fraction of train_iters (used when warmup_iters is 0)."""
     warmup_iters: int = 0
     """Linear warmup length in steps (wins over warmup_fraction when > 0)."""
     wsd_decay_fraction: float = 0.1
     """WSD: fraction of train_iters spent in the final decay (the stable phase is what is left)."""
-    wsd_decay_style: str = "linear"
-    """WSD decay shape: "linear" | "cosine" | "exponential" | "minus_sqrt"."""
-    precision: str = "fp32"
-    """"fp32" | "bf16" | "fp16" (mixed precision with fp32 master weights; bf16/fp16 need a GPU)."""
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    """WSD decay shape."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp32, or mixed precision bf16 / fp16 with fp32 master weights (bf16/fp16 need a GPU)."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over data-parallel ranks (ZeRO-1; GPU only, ignored on CPU with a note)."""
     initial_loss_scale: float = 65536.0
@@ -120,41 +121,83 @@ class LoggingConfig:
 
 
 @dataclass
-class PretrainDataConfig:
-    """Training data: indexed datasets from `megatron-kd preprocess`, or synthetic tokens for tests."""
+class PretrainDataConfig(DataConfig):
+    """The `data:` section: a :class:`megatron_kd.data.gpt_dataset.DataConfig` (every field of it can be
+    set from YAML: blend `weights`, `valid_prefixes`, `eod_mask_loss`, ...) with the pre-training
+    defaults, `prefixes` as the short spelling of `train_prefixes`, and deterministic synthetic data.
+    `seq_length` and `seed` default to train.seq_length / train.seed (one value per run)."""
 
+    prefixes: list[str] = field(default_factory=list)
+    """Indexed dataset path prefixes as written by `megatron-kd preprocess` (`{prefix}.bin/.idx`); the same
+    list as `train_prefixes` (set either; both name the training blend)."""
+    split: str = "969,30,1"
+    """Train/valid/test split weights of every prefix's documents (ignored with `valid_prefixes`)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer the datasets were made with (SentencePiece .model file or HF directory)."""
+    seq_length: Optional[int] = None
+    """Tokens per sample; None = train.seq_length (a different value is refused)."""
+    seed: Optional[int] = None
+    """Seed of the document and sample shuffles; None = train.seed."""
     synthetic: bool = False
     """Use deterministic synthetic token sequences (a fixed random Markov chain over model.vocab_size):
     sample i depends only on (seed, i). For tests and benchmarks."""
-    prefixes: list[str] = field(default_factory=list)
-    """Indexed dataset path prefixes as written by `megatron-kd preprocess` (`{prefix}.bin/.idx`)."""
-    tokenizer: Optional[str] = None
-    """Tokenizer the datasets were made with (SentencePiece .model file or HF directory)."""
-    split: str = "969,30,1"
-    """Train/valid/test split weights of the documents."""
-    cache_dir: Optional[str] = None
-    """Where GPTDataset index caches go (None = next to the data)."""
     synthetic_concentration: float = 0.9
     """Synthetic data: probability that the next token is the chain's preferred successor."""
     verify_data: bool = False
     """Before training, check every token id against the vocabulary and the files' sha256 against
     their manifest (`--verify-data`); by default a fast sampled check of the token ids runs."""
 
+    def __post_init__(self) -> None:
+        if self.prefixes and self.train_prefixes and list(self.prefixes) != list(self.train_prefixes):
+            raise ValueError("data.prefixes and data.train_prefixes name the same list: set only one of them")
+        self.train_prefixes = list(self.train_prefixes or self.prefixes)
+        self.prefixes = list(self.train_prefixes)
+        if self.train_prefixes:  # DataConfig's own checks (split, weights, ...) on the indexed-data path
+            self.dataset_config(self.seq_length or 1, 0 if self.seed is None else self.seed)
 
-def _model_spec_fields() -> list[tuple[str, Any, Any]]:
-    hints = typing.get_type_hints(ModelConfig)
-    out: list[tuple[str, Any, Any]] = [("preset", Optional[str], field(default=None))]
-    for f in dataclasses.fields(ModelConfig):
-        out.append((f.name, Optional[hints[f.name]], field(default=None)))
-    return out
+    def dataset_config(self, seq_length: int, seed: int) -> DataConfig:
+        """The plain :class:`DataConfig` for ``build_gpt_datasets``: every field of this section, with
+        ``seq_length`` / ``seed`` resolved (given as train.seq_length / train.seed)."""
+        if self.seq_length is not None and self.seq_length != seq_length:
+            raise ValueError(f"data.seq_length={self.seq_length} differs from train.seq_length={seq_length}: "
+                             "unset data.seq_length (it defaults to train.seq_length)")
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)}
+        values.update(seq_length=seq_length, seed=seed if self.seed is None else self.seed,
+                      tokenizer=self.tokenizer or "", synthetic=False)
+        return DataConfig(**values)
 
 
-# ``model:`` section = every ModelConfig field (all optional) plus ``preset``. Generated from
-# ModelConfig so a field added there is accepted here without edits.
-ModelSpec = dataclasses.make_dataclass("ModelSpec", _model_spec_fields())
-ModelSpec.__module__ = __name__
-ModelSpec.__doc__ = ("The `model:` section: `preset` (a name from megatron_kd.models.presets) and/or any "
-                     "ModelConfig field, which overrides the preset (see ModelConfig for each field).")
+@dataclass
+class ModelSpec:
+    """The `model:` section: `preset` (a name from megatron_kd.models.presets) and/or any ModelConfig
+    field, which overrides the preset. Every field but `preset` mirrors the ModelConfig field of the
+    same name (None = the preset's value, else ModelConfig's default); its documentation is
+    ModelConfig's (``--help-config`` shows it). tests/cli/test_config_vocabulary.py checks that the
+    two field lists agree: add a field to both."""
+
+    _field_docs_from = ModelConfig  # --help-config: undocumented fields take ModelConfig's docstrings
+
+    preset: Optional[str] = None
+    """Preset name (megatron_kd.models.presets, e.g. tiny, qwen2.5-0.5b); None = ModelConfig defaults."""
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    kv_channels: Optional[int] = None
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    rotary_base: Optional[float] = None
+    rope_scaling: Optional[bool] = None
+    rope_scaling_factor: Optional[float] = None
+    norm_epsilon: Optional[float] = None
+    tie_embeddings: Optional[bool] = None
+    add_qkv_bias: Optional[bool] = None
+    qk_layernorm: Optional[bool] = None
+    init_method_std: Optional[float] = None
+    hidden_dropout: Optional[float] = None
+    attention_dropout: Optional[float] = None
 
 
 def resolve_model_config(spec: Any) -> ModelConfig:
@@ -171,7 +214,7 @@ def resolve_model_config(spec: Any) -> ModelConfig:
 class PretrainConfig:
     """Everything `megatron-kd pretrain` needs."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)  # type: ignore[valid-type]
+    model: ModelSpec = field(default_factory=ModelSpec)
     """Model shape: `preset` and/or ModelConfig fields."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline parallel sizes (data parallel = the rest of the world size)."""
@@ -185,14 +228,6 @@ class PretrainConfig:
     """Checkpoint saving and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics outputs."""
-
-
-_SCHEDULES = ("constant", "cosine", "wsd")
-_WSD_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
-_PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-_NONFINITE = ("stop", "skip")
 
 
 def require_numbers(section: str, obj: Any, names: tuple[str, ...]) -> None:
@@ -209,8 +244,7 @@ def validate_train(train: TrainConfig, data_parallel: int) -> int:
     require_numbers("train", train, ("micro_batch_size", "global_batch_size", "seq_length", "train_iters",
                                      "eval_interval", "eval_iters", "log_interval", "exit_interval",
                                      "exit_duration_mins", "nonfinite_max_consecutive"))
-    if train.nonfinite not in _NONFINITE:
-        raise ValueError(f"train.nonfinite={train.nonfinite!r} must be one of {list(_NONFINITE)}")
+    validate_choices(train, "train.")
     if train.nonfinite_max_consecutive < 1:
         raise ValueError(f"train.nonfinite_max_consecutive={train.nonfinite_max_consecutive} must be >= 1")
     for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters"):
@@ -235,12 +269,7 @@ def validate_optim(optim: OptimConfig, train_iters: int, on_gpu: bool) -> None:
                                      "initial_loss_scale"))
     if not optim.lr > 0:
         raise ValueError(f"optim.lr={optim.lr} must be > 0")
-    if optim.lr_schedule not in _SCHEDULES:
-        raise ValueError(f"optim.lr_schedule={optim.lr_schedule!r} must be one of {list(_SCHEDULES)}")
-    if optim.wsd_decay_style not in _WSD_STYLES:
-        raise ValueError(f"optim.wsd_decay_style={optim.wsd_decay_style!r} must be one of {list(_WSD_STYLES)}")
-    if optim.precision not in _PRECISIONS:
-        raise ValueError(f"optim.precision={optim.precision!r} must be one of {list(_PRECISIONS)}")
+    validate_choices(optim, "optim.")
     if optim.precision != "fp32" and not on_gpu:
         raise ValueError(
             f"optim.precision={optim.precision} needs a CUDA GPU (megatron-core's mixed-precision optimizer "

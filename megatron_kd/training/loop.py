@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_kd.models.config import ModelConfig
+from megatron_kd.models.moe import router_loss_metrics
 from megatron_kd.runtime.distributed import device, is_main_process
 from megatron_kd.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from megatron_kd.training.config import CheckpointConfig, LoggingConfig, TrainConfig
@@ -185,6 +186,7 @@ class Trainer:
         self.scheduler.step(1)
         lr = current_lr(self.optimizer)
         metrics = reduce_reports(reports)
+        metrics.update(router_loss_metrics(self.num_microbatches))  # MoE students with an aux loss; else {}
         loss = main_loss(metrics)
         finite = math.isfinite(loss) and self._grads_finite()
         ok, grad_norm = False, None

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_kd.runtime.distributed import is_main_process
+from megatron_kd.runtime.parallel import dp_group, dp_sum
 from megatron_kd.training.config import LoggingConfig
 from megatron_kd.utils.io import atomic_write
 from megatron_kd.utils.progress import JsonlWriter, progress, read_jsonl_lines
@@ -47,9 +48,8 @@ def reduce_reports(reports: list[dict[str, Any]]) -> dict[str, float]:
     if parallel_state.is_pipeline_last_stage():
         acc = _pairs(reports)
         keys = sorted(acc)
-        if keys and dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-            t = torch.tensor([v for k in keys for v in acc[k]], dtype=torch.float64)
-            dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        if keys and dp_group().world_size > 1:
+            t = dp_sum(torch.tensor([v for k in keys for v in acc[k]], dtype=torch.float64))
             acc = {k: [float(t[2 * i]), float(t[2 * i + 1])] for i, k in enumerate(keys)}
         result = {k: (s / c if c else float("nan")) for k, (s, c) in acc.items()}
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:

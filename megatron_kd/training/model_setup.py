@@ -14,6 +14,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_kd.models.builder import build_gpt_model
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.runtime.distributed import ParallelConfig, init_distributed, is_main_process
+from megatron_kd.runtime.parallel import unwrap
 from megatron_kd.training.config import OptimConfig
 from megatron_kd.training.optim import build_optimizer, build_scheduler
 
@@ -81,6 +82,4 @@ def setup_model_and_optimizer(model_cfg: ModelConfig, parallel: ParallelConfig, 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The innermost module under DDP / Float16Module wrappers (a GPTModel stage)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+    return unwrap(model)

@@ -6,7 +6,6 @@ or deterministic synthetic tokens (``data.synthetic: true``, for tests and bench
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -81,16 +80,9 @@ def prepare_config(cfg: PretrainConfig) -> ModelConfig:
 
 
 def _data_config(cfg: PretrainConfig):
-    """The data issue's ``DataConfig`` from our ``data`` section (fields matched by name)."""
-    from megatron_kd.data.gpt_dataset import DataConfig
-
-    ours = {"prefixes": cfg.data.prefixes, "train_prefixes": cfg.data.prefixes, "paths": cfg.data.prefixes,
-            "split": cfg.data.split, "seq_length": cfg.train.seq_length, "sequence_length": cfg.train.seq_length,
-            "seed": cfg.train.seed, "random_seed": cfg.train.seed, "cache_dir": cfg.data.cache_dir,
-            "path_to_cache": cfg.data.cache_dir, "tokenizer": cfg.data.tokenizer,
-            "verify_data": getattr(cfg.data, "verify_data", False)}
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    return DataConfig(**{k: v for k, v in ours.items() if k in names})
+    """The ``DataConfig`` the datasets are built from: the ``data:`` section itself (every field),
+    with seq_length / seed from ``train``."""
+    return cfg.data.dataset_config(cfg.train.seq_length, cfg.train.seed)
 
 
 def build_data_iterators(cfg: PretrainConfig, model_cfg: ModelConfig) -> IteratorFactories:

@@ -3,7 +3,6 @@ preprocess-instructions -> sft -> generate (SeqKD data) -> minillm (with eval, c
 import json
 
 import pytest
-import torch
 
 from megatron_kd.minillm.data import InstructionDataset, InstructionTemplate, encode_records, preprocess_instructions, sft_batch
 from megatron_kd.minillm.synthetic import WordTokenizer, make_records, task_tokenizer, write_jsonl
