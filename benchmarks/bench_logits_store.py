@@ -123,6 +123,35 @@ def run_speed(rank, world_size, kwargs: dict, repeats: int) -> dict:
             "precompute_over_forward": max(pre) / max(fwd), "runs_forward_only": fwd, "runs_precompute": pre}
 
 
+def run_methods(rank, world_size, kwargs: dict, methods: list[dict], repeats: int) -> dict:
+    """Per target-selection method: bytes per token and precompute throughput vs a forward-only pass
+    (rounds interleave forward-only and every method; medians)."""
+    import shutil
+
+    from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+    from megatron_kd.logits.stats import store_stats
+
+    torch.set_num_threads(THREADS)
+    fwd, pre = [], {m["name"]: [] for m in methods}
+    for _ in range(repeats):
+        fwd.append(precompute_logits(PrecomputeConfig(**kwargs), forward_only=True)["positions_per_s"])
+        for m in methods:
+            out = f"{kwargs['out']}_{m['name']}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = {**kwargs, **{k: v for k, v in m.items() if k != "name"}, "out": out}
+            pre[m["name"]].append(precompute_logits(PrecomputeConfig(**cfg))["positions_per_s"])
+    res = {"forward_only_positions_per_s": float(np.median(fwd))}
+    for m in methods:
+        st = store_stats(f"{kwargs['out']}_{m['name']}")["store"]
+        med = float(np.median(pre[m["name"]]))
+        res[m["name"]] = {"bytes_per_token": st["bytes_per_token"], "bytes_per_entry": st["bytes_per_entry"],
+                          "mean_entries": st["mean_entries"], "positions_per_s": med,
+                          "precompute_over_forward": med / res["forward_only_positions_per_s"],
+                          **{k: st[k] for k in ("kept_teacher_mass", "kl_teacher_stored", "tv_teacher_stored",
+                                                "audit_positions") if k in st}}
+    return res
+
+
 def exact_vs_stored(rank, world_size, kwargs: dict, num_docs: int) -> dict:
     """Re-run the teacher on some documents' windows; compare the exact (unquantised) truncated
     distributions with the stored ones."""
@@ -241,6 +270,11 @@ def main() -> None:
                     help="measure on the first documents of the corpus up to this many tokens (default: all)")
     ap.add_argument("--repeats", type=int, default=2, help="forward-only / precompute passes (best of)")
     ap.add_argument("--kl-docs", type=int, default=20, help="documents re-run for the distortion measurement")
+    ap.add_argument("--methods", default="topk,sample:12,sample:24,sample:48,topk+sample:20:12",
+                    help="target-selection methods to compare (topk | sample:N | topk+sample:K:N; '' = skip)")
+    ap.add_argument("--audit-fraction", type=float, default=0.02, help="audit sample of the method stores")
+    ap.add_argument("--skip-topk-details", action="store_true",
+                    help="skip the top-k speed/distortion/read sections (methods comparison only)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_logits_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -272,11 +306,24 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(kwargs["out"], ignore_errors=True)
-    result.update(run_workers(run_speed, 1, kwargs, args.repeats, timeout=7200)[0])
-    result["storage"] = storage_stats(kwargs["out"])
-    result["distortion"] = run_workers(exact_vs_stored, 1, kwargs, args.kl_docs, timeout=3600)[0]
-    result["reads"] = read_speed(kwargs["out"], args.seq_length, 300)
-    print(json.dumps(result, indent=2))
+    if not args.skip_topk_details:
+        result.update(run_workers(run_speed, 1, kwargs, args.repeats, timeout=7200)[0])
+        result["storage"] = storage_stats(kwargs["out"])
+        result["distortion"] = run_workers(exact_vs_stored, 1, kwargs, args.kl_docs, timeout=3600)[0]
+        result["reads"] = read_speed(kwargs["out"], args.seq_length, 300)
+    methods = []
+    for spec in filter(None, args.methods.split(",")):
+        parts = spec.split(":")
+        m = {"name": spec.replace(":", "_"), "method": parts[0], "audit_fraction": args.audit_fraction}
+        if parts[0] == "sample":
+            m["num_samples"] = int(parts[1])
+        elif parts[0] == "topk+sample":
+            m.update(top_k=int(parts[1]), num_samples=int(parts[2]))
+        methods.append(m)
+    if methods:
+        result["methods"] = run_workers(run_methods, 1, kwargs, methods, args.repeats, timeout=7200)[0]
+    result["load_average_at_end"] = os.getloadavg()[0]
+    print(json.dumps(result))  # one line, the last line of stdout
 
 
 if __name__ == "__main__":

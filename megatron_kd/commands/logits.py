@@ -17,7 +17,20 @@ def register(subparsers) -> None:
                     "torchrun for TP/PP/DP; re-run the same command to resume. See docs/logits_store.md.")
     p.add_argument("--teacher", default=None, help="teacher checkpoint directory (megatron-kd layout)")
     p.add_argument("--data", default=None, help="indexed dataset prefix (path without .bin/.idx)")
-    flag(p, "--output", dest="out", required=True, help="store directory to create, resume or verify")
+    flag(p, "--output", dest="out", default=None, help="store directory to create, resume or verify")
+    p.add_argument("--method", default="topk", choices=["topk", "sample", "topk+sample"],
+                   help="what is kept per position: topk (top-p/top-k log-probs, default), sample (N i.i.d. "
+                        "teacher draws: unbiased weighted targets) or topk+sample (exact head + sampled tail)")
+    p.add_argument("--num-samples", type=int, default=24,
+                   help="sample / topk+sample: draws per position (default 24)")
+    p.add_argument("--proposal-temperature", type=float, default=1.0,
+                   help="sample / topk+sample: draw from r ∝ p^(1/tau) (default 1: the teacher itself)")
+    p.add_argument("--seed", type=int, default=1234, help="sampling / audit seed (default 1234)")
+    p.add_argument("--audit-fraction", type=float, default=0.0,
+                   help="fraction of positions whose dense teacher distribution is kept for --stats (default 0)")
+    p.add_argument("--stats", default=None, metavar="STORE",
+                   help="print size and fidelity statistics of STORE (per store and per shard) and exit")
+    p.add_argument("--json", action="store_true", help="with --stats: print one JSON object instead of a table")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass kept per token (default 0.95)")
     p.add_argument("--top-k", type=int, default=100, help="cap on kept ids per token, 1..255 (default 100)")
     p.add_argument("--seq-length", type=int, default=1024,
@@ -45,6 +58,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``megatron-kd logits``."""
+    if args.stats:
+        from megatron_kd.logits.stats import format_stats, store_stats
+
+        stats = store_stats(args.stats)
+        print(json.dumps(stats) if args.json else format_stats(stats))
+        return 0
+    if not args.out:
+        raise ValueError("--output STORE is required (or pass --stats STORE)")
     if args.verify:
         from megatron_kd.logits.store import verify_store
 
@@ -64,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         seq_length=args.seq_length, overlap=args.overlap, micro_batch_size=args.micro_batch_size,
         shard_tokens=args.shard_tokens, value_step=args.value_step, dtype=args.dtype,
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
-        iteration=args.iteration, max_shards=args.max_shards)
+        iteration=args.iteration, max_shards=args.max_shards, method=args.method, num_samples=args.num_samples,
+        proposal_temperature=args.proposal_temperature, seed=args.seed, audit_fraction=args.audit_fraction)
+    cfg.validate()  # bad --num-samples / --proposal-temperature fail here, before any work
     try:
         summary = precompute_logits(cfg)
         if is_main_process():

@@ -102,6 +102,10 @@ def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec
             raise ValueError(f"train.seq_length={cfg.train.seq_length} exceeds the logits store's teacher window "
                              f"{store.seq_length}: train with shorter sequences or recompute the store")
         store.check_compatible(cfg.data.prefixes[0])  # computed on this very dataset (tokenizer: at data build)
+        cfg.kd.target_kind = store.check_kind(cfg.kd.target_kind)  # auto -> the store's kind
+        if cfg.kd.target_kind == "weights" and (cfg.kd.temperature != 1.0 or cfg.kd.residual):
+            raise ValueError(f"logits store {cfg.kd.logits_store} holds sampled (weighted) targets, which need "
+                             f"kd.temperature=1 and kd.residual=false (got {cfg.kd.temperature}, {cfg.kd.residual})")
     return model_cfg, spec
 
 

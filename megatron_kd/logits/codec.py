@@ -17,6 +17,13 @@ One token position keeps ``n`` (vocabulary id, log-prob) entries, ``0 <= n <= 25
 Tokens are bit-contiguous inside a *segment* (one teacher window); each segment starts on a byte
 boundary, so segments are written independently and located through a small segment table.
 All bit fields are little-endian (bit ``i`` of the stream is bit ``i % 8`` of byte ``i // 8``).
+
+Sampled targets ("bitpack-draws-v1", :class:`Layout` with ``num_draws = N``): the same header
+and id fields; the values (log-prob gaps) only when the store keeps them (``values``); then the
+*draw counts* ``c_i`` of the entries, in id order, as one unary string: per entry ``c_i - offset``
+one-bits and a zero-bit, ``offset = 1`` for ``sample`` stores (every entry was drawn) and 0 for
+``topk+sample`` (exact head entries have ``c = 0``). The string is ``N + (1 - offset) * n`` bits
+long, so a token's bit length still follows from its header: random access is unchanged.
 """
 from __future__ import annotations
 
@@ -73,6 +80,31 @@ class EncodedChunk:
     """Total kept entries."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a token's bit string holds beyond its ids (one per store, from its manifest)."""
+
+    id_bits: int
+    """Bits of a token's first id."""
+    value_step: float
+    """Quantisation step of the stored log-prob gaps (nats)."""
+    values: bool = True
+    """Per-entry log-prob gaps are stored (top-k stores, and sampled stores that keep log-probs)."""
+    num_draws: int = 0
+    """N draws per token (sampled stores); 0 = no draw counts (top-k)."""
+    draw_offset: int = 1
+    """Smallest draw count of an entry: 1 (``sample``) or 0 (``topk+sample``: exact head entries)."""
+
+    def token_bits(self, count: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """Bits each token occupies in the payload (int64 [T])."""
+        n = np.asarray(count).astype(np.int64)
+        w = np.asarray(widths).astype(np.int64)
+        bits = self.id_bits + (n - 1) * (w & 31) + n * VALUE_WIDTHS[w >> 5]
+        if self.num_draws:
+            bits = bits + self.num_draws + (1 - self.draw_offset) * n
+        return np.where(n > 0, bits, 0)
+
+
 def flatten_rows(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Dense rows -> the flat, id-sorted entry lists :func:`encode` takes.
 
@@ -89,8 +121,9 @@ def flatten_rows(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> t
     return ids_s[valid], lp_s[valid]
 
 
-def encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, segment_lengths: np.ndarray,
-           id_bits: int, value_step: float) -> EncodedChunk:
+def encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray | None, segment_lengths: np.ndarray,
+           id_bits: int, value_step: float, draws: np.ndarray | None = None,
+           layout: Layout | None = None) -> EncodedChunk:
     """Encode ``T`` token positions split into consecutive segments.
 
     Args:
@@ -101,10 +134,13 @@ def encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, segment_le
         segment_lengths: int [S] tokens per segment, summing to ``T``.
         id_bits: bits of the first id of a token (:func:`id_bits_for`).
         value_step: quantisation step of the log-prob gaps below the token's top, in nats.
+        draws: int [E] draw counts of the entries (sampled stores, with ``layout``).
+        layout: a :class:`Layout` with draws and/or without values (default: top-k, values only).
     """
+    layout = layout or Layout(id_bits, value_step)
     counts = np.asarray(counts, dtype=np.int64)
     ids = np.asarray(ids, dtype=np.int64)
-    lp = np.asarray(logprobs, dtype=np.float64)
+    lp = np.asarray(logprobs if layout.values else np.zeros(len(ids)), dtype=np.float64)
     seg_len = np.asarray(segment_lengths, dtype=np.int64)
     T, E = len(counts), int(counts.sum())
     if seg_len.sum() != T or np.any(seg_len < 0):
@@ -135,9 +171,13 @@ def encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, segment_le
         idw[has] = _bit_length(np.maximum.reduceat(gaps, starts[:-1][has]))
         vneed[has] = _bit_length(np.maximum.reduceat(q, starts[:-1][has]))
     vcode = np.searchsorted(VALUE_WIDTHS, vneed, side="left")
+    if not layout.values:
+        vcode[:] = 0
+        top16[:] = 0
     vw = VALUE_WIDTHS[vcode]
+    widths = (idw | (vcode << 5)).astype(np.uint8)
 
-    tok_bits = np.where(has, id_bits + (counts - 1) * idw + counts * vw, 0)
+    tok_bits = layout.token_bits(counts, widths)
     seg_of_tok = np.repeat(np.arange(len(seg_len)), seg_len)
     seg_start_tok = _excl_cumsum(seg_len)
     cs = _excl_cumsum(tok_bits)
@@ -151,11 +191,46 @@ def encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, segment_le
     idw_e = idw[tok]
     id_pos = tok_pos[tok] + np.where(first, 0, id_bits + (r - 1) * idw_e)
     v_pos = tok_pos[tok] + id_bits + (counts[tok] - 1) * idw_e + r * vw[tok]
-    payload = _write_fields(int(seg_byte_start[-1]), np.concatenate([id_pos, v_pos]),
-                            np.concatenate([np.where(first, id_bits, idw_e), vw[tok]]),
-                            np.concatenate([np.where(first, ids, gaps), q]))
-    return EncodedChunk(payload=payload, count=counts.astype(np.uint8), widths=(idw | (vcode << 5)).astype(np.uint8),
+    pos_f, wid_f, val_f = [id_pos, v_pos], [np.where(first, id_bits, idw_e), vw[tok]], [np.where(first, ids, gaps), q]
+    if layout.num_draws:
+        d_pos, d_wid, d_val = _unary_fields(tok_pos[tok] + id_bits + (counts[tok] - 1) * idw_e + counts[tok] * vw[tok],
+                                            np.asarray(draws, dtype=np.int64), r, counts, starts, layout)
+        pos_f.append(d_pos), wid_f.append(d_wid), val_f.append(d_val)
+    payload = _write_fields(int(seg_byte_start[-1]), np.concatenate(pos_f), np.concatenate(wid_f),
+                            np.concatenate(val_f))
+    return EncodedChunk(payload=payload, count=counts.astype(np.uint8), widths=widths,
                         top=top16, segment_bytes=seg_bytes, num_entries=E)
+
+
+_RUN = 24
+"""Longest run of one-bits written as one field (``_write_fields`` takes widths <= 25)."""
+
+
+def _unary_fields(tok_draw_pos: np.ndarray, draws: np.ndarray, r: np.ndarray, counts: np.ndarray,
+                  starts: np.ndarray, layout: Layout):
+    """Bit fields of the unary draw counts. ``tok_draw_pos`` [E]: first bit of the entry's token's
+    draw string; ``r`` [E]: the entry's rank inside its token."""
+    E = len(draws)
+    m = draws - layout.draw_offset  # one-bits of each entry
+    if E and (m.min() < 0):
+        raise ValueError(f"draw counts must be >= {layout.draw_offset} for this store kind")
+    tok_of = np.repeat(np.arange(len(counts)), counts)
+    if E:
+        sums = np.add.reduceat(draws, starts[:-1][counts > 0])
+        if np.any(sums != layout.num_draws):
+            raise ValueError(f"draw counts of a token must sum to num_samples={layout.num_draws}")
+    # bit offset of each entry inside its token's string: ones and zeros of the entries before it
+    csum = np.cumsum(m + 1) - (m + 1)
+    before = csum - csum[starts[tok_of]] if E else csum
+    base = tok_draw_pos + before
+    nfull = m // _RUN
+    nf = nfull + 1  # fields per entry: full runs, then the remainder + the zero bit
+    e_of = np.repeat(np.arange(E), nf)
+    j = np.arange(int(nf.sum())) - np.repeat(np.cumsum(nf) - nf, nf)
+    last = j == nfull[e_of]
+    width = np.where(last, m[e_of] - nfull[e_of] * _RUN + 1, _RUN)
+    val = np.where(last, (np.int64(1) << (width - 1)) - 1, (1 << _RUN) - 1)
+    return base[e_of] + j * _RUN, width, val
 
 
 def _write_fields(num_bytes: int, pos: np.ndarray, width: np.ndarray, val: np.ndarray) -> np.ndarray:
@@ -182,8 +257,10 @@ def _read_fields(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndar
     return (word >> (pos & 7)) & ((np.int64(1) << width) - 1)
 
 
-def token_bit_lengths(count: np.ndarray, widths: np.ndarray, id_bits: int) -> np.ndarray:
-    """Bits each token occupies in the payload (int64 [T])."""
+def token_bit_lengths(count: np.ndarray, widths: np.ndarray, id_bits: int, layout: Layout | None = None) -> np.ndarray:
+    """Bits each token occupies in the payload (int64 [T]); ``layout`` for sampled stores."""
+    if layout is not None:
+        return layout.token_bits(count, widths)
     n = count.astype(np.int64)
     w = widths.astype(np.int64)
     return np.where(n > 0, id_bits + (n - 1) * (w & 31) + n * VALUE_WIDTHS[w >> 5], 0)
@@ -231,3 +308,53 @@ def decode(buf: np.ndarray, tok_pos: np.ndarray, count: np.ndarray, widths: np.n
     ids_out[tok[keep], r[keep]] = ids[keep]
     lp_out[tok[keep], r[keep]] = lp[keep]
     return ids_out, lp_out
+
+
+def decode_entries(buf: np.ndarray, tok_pos: np.ndarray, count: np.ndarray, widths: np.ndarray, top: np.ndarray,
+                   layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Flat entries of ``T`` tokens, grouped by token in increasing id order.
+
+    Returns ``(token [E], ids [E], logprobs [E] float64 or None, draws [E] int64 or None)``:
+    log-probs when ``layout.values``, draw counts when ``layout.num_draws``.
+    """
+    n = np.asarray(count).astype(np.int64)
+    idw = np.asarray(widths).astype(np.int64) & 31
+    vw = VALUE_WIDTHS[np.asarray(widths).astype(np.int64) >> 5]
+    starts = _excl_cumsum(n)
+    E = int(starts[-1])
+    tok = np.repeat(np.arange(len(n)), n)
+    if E == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, (np.zeros(0) if layout.values else None), (z if layout.num_draws else None)
+    r = np.arange(E) - starts[tok]
+    first = r == 0
+    pos0 = np.asarray(tok_pos).astype(np.int64)[tok]
+    ib = layout.id_bits
+    fid = _read_fields(buf, pos0 + np.where(first, 0, ib + (r - 1) * idw[tok]), np.where(first, ib, idw[tok]))
+    incr = np.where(first, fid, fid + 1)
+    cs = np.cumsum(incr)
+    has = np.nonzero(n)[0]
+    base = np.zeros(len(n), dtype=np.int64)
+    base[has] = cs[starts[has]] - incr[starts[has]]
+    ids = cs - base[tok]
+    lp = None
+    if layout.values:
+        q = _read_fields(buf, pos0 + ib + (n[tok] - 1) * idw[tok] + r * vw[tok], vw[tok])
+        lp = np.asarray(top).astype(np.float64)[tok] - q * layout.value_step
+    draws = None
+    if layout.num_draws:
+        d0 = np.asarray(tok_pos).astype(np.int64) + ib + (n - 1) * idw + n * vw  # [T] (valid where n > 0)
+        length = np.where(n > 0, layout.num_draws + (1 - layout.draw_offset) * n, 0)
+        lstart = _excl_cumsum(length)
+        total = int(lstart[-1])
+        t_of_bit = np.repeat(np.arange(len(n)), length)
+        bitpos = d0[t_of_bit] + np.arange(total) - lstart[t_of_bit]
+        bits = _read_fields(buf, bitpos, np.ones(total, dtype=np.int64))
+        zeros = np.nonzero(bits == 0)[0]  # one per entry, in entry order
+        if len(zeros) != E:
+            raise ValueError("corrupted draw counts in a logits shard: run --verify and recompute the store")
+        prev = np.empty(E, dtype=np.int64)
+        prev[1:] = zeros[:-1] + 1
+        prev[first] = lstart[tok[first]]
+        draws = zeros - prev + layout.draw_offset
+    return tok, ids, lp, draws

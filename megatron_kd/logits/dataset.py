@@ -55,7 +55,7 @@ def sample_targets(gpt_dataset: Any, idx: int, store: LogitsStore, k_max: int | 
                    pad_logprob: float = float("-inf")) -> tuple[np.ndarray, np.ndarray]:
     """Teacher targets ``(ids int64 [S, k], logprobs float32 [S, k])`` aligned with sample ``idx``'s
     ``labels`` (``S`` = sequence length; -1 / ``pad_logprob`` where there is no target)."""
-    k = store.top_k if k_max is None else k_max
+    k = store.max_entries if k_max is None else k_max
     S = gpt_dataset.config.sequence_length
     docs, offs = sample_positions(gpt_dataset, idx)
     if len(docs) == S:  # no extra token: the last label is padding
@@ -83,7 +83,7 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
     Args:
         gpt_dataset: a megatron ``GPTDataset`` over the store's indexed dataset.
         store: a :class:`LogitsStore` or its path.
-        k_max: entries per token returned (default: the store's ``top_k``); tokens with more
+        k_max: entries per token returned (default: the store's ``max_entries``); tokens with more
             keep their most probable ones.
         check: refuse (one-line ``ValueError``) a store computed on another dataset, or with
             another tokenizer when ``tokenizer`` is given.
@@ -95,7 +95,7 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
                  tokenizer: Any = None, pad_logprob: float = float("-inf")):
         self.gpt_dataset = gpt_dataset
         self.store = store if isinstance(store, LogitsStore) else LogitsStore(store)
-        self.k_max = self.store.top_k if k_max is None else k_max
+        self.k_max = self.store.max_entries if k_max is None else k_max
         self.pad_logprob = pad_logprob
         if gpt_dataset.config.sequence_length > self.store.seq_length:
             raise ValueError(f"sequence length {gpt_dataset.config.sequence_length} exceeds the logits store's "

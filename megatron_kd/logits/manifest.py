@@ -27,12 +27,19 @@ MANIFEST = "manifest.json"
 DOCUMENTS = "documents.npy"
 SHARDS = "shards"
 SETTING_KEYS = ("encoding", "vocab_size", "id_bits", "value_step", "top_p", "top_k", "seq_length", "overlap",
-                "shard_tokens")
+                "shard_tokens", "method", "num_samples", "proposal_temperature", "seed", "audit_fraction")
+SETTING_DEFAULTS = {"method": "topk", "seed": None, "audit_fraction": 0.0}
+"""Values of settings that stores written before they existed implicitly had."""
 
 
 def shard_file(store: str | Path, index: int) -> Path:
     """Path of shard ``index``'s data file."""
     return Path(store) / SHARDS / f"shard_{index:05d}.kdl"
+
+
+def audit_file(store: str | Path, index: int) -> Path:
+    """Path of shard ``index``'s audit sample (dense teacher log-probs of a few positions)."""
+    return Path(store) / SHARDS / f"shard_{index:05d}.audit.npz"
 
 
 def shard_record_file(store: str | Path, index: int) -> Path:
@@ -101,9 +108,14 @@ def describe(ident: dict[str, Any] | None) -> str:
 def check_resume(existing: dict[str, Any], new: dict[str, Any], store: Path) -> None:
     """Raise a one-line ``ValueError`` if ``store`` was started with other settings or inputs."""
     for key in SETTING_KEYS:
-        if existing["settings"].get(key) != new["settings"].get(key):
-            raise ValueError(f"logits store {store} was started with {key}={existing['settings'].get(key)} but this "
-                             f"run asks for {key}={new['settings'].get(key)}: use a new --out or the original settings")
+        old_v = existing["settings"].get(key, SETTING_DEFAULTS.get(key))
+        new_v = new["settings"].get(key, SETTING_DEFAULTS.get(key))
+        if key == "seed" and existing["settings"].get("method", "topk") == "topk" and not existing["settings"].get(
+                "audit_fraction"):
+            continue  # the seed does not change a top-k store without audit sample
+        if old_v != new_v:
+            raise ValueError(f"logits store {store} was started with {key}={old_v} but this "
+                             f"run asks for {key}={new_v}: use a new --out or the original settings")
     old_t, new_t = existing["teacher"], new["teacher"]
     if (old_t.get("meta_sha256"), old_t.get("iteration")) != (new_t.get("meta_sha256"), new_t.get("iteration")):
         raise ValueError(f"logits store {store} was started with teacher {old_t.get('checkpoint')} (iteration "

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from megatron_kd.logits import codec, manifest as mf
+from megatron_kd.logits.selection import DRAWS_ENCODING, METHODS, TARGET_KINDS, Selection, TargetSelector
+from megatron_kd.logits.selection import max_entries, store_layout
 from megatron_kd.logits.shard import ShardWriter
-from megatron_kd.logits.truncation import flatten_selection, select_top_p_top_k
 from megatron_kd.logits.windows import MicroBatch, document_windows, plan_micro_batches, plan_shards
 from megatron_kd.utils.io import read_json, write_json_atomic
 
@@ -62,11 +63,46 @@ class PrecomputeConfig:
     """Checkpoint iteration (default: the one ``latest`` names)."""
     max_shards: int | None = None
     """Stop after this many shards per data-parallel rank in this run (time-boxed runs)."""
+    method: str = "topk"
+    """What is kept per position: topk (top-p/top-k log-probs), sample (N i.i.d. teacher draws as
+    (id, count) pairs: unbiased weighted targets) or topk+sample (exact top-p/top-k head + N draws
+    from the rest). See docs/logits_store.md."""
+    num_samples: int = 24
+    """sample / topk+sample: draws N per position."""
+    proposal_temperature: float = 1.0
+    """sample / topk+sample: draws come from r ∝ p^(1/tau) (1 = the teacher); weights w ∝ c p / r."""
+    seed: int = 1234
+    """Sampling seed (draws and audit positions are a hash of seed and dataset position)."""
+    audit_fraction: float = 0.0
+    """Fraction of positions whose dense teacher distribution is kept (for ``--stats``; 0 = none)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored in the manifest."""
 
-    def validate(self) -> None:
-        """One-line ``ValueError`` for out-of-range settings."""
+    def selector(self) -> TargetSelector:
+        """The per-chunk target selection of this run."""
+        return TargetSelector(self.method, self.top_p, self.top_k, self.num_samples, self.proposal_temperature,
+                              self.seed, self.audit_fraction)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """One-line ``ValueError`` for out-of-range settings (``vocab_size``: the teacher's, when known)."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method != "topk":
+            if self.num_samples < 1:
+                raise ValueError(f"--num-samples {self.num_samples} must be >= 1 (draws per position)")
+            if not (np.isfinite(self.proposal_temperature) and self.proposal_temperature > 0):
+                raise ValueError(f"--proposal-temperature {self.proposal_temperature} must be a finite number > 0")
+            if vocab_size is not None:
+                if self.method == "topk+sample" and self.top_k >= vocab_size:
+                    raise ValueError(f"--top-k {self.top_k} leaves no tail to sample in a vocabulary of {vocab_size}: "
+                                     "lower --top-k or use --method topk")
+                most = max_entries(self.method, self.top_k, self.num_samples, vocab_size)
+                if most > codec.MAX_COUNT:
+                    raise ValueError(f"--method {self.method} with --num-samples {self.num_samples} can keep {most} "
+                                     f"entries per position, the store holds at most {codec.MAX_COUNT}: lower "
+                                     "--num-samples (or --top-k)")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"--audit-fraction {self.audit_fraction} must be in [0, 1]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"--top-p {self.top_p} must be in (0, 1]")
         if not 1 <= self.top_k <= codec.MAX_COUNT:
@@ -81,11 +117,21 @@ class PrecomputeConfig:
 
 
 def _store_header(cfg: PrecomputeConfig, teacher: dict, dataset: dict, vocab: int) -> dict[str, Any]:
+    sel = cfg.selector()
+    sampled = cfg.method != "topk"
+    method = {"method": cfg.method, "target_kind": TARGET_KINDS[cfg.method],
+              "max_entries": max_entries(cfg.method, cfg.top_k, cfg.num_samples, vocab),
+              "audit_fraction": cfg.audit_fraction, "seed": cfg.seed}
+    if sampled:
+        method.update(num_samples=cfg.num_samples, proposal_temperature=cfg.proposal_temperature,
+                      store_logprobs=sel.store_logprobs, sample_block=sel.block)
     return {
         "format": mf.FORMAT, "version": mf.VERSION, "complete": False,
-        "settings": {"encoding": codec.ENCODING, "vocab_size": vocab, "id_bits": codec.id_bits_for(vocab),
+        "settings": {"encoding": DRAWS_ENCODING if sampled else codec.ENCODING, "vocab_size": vocab,
+                     "id_bits": codec.id_bits_for(vocab),
                      "value_step": cfg.value_step, "top_p": cfg.top_p, "top_k": cfg.top_k,
                      "seq_length": cfg.seq_length, "overlap": cfg.overlap, "shard_tokens": cfg.shard_tokens,
+                     **method,
                      "logprob_normalisation": "log_softmax over the full vocabulary at temperature 1",
                      "target": "position (d, o) -> distribution of token o+1 of document d"},
         "teacher": teacher, "dataset": dataset, "tokenizer": dataset.get("tokenizer") or
@@ -125,6 +171,7 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     meta = read_checkpoint_meta(cfg.teacher, cfg.iteration)
     mcfg = ModelConfig.from_dict(meta["model_config"])
     codec.id_bits_for(mcfg.vocab_size)
+    cfg.validate(mcfg.vocab_size)
     if cfg.seq_length > mcfg.max_position_embeddings:
         raise ValueError(f"--seq-length {cfg.seq_length} exceeds the teacher's max_position_embeddings "
                          f"{mcfg.max_position_embeddings}: lower --seq-length")
@@ -142,24 +189,26 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
 class _BatchSource:
     """Builds the input tensors and the target-position index of micro-batches."""
 
-    def __init__(self, dataset, vocab_size: int, device: torch.device):
-        self.ds, self.vocab, self.device = dataset, vocab_size, device
+    def __init__(self, dataset, vocab_size: int, device: torch.device, doc_start: np.ndarray):
+        self.ds, self.vocab, self.device, self.doc_start = dataset, vocab_size, device, doc_start
 
     def __call__(self, mb: MicroBatch) -> dict[str, Any]:
         tokens = np.zeros((mb.rows, mb.length), dtype=np.int64)
-        sel = []
+        sel, positions = [], []
         for r, w in enumerate(mb.windows):
             tokens[r, :w.length] = self.ds.get(w.doc, offset=w.start, length=w.length)
             sel.append(r * mb.length + np.arange(w.emit - w.start, w.length))
+            positions.append(self.doc_start[w.doc] + np.arange(w.emit, w.end))
         if tokens.max(initial=0) >= self.vocab or tokens.min(initial=0) < 0:
             raise ValueError(f"dataset token id {int(tokens.max())} is outside the teacher vocabulary "
                              f"({self.vocab}): the dataset was tokenized with another tokenizer")
         pos = torch.arange(mb.length, device=self.device).unsqueeze(0).expand(mb.rows, -1)
         return {"tokens": torch.from_numpy(tokens).to(self.device), "position_ids": pos,
-                "sel": torch.from_numpy(np.concatenate(sel)).to(self.device)}
+                "sel": torch.from_numpy(np.concatenate(sel)).to(self.device),
+                "positions": torch.from_numpy(np.concatenate(positions).astype(np.int64)).to(self.device)}
 
 
-def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, vocab: int, cfg: PrecomputeConfig,
+def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, vocab: int, selector: TargetSelector,
              keep: bool, forward_only: bool):
     if forward_only:
         return None
@@ -167,14 +216,13 @@ def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, v
     chunk = max(1, (1 << 26) // flat.shape[-1])  # bounds the gathered copy of the logits (~256 MiB fp32)
     parts = []
     for c0 in range(0, len(batch["sel"]), chunk):
-        ids, lp, n = select_top_p_top_k(flat.index_select(0, batch["sel"][c0:c0 + chunk]), vocab, cfg.top_p,
-                                        cfg.top_k)
+        part = selector(flat.index_select(0, batch["sel"][c0:c0 + chunk]), vocab,
+                        batch["positions"][c0:c0 + chunk], keep=keep)
         if keep:
-            fi, fl = flatten_selection(ids, lp, n)
-            parts.append((n.cpu().numpy(), fi.cpu().numpy(), fl.cpu().numpy()))
+            parts.append(part)
     if not keep:
         return None
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+    return Selection.concat(parts)
 
 
 def _forward_calls(model, calls, source: _BatchSource, collect, pp: int):
@@ -199,11 +247,14 @@ def _forward_calls(model, calls, source: _BatchSource, collect, pp: int):
         yield from zip(mbs, res)
 
 
-def _write_chunk(writer: ShardWriter, result, mb: MicroBatch, token_lo: np.ndarray, id_bits: int, step: float):
-    counts, ids, lps = result
+def _write_chunk(writer: ShardWriter, result: Selection, mb: MicroBatch, token_lo: np.ndarray, layout: codec.Layout,
+                 audit: list):
     seg_len = np.array([w.end - w.emit for w in mb.windows], dtype=np.int64)
     starts = np.array([token_lo[w.doc] + w.emit for w in mb.windows], dtype=np.int64)
-    writer.add(codec.encode(counts, ids, lps, seg_len, id_bits, step), starts, seg_len)
+    writer.add(codec.encode(result.counts, result.ids, result.logprobs, seg_len, layout.id_bits, layout.value_step,
+                            draws=result.draws, layout=layout), starts, seg_len)
+    if len(result.audit_positions):
+        audit.append((result.audit_positions, result.audit_logprobs))
 
 
 def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict[str, Any]:
@@ -241,9 +292,10 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = todo[dp_rank::dp_size][: cfg.max_shards]
     writer_rank = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and not forward_only
-    id_bits, vocab = header["settings"]["id_bits"], mcfg.vocab_size
-    collect = partial(_collect, vocab=vocab, cfg=cfg, keep=writer_rank, forward_only=forward_only)
-    source = _BatchSource(ds, vocab, device())
+    vocab = mcfg.vocab_size
+    layout = store_layout(header["settings"])
+    collect = partial(_collect, vocab=vocab, selector=cfg.selector(), keep=writer_rank, forward_only=forward_only)
+    source = _BatchSource(ds, vocab, device(), doc_start)
     plans = {i: [w for d in range(*shards[i]) for w in document_windows(d, int(lengths[d]), cfg.seq_length,
                                                                           cfg.overlap)] for i in mine}
     total = sum(w.end - w.emit for i in mine for w in plans[i])
@@ -258,12 +310,13 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
             t0 = time.perf_counter()
             lo, hi = shards[i]
             writer = ShardWriter(mf.shard_file(store, i), int(doc_start[hi] - doc_start[lo])) if writer_rank else None
+            audit: list = []
             calls = plan_micro_batches(plans[i], cfg.seq_length, cfg.micro_batch_size,
                                        fixed_rows=cfg.pipeline_parallel > 1)
             token_lo = doc_start - doc_start[lo]
             for mb, result in _forward_calls(model, calls, source, collect, cfg.pipeline_parallel):
                 if writer is not None:
-                    pending.append(pool.submit(_write_chunk, writer, result, mb, token_lo, id_bits, cfg.value_step))
+                    pending.append(pool.submit(_write_chunk, writer, result, mb, token_lo, layout, audit))
                     while len(pending) > 4:
                         pending.pop(0).result()
                 n = sum(w.end - w.emit for w in mb.windows)
@@ -273,12 +326,13 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
                 for f in pending:
                     f.result()
                 pending.clear()
+                audit_info = write_audit(store, i, audit) if cfg.audit_fraction > 0 else {}
                 info = writer.close()
                 hist = np.bincount(np.asarray(writer.count), minlength=1)
                 write_json_atomic(mf.shard_record_file(store, i), {
                     "index": i, "file": mf.shard_file(store, i).name, "doc_lo": lo, "doc_hi": hi,
                     "token_lo": int(doc_start[lo]), "token_hi": int(doc_start[hi]), **info,
-                    "count_histogram": hist.tolist()})
+                    "count_histogram": hist.tolist(), **audit_info})
             dt = time.perf_counter() - t0
             metrics.write({"shard": i, "positions": int(doc_start[hi] - doc_start[lo]), "seconds": round(dt, 3)})
     except BaseException:
@@ -301,6 +355,21 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
         barrier()
     return {"shards": len(mine), "positions": done_positions, "seconds": seconds,
             "positions_per_s": done_positions / max(seconds, 1e-9), "complete": complete}
+
+
+def write_audit(store: Path, index: int, audit: list) -> dict[str, Any]:
+    """Write shard ``index``'s audit sample (positions + dense teacher log-probs); returns its record keys."""
+    from megatron_kd.utils.io import sha256_file
+
+    pos = np.concatenate([a[0] for a in audit]) if audit else np.zeros(0, np.int64)
+    lps = np.concatenate([a[1] for a in audit]) if audit else np.zeros((0, 0), np.float32)
+    order = np.argsort(pos, kind="stable")
+    path = mf.audit_file(store, index)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, positions=pos[order], logprobs=lps[order].astype(np.float32))
+    tmp.replace(path)
+    return {"audit_file": path.name, "audit_positions": int(len(pos)), "audit_sha256": sha256_file(path)}
 
 
 def finalize_manifest(store: str | Path) -> dict[str, Any]:

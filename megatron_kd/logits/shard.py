@@ -132,11 +132,11 @@ class ShardReader:
         self.widths = self.mm[h_off + T:h_off + 2 * T]
         self.top = np.frombuffer(self.mm, dtype="<f2", count=T, offset=h_off + 2 * T)
 
-    def token_positions(self, t0: int, t1: int, id_bits: int) -> np.ndarray:
+    def token_positions(self, t0: int, t1: int, id_bits: int, layout: codec.Layout | None = None) -> np.ndarray:
         """Payload bit offset of tokens ``[t0, t1)`` (int64 [t1 - t0])."""
         s0 = max(int(np.searchsorted(self.seg_token, t0, side="right")) - 1, 0)
         base = min(int(self.seg_token[s0]), t0) if len(self.seg_token) else t0
-        lengths = codec.token_bit_lengths(self.count[base:t1], self.widths[base:t1], id_bits)
+        lengths = codec.token_bit_lengths(self.count[base:t1], self.widths[base:t1], id_bits, layout)
         cs = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=cs[1:])
         toks = np.arange(base, t1)
@@ -156,3 +156,9 @@ class ShardReader:
         return codec.decode(np.asarray(self.payload), pos, np.asarray(self.count[t0:t1]),
                             np.asarray(self.widths[t0:t1]), np.asarray(self.top[t0:t1]), id_bits, value_step,
                             k_max, pad_logprob, sort)
+
+    def read_entries(self, t0: int, t1: int, layout: codec.Layout):
+        """Flat entries of tokens ``[t0, t1)``: see :func:`megatron_kd.logits.codec.decode_entries`."""
+        pos = self.token_positions(t0, t1, layout.id_bits, layout)
+        return codec.decode_entries(np.asarray(self.payload), pos, np.asarray(self.count[t0:t1]),
+                                    np.asarray(self.widths[t0:t1]), np.asarray(self.top[t0:t1]), layout)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from megatron_kd.logits import codec, manifest as mf
+from megatron_kd.logits.selection import DRAWS_ENCODING, TARGET_KINDS, store_layout, target_weights
 from megatron_kd.logits.shard import ShardReader
 
 
@@ -16,15 +17,27 @@ class LogitsStore:
     ``get(doc, offset, length)`` returns the stored targets of positions ``offset ..
     offset+length-1`` of document ``doc``: position ``o`` holds the teacher's distribution of token
     ``o + 1`` (a document's last position has none and comes back as padding).
+
+    ``target_kind`` says what ``get`` returns as values: ``"logprobs"`` (``method = topk``: teacher
+    log-probs) or ``"weights"`` (sampled methods: log target weights, ``sum exp = 1`` per token).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = mf.read_store_manifest(self.path)
         s = self.manifest["settings"]
-        if s.get("encoding") != codec.ENCODING:
+        if s.get("encoding") not in (codec.ENCODING, DRAWS_ENCODING):
             raise ValueError(f"logits store {self.path} uses encoding {s.get('encoding')!r}; this code reads "
-                             f"{codec.ENCODING!r}: recompute the store")
+                             f"{codec.ENCODING!r} and {DRAWS_ENCODING!r}: recompute the store")
+        self.method: str = s.get("method", "topk")
+        if self.method not in TARGET_KINDS:
+            raise ValueError(f"logits store {self.path} has unknown method {self.method!r}: recompute the store")
+        self.target_kind: str = TARGET_KINDS[self.method]
+        self.layout = store_layout(s)
+        self.num_samples: int | None = s.get("num_samples")
+        self.proposal_temperature: float = float(s.get("proposal_temperature", 1.0))
+        self.max_entries: int = int(s.get("max_entries", s["top_k"]))
+        """Most entries one position holds (the default ``k_max``)."""
         self.top_k: int = s["top_k"]
         self.top_p: float = s["top_p"]
         self.vocab_size: int = s["vocab_size"]
@@ -104,8 +117,9 @@ class LogitsStore:
 
         Returns ``ids`` int64 [length, k_max] (-1 = padding) and ``logprobs`` float32
         [length, k_max] (``pad_logprob`` at padding), log-probs normalised over the full
-        vocabulary at temperature 1. ``k_max`` defaults to the store's ``top_k``; with ``sort``
-        entries come by decreasing log-prob (a token with more than ``k_max`` keeps its best).
+        vocabulary at temperature 1 -- or, for a ``weights`` store, log target weights
+        (``sum exp = 1`` per token). ``k_max`` defaults to the store's ``max_entries``; with
+        ``sort`` entries come by decreasing value (a token with more than ``k_max`` keeps its best).
         """
         if not 0 <= doc < self.num_documents:
             raise IndexError(f"document {doc} is outside 0..{self.num_documents - 1}")
@@ -113,10 +127,44 @@ class LogitsStore:
         length = n_doc - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > n_doc:
             raise IndexError(f"positions {offset}..{offset + length} are outside document {doc} ({n_doc} tokens)")
+        shard, t0 = self._locate(doc, offset, length)
+        k_max = self.max_entries if k_max is None else k_max
+        if self.target_kind == "logprobs":
+            return self._reader(shard).read(t0, t0 + length, self.id_bits, self.value_step, k_max, pad_logprob, sort)
+        tok, ids, lp, draws = self._reader(shard).read_entries(t0, t0 + length, self.layout)
+        w = target_weights(self.method, lp, draws, tok, length, self.num_samples, self.proposal_temperature)
+        ids_out = np.full((length, k_max), -1, dtype=np.int64)
+        val_out = np.full((length, k_max), pad_logprob, dtype=np.float32)
+        if len(tok) == 0 or k_max == 0:
+            return ids_out, val_out
+        order = np.lexsort((ids, -w, tok)) if sort else np.arange(len(tok))
+        tok, ids, w = tok[order], ids[order], w[order]
+        r = np.arange(len(tok)) - np.searchsorted(tok, tok, side="left")
+        keep = r < k_max
+        ids_out[tok[keep], r[keep]] = ids[keep]
+        with np.errstate(divide="ignore"):
+            val_out[tok[keep], r[keep]] = np.log(w[keep])
+        return ids_out, val_out
+
+    def _locate(self, doc: int, offset: int, length: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self._shard_doc_lo, doc, side="right")) - 1
-        t0 = int(self.documents[doc]) + offset - int(self._shard_token_lo[shard])
-        return self._reader(shard).read(t0, t0 + length, self.id_bits, self.value_step,
-                                        self.top_k if k_max is None else k_max, pad_logprob, sort)
+        return shard, int(self.documents[doc]) + offset - int(self._shard_token_lo[shard])
+
+    def get_entries(self, doc: int, offset: int = 0, length: int | None = None):
+        """Raw stored entries of positions ``[offset, offset + length)`` of ``doc``, flat in id order:
+        ``(position index [E], ids [E], logprobs [E] or None, draws [E] or None)``."""
+        n_doc = self.document_length(doc)
+        length = n_doc - offset if length is None else length
+        shard, t0 = self._locate(doc, offset, length)
+        return self._reader(shard).read_entries(t0, t0 + length, self.layout)
+
+    def check_kind(self, expected: str | None) -> str:
+        """The store's target kind; one-line ``ValueError`` if ``expected`` (logprobs | weights) differs."""
+        if expected not in (None, "auto") and expected != self.target_kind:
+            raise ValueError(f"logits store {self.path} holds {self.target_kind} targets (method {self.method}) but "
+                             f"kd.target_kind={expected}: set kd.target_kind=auto (or {self.target_kind}), or use a "
+                             f"store made with --method {'topk' if expected == 'logprobs' else 'sample'}")
+        return self.target_kind
 
     def check_compatible(self, dataset: str | Path | dict | None = None, tokenizer: Any = None) -> None:
         """Raise a one-line ``ValueError`` unless the store was computed on ``dataset`` (a prefix or
@@ -170,6 +218,12 @@ def verify_store(path: str | Path, checksums: bool = True) -> list[str]:
         if checksums and sha256_file(f) != rec["sha256"]:
             problems.append(f"shard {f} does not match its sha256 in the manifest (corrupted)")
             continue
+        if rec.get("audit_file"):
+            a = path / mf.SHARDS / rec["audit_file"]
+            if not a.is_file():
+                problems.append(f"audit sample {a} is missing")
+            elif checksums and sha256_file(a) != rec.get("audit_sha256"):
+                problems.append(f"audit sample {a} does not match its sha256 in the manifest (corrupted)")
         try:
             r = ShardReader(f)
             bad = r.num_tokens != rec["token_hi"] - rec["token_lo"] or np.any(np.diff(r.seg_token) < 0)

@@ -46,6 +46,11 @@ class KDLossConfig:
     residual: bool = False
     """Sparse targets only: keep the stored top-k mass un-renormalised and match the rest as one
     remainder bucket (needs temperature 1). False = renormalise over the kept ids (PD paper)."""
+    target_kind: Literal["auto", "logprobs", "weights"] = "auto"
+    """Sparse targets only: what the stored values are. auto = what the logits store says (offline
+    KD reads it from the store); logprobs = teacher log-probs (--method topk); weights = log
+    target weights of a sampled store (--method sample|topk+sample: soft cross-entropy, needs
+    temperature 1 and residual false). An explicit kind that disagrees with the store fails."""
     chunk_size: Optional[int] = None
     """Tokens per chunk of the KD kernels; None = about 4M logits per CPU thread (max 4), 32M on GPUs."""
     ignore_index: int = -100
@@ -71,5 +76,9 @@ class KDLossConfig:
             )
         if self.residual and self.temperature != 1.0:
             raise ValueError(f"kd.residual=true needs kd.temperature=1 (got {self.temperature})")
+        if self.target_kind not in ("auto", "logprobs", "weights"):
+            raise ValueError(f"kd.target_kind={self.target_kind!r} is not one of auto, logprobs, weights")
+        if self.target_kind == "weights" and (self.temperature != 1.0 or self.residual):
+            raise ValueError("kd.target_kind=weights (sampled store) needs kd.temperature=1 and kd.residual=false")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"kd.chunk_size={self.chunk_size} must be >= 1 or null")

@@ -150,6 +150,7 @@ class DistillationLoss:
                     kd = sparse_kd_loss(
                         student_logits, target_ids, target_logprobs, cfg.temperature,
                         cfg.residual, loss_mask=mask, chunk_size=cfg.chunk_size,
+                        target_kind="logprobs" if cfg.target_kind == "auto" else cfg.target_kind,
                     )
                 else:
                     kd = kd_loss(

@@ -16,6 +16,13 @@ compares them with the student's full softmax ``q = softmax(student / T)``:
   the non-kept columns (no ``1 - x`` cancellation). When the student has exactly zero mass
   outside the kept ids (the ids cover its whole support) the bucket is dropped.
 
+* ``target_kind="weights"`` (sampled stores, ``--method sample|topk+sample``): ``target_logprobs``
+  holds *log target weights* ``log w_i`` (``sum w = 1`` per token; the estimator ``sum_i w_i
+  delta_i`` of the teacher distribution) and the loss is the soft cross-entropy against them
+  minus its (constant) entropy, ``loss = sum_i w_i (log w_i - log q_i)``, with gradient
+  ``q - w``. It is unbiased: ``E[w] = p`` makes the expected gradient the dense forward-KL
+  gradient ``q - p``. Weights are never re-tempered (T must be 1, residual False).
+
 Padding and absent entries: ids < 0 (the store's -1 padding) and ids >= the global vocabulary are
 ignored; ids whose student logit is -inf (padded vocabulary columns) are absent and dropped (in
 residual mode their teacher mass falls into the bucket). A token with no usable id has loss 0 in
@@ -44,6 +51,10 @@ from megatron_kd.losses.vocab_parallel import (
     run_chunked,
     take_rows,
 )
+
+
+TARGET_KINDS = ("logprobs", "weights")
+"""What ``target_logprobs`` holds: teacher log-probs (top-k) or log target weights (sampled)."""
 
 
 def _sparse_kernel(student2d, ids2d, lp2d, temperature, residual, tp: TPContext, cdtype):
@@ -137,6 +148,7 @@ def sparse_kd_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: Optional[int] = None,
     retain_graph: bool = False,
+    target_kind: str = "logprobs",
 ) -> torch.Tensor:
     """Per-token forward KL from a sparse (top-k) teacher target to the student's full softmax.
 
@@ -153,6 +165,8 @@ def sparse_kd_loss(
         tp_group: as in :func:`megatron_kd.losses.kd_loss`.
         chunk_size: tokens per chunk (``None``: see :func:`~megatron_kd.losses.vocab_parallel.auto_chunk`).
         retain_graph: allow more than one backward through the result (see ``kd_loss``).
+        target_kind: "logprobs" (top-k stores: ``target_logprobs`` are teacher log-probs) or
+            "weights" (sampled stores: log target weights; soft cross-entropy, T = 1, no residual).
 
     Returns:
         [...] per-token loss in nats, float32 (float64 for float64 logits); gradients flow to
@@ -169,6 +183,14 @@ def sparse_kd_loss(
     if target_ids.dtype.is_floating_point or target_ids.dtype == torch.bool:
         raise ValueError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
     check_temperature(temperature)
+    if target_kind not in TARGET_KINDS:
+        raise ValueError(f"target_kind={target_kind!r} is not one of {', '.join(TARGET_KINDS)}")
+    if target_kind == "weights" and (temperature != 1.0 or residual):
+        raise ValueError(
+            f"weighted (sampled) targets estimate the teacher at T=1 and sum to 1: they need temperature=1 "
+            f"and residual=False (got temperature={temperature}, residual={residual}): set kd.temperature=1, "
+            f"kd.residual=false"
+        )
     if residual and temperature != 1.0:
         raise ValueError(
             f"residual=True needs temperature=1 (got {temperature}): the stored log-probs are "

@@ -119,9 +119,9 @@ def precompute_worker(rank, world_size, tp, pp, ckpt_dir, prefix, out, extra):
     """Run precompute_logits in a (spawned) rank; returns its summary."""
     from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
 
-    cfg = PrecomputeConfig(teacher=ckpt_dir, data=prefix, out=out, top_p=TOP_P, top_k=TOP_K, seq_length=SEQ,
-                           overlap=OVERLAP, micro_batch_size=2, shard_tokens=300, tensor_parallel=tp,
-                           pipeline_parallel=pp, **extra)
+    settings = dict(top_p=TOP_P, top_k=TOP_K, seq_length=SEQ, overlap=OVERLAP, micro_batch_size=2, shard_tokens=300)
+    cfg = PrecomputeConfig(teacher=ckpt_dir, data=prefix, out=out, tensor_parallel=tp, pipeline_parallel=pp,
+                           **{**settings, **extra})
     return precompute_logits(cfg)
 
 

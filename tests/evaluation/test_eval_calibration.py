@@ -1,0 +1,58 @@
+"""ECE against a direct numpy computation; TP=2 shards give the same confidences."""
+import numpy as np
+import torch
+
+from dist_helpers import run_workers
+from megatron_kd.evaluation.calibration import CalibrationAccumulator, expected_calibration_error, top1_confidence
+
+
+def _numpy_ece(logits, labels, mask, bins):
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    conf, pred = p.max(-1), p.argmax(-1)
+    keep = mask != 0
+    conf, ok = conf[keep], (pred == labels)[keep]
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for b in range(bins):
+        sel = (conf >= edges[b]) & ((conf < edges[b + 1]) if b < bins - 1 else (conf <= 1))
+        if sel.any():
+            total += sel.sum() / len(conf) * abs(ok[sel].mean() - conf[sel].mean())
+    return total
+
+
+def test_ece_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, 30, generator=g) * torch.linspace(0.2, 4, 4).view(4, 1, 1)
+    labels = torch.randint(0, 30, (4, 50), generator=g)
+    labels[:, ::3] = logits.argmax(-1)[:, ::3]  # some correct predictions
+    mask = (torch.rand(4, 50, generator=g) > 0.1).float()
+    for bins in (1, 10, 15):
+        want = _numpy_ece(logits.numpy(), labels.numpy(), mask.numpy(), bins)
+        assert abs(expected_calibration_error(logits, labels, mask, bins) - want) < 1e-6
+    acc = CalibrationAccumulator(10)
+    acc.add_logits(logits[:2], labels[:2], mask[:2])
+    acc.add_logits(logits[2:], labels[2:], mask[2:])
+    assert abs(acc.ece() - _numpy_ece(logits.numpy(), labels.numpy(), mask.numpy(), 10)) < 1e-6
+    assert acc.count == int(mask.sum())
+
+
+def _worker(rank, world_size, logits, labels):
+    from megatron_kd.runtime import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tensor_parallel=2))
+    half = logits.shape[-1] // 2
+    return top1_confidence(logits[..., rank * half:(rank + 1) * half].contiguous(), labels)
+
+
+def test_tp2_confidence_equals_tp1():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 32, generator=g) * 3
+    logits[:, 30:] = float("-inf")
+    labels = logits.argmax(-1)
+    labels[::2] = 3
+    c1, k1 = top1_confidence(logits, labels)
+    for c2, k2 in run_workers(_worker, 2, logits, labels):
+        torch.testing.assert_close(c2, c1)
+        assert torch.equal(k2, k1)
