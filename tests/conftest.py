@@ -16,3 +16,48 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# Helpers of the multiprocessing machinery itself, which live as long as the test process.
+_EXPECTED_CHILDREN = ("resource_tracker", "forkserver", "semaphore_tracker")
+
+
+def _leftover_children(grace_s: float):
+    import time
+
+    import psutil
+
+    deadline = time.time() + grace_s
+    while True:
+        alive = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if any(name in " ".join(child.cmdline()) for name in _EXPECTED_CHILDREN):
+                    continue
+                alive.append(child)
+            except psutil.Error:
+                continue
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite must leave no process behind (orphaned checkpoint writers, workers): any child
+    still alive after a grace period is reported, killed, and fails the session."""
+    import psutil
+
+    left = _leftover_children(grace_s=15.0)
+    if not left:
+        return
+    lines = []
+    for child in left:
+        try:
+            lines.append(f"  pid {child.pid}: {' '.join(child.cmdline())[:160]}")
+            child.kill()
+        except psutil.Error:
+            continue
+    print("\nERROR: the test session left child processes behind (killed now):\n" + "\n".join(lines))
+    session.exitstatus = 1

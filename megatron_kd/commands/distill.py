@@ -15,6 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_kd.distill.run import prepare_distill_config, run_distill
 
     overrides = list(args.overrides) + (["logging.quiet=true"] if args.no_progress else [])
+    overrides += ["data.verify_data=true"] if args.verify_data else []
     cfg = load_config(DistillConfig, args.config, overrides)
     if args.dry_run:
         model_cfg, spec = prepare_distill_config(cfg)
@@ -42,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML file with a DistillConfig (default: built-in defaults)")
     p.add_argument("--dry-run", action="store_true", help="validate the config (and the teacher checkpoint), "
                    "print it resolved, and exit")
+    p.add_argument("--verify-data", action="store_true", help="check every token id and the data files' sha256 "
+                   "before training (default: a fast sampled check) = data.verify_data=true")
     flag(p, "--no-progress", action="store_true", help="no progress bar (= logging.quiet=true)")
     p.add_argument("overrides", nargs="*", default=[], help="config overrides like kd.alpha=0.9 teacher.dtype=bf16")
     p.set_defaults(func=run, config_class="megatron_kd.distill.config:DistillConfig")

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from megatron_kd.data.iterator import ResumableBatchIterator
-from megatron_kd.data.manifest import check_tokenizer, read_dataset_manifest, validate_indexed_files
+from megatron_kd.data.manifest import (check_token_ids, check_tokenizer, read_dataset_manifest, validate_indexed_files,
+                                      verify_checksums)
 from megatron_kd.data.tokenizers import Tokenizer, load_tokenizer
 
 __all__ = ["DataConfig", "MegatronTokenizerAdapter", "ResumableBatchIterator", "build_gpt_datasets"]
@@ -72,6 +73,9 @@ class DataConfig:
     """Refuse datasets without a manifest or tokenized with another tokenizer."""
     mmap: bool = True
     """Memory-map the ``.bin`` files (else read with file handles)."""
+    verify_data: bool = False
+    """Check every token id against the tokenizer's vocabulary and the files' sha256 against the
+    manifest before training (default: a fast sampled check of token ids)."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -187,7 +191,8 @@ def _quiet_mock_cache_warning(active: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _check_prefixes(prefixes: list[str], tok: Tokenizer | None, check_manifest: bool) -> list[dict]:
+def _check_prefixes(prefixes: list[str], tok: Tokenizer | None, check_manifest: bool,
+                    verify: bool = False) -> list[dict]:
     infos = []
     for prefix in prefixes:
         info = validate_indexed_files(prefix)  # clear error before megatron maps the files
@@ -195,6 +200,10 @@ def _check_prefixes(prefixes: list[str], tok: Tokenizer | None, check_manifest: 
             manifest = read_dataset_manifest(prefix)
             if tok is not None:
                 check_tokenizer(manifest, tok)
+            if verify:
+                verify_checksums(prefix)
+        if tok is not None:  # token ids beyond the vocabulary would crash the embedding mid-run
+            check_token_ids(prefix, tok.vocab_size, full=verify)
         infos.append(info)
     return infos
 
@@ -257,7 +266,7 @@ def build_gpt_datasets(
                              "were preprocessed with")
         separate = bool(cfg.valid_prefixes or cfg.test_prefixes)
         infos = _check_prefixes(cfg.train_prefixes + cfg.valid_prefixes + cfg.test_prefixes, tok,
-                                cfg.check_manifest)
+                                cfg.check_manifest, cfg.verify_data)
         if not separate:
             _check_split_sizes(cfg, infos[: len(cfg.train_prefixes)], sizes)
         cache = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.train_prefixes[0])),

@@ -32,6 +32,12 @@ class _RankBatchSampler(Sampler):
         return max(0, (self.total - self.consumed) // (self.mbs * self.dp))
 
 
+def _die_with_parent(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    from megatron_kd.utils.processes import set_parent_death_signal
+
+    set_parent_death_signal()
+
+
 class ResumableBatchIterator:
     """Iterate micro-batches of ``dataset`` for data-parallel rank ``dp_rank`` of ``dp_size``.
 
@@ -60,7 +66,8 @@ class ResumableBatchIterator:
         self._consumed = consumed_samples
         self._sampler = _RankBatchSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
         self._loader = DataLoader(dataset, batch_sampler=self._sampler, num_workers=num_workers,
-                                  collate_fn=collate_fn, persistent_workers=False)
+                                  collate_fn=collate_fn, persistent_workers=False,
+                                  worker_init_fn=_die_with_parent if num_workers else None)
         self._it: Iterator | None = None
 
     @property

@@ -158,6 +158,39 @@ def verify_checksums(dataset_prefix: str | os.PathLike) -> None:
                              "changed since it was written, re-run preprocess")
 
 
+def check_token_ids(prefix: str | os.PathLike, vocab_size: int, full: bool = False, samples: int = 256,
+                    what: str = "dataset") -> None:
+    """Raise a one-line ``ValueError`` if ``prefix.bin`` holds a token id outside ``[0, vocab_size)``.
+
+    Default: a fast check of ``samples`` sequences spread evenly over the file (catches a foreign
+    or badly corrupted ``.bin``); ``full=True`` reads every token (``--verify-data``).
+    """
+    prefix = _strip_ext(prefix)
+    info = validate_indexed_files(prefix)
+    paths = dataset_paths(prefix)
+    n_seq = info["sequence_count"]
+    if n_seq == 0 or info["num_tokens"] == 0:
+        return
+    tokens = np.memmap(paths["bin"], dtype=np.dtype(info["dtype"]), mode="r")
+    if full:
+        spans = [(lo, min(lo + (1 << 24), tokens.size)) for lo in range(0, tokens.size, 1 << 24)]
+    else:
+        lengths = np.fromfile(paths["idx"], dtype=np.int32, count=n_seq, offset=_IDX_HEADER_BYTES)
+        starts = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])
+        picks = np.unique(np.linspace(0, n_seq - 1, num=min(samples, n_seq)).round().astype(np.int64))
+        spans = [(int(starts[i]), int(starts[i] + lengths[i])) for i in picks]
+    for lo, hi in spans:
+        if hi <= lo:
+            continue
+        chunk = np.asarray(tokens[lo:hi])
+        top, low = int(chunk.max()), int(chunk.min())
+        if top >= vocab_size or low < 0:
+            bad = int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0]) + lo
+            raise ValueError(f"{paths['bin']} holds token id {int(tokens[bad])} at token {bad}, outside the "
+                             f"vocabulary [0, {vocab_size}): the {what} is corrupt or was made with another "
+                             "tokenizer; re-run preprocess (check every token with --verify-data)")
+
+
 def open_indexed_dataset(prefix: str | os.PathLike, tokenizer: Any = None, mmap: bool = True):
     """Validate and open dataset ``prefix`` as megatron-core's ``IndexedDataset``.
 

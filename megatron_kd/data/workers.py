@@ -18,6 +18,9 @@ _STOP = None
 
 
 def _worker_loop(initializer, initargs, fn, tasks, results) -> None:
+    from megatron_kd.utils.processes import set_parent_death_signal
+
+    set_parent_death_signal()  # a SIGKILLed parent must not leave its workers waiting on the queue
     try:
         if initializer is not None:
             initializer(*initargs)

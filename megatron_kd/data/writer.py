@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from megatron_kd.data.manifest import dataset_paths
+from megatron_kd.utils.io import remove_dead_temps
 
 
 def check_outputs(prefixes: list[str], overwrite: bool) -> None:
@@ -43,6 +44,8 @@ class StagedDatasets:
         out_dir = Path(self.prefixes[0]).parent
         out_dir.mkdir(parents=True, exist_ok=True)
         name = Path(self.prefixes[0]).name
+        # Staging directories of killed runs (their pid is gone) are removed, never reused half-written.
+        remove_dead_temps(out_dir, f".{name}.tmp-*", r"\.tmp-(\d+)-")
         self.tmp_dir = out_dir / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp_dir.mkdir()
         self.dtype = np.dtype(dtype)

@@ -129,7 +129,9 @@ def _open_store(cfg: DistillConfig):
     except ImportError:
         raise ValueError("kd.mode=offline needs the teacher-logits store package (megatron_kd.logits.LogitsStore), "
                          "which this installation lacks") from None
-    return LogitsStore(cfg.kd.logits_store)
+    store = LogitsStore(cfg.kd.logits_store)
+    store.check_integrity()  # shards that `logits --verify` rejects are refused (hashes cached per file)
+    return store
 
 
 def build_distill_data_iterators(cfg: DistillConfig, model_cfg: ModelConfig) -> IteratorFactories:

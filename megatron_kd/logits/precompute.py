@@ -140,6 +140,28 @@ def _store_header(cfg: PrecomputeConfig, teacher: dict, dataset: dict, vocab: in
     }
 
 
+def _check_dataset_against_teacher(cfg: PrecomputeConfig, meta: dict, vocab_size: int) -> None:
+    """The dataset's files are sound, its token ids fit the teacher's vocabulary (sampled), and it
+    was tokenized with the teacher's tokenizer (as distill and miniplm score require)."""
+    from megatron_kd.data.manifest import check_token_ids, check_tokenizer, dataset_paths, read_dataset_manifest
+    from megatron_kd.interop.convert import checkpoint_tokenizer
+
+    prefix = mf.strip_dataset_prefix(cfg.data)
+    check_token_ids(prefix, vocab_size, what="dataset --data")
+    ref = checkpoint_tokenizer(cfg.teacher, meta)
+    if not ref or not Path(ref).exists() or not dataset_paths(prefix)["manifest"].is_file():
+        return
+    from megatron_kd.data.tokenizers import load_tokenizer
+
+    try:
+        tok = load_tokenizer(ref)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer that does not load is a bad input here
+        raise ValueError(f"the teacher {cfg.teacher} names tokenizer {ref}, which does not load "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}): "
+                         "record a SentencePiece .model or HF tokenizer directory with the teacher") from None
+    check_tokenizer(read_dataset_manifest(prefix), tok, what="dataset --data")
+
+
 def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     """Everything that can fail cheaply, before the teacher is loaded."""
     from megatron_kd.models.config import ModelConfig
@@ -153,6 +175,7 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     if cfg.seq_length > mcfg.max_position_embeddings:
         raise ValueError(f"--seq-length {cfg.seq_length} exceeds the teacher's max_position_embeddings "
                          f"{mcfg.max_position_embeddings}: lower --seq-length")
+    _check_dataset_against_teacher(cfg, meta, mcfg.vocab_size)
     header = _store_header(cfg, mf.teacher_identity(cfg.teacher, meta), mf.dataset_identity(cfg.data),
                            mcfg.vocab_size)
     existing = Path(cfg.out) / mf.MANIFEST

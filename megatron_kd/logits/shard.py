@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_kd.logits import codec
+from megatron_kd.utils.io import remove_dead_temps
 
 MAGIC = b"MKDLOGT1"
 _PREAMBLE = struct.Struct("<8s7Q")
@@ -40,6 +41,8 @@ class ShardWriter:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # What a killed run left of this shard (its writer pid is gone): the rerun rewrites it.
+        remove_dead_temps(self.path.parent, f".{self.path.name}.*.tmp", r"\.(\d+)\.tmp$")
         self.num_tokens = num_tokens
         self.count = np.zeros(num_tokens, dtype=np.uint8)
         self.widths = np.zeros(num_tokens, dtype=np.uint8)

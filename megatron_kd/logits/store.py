@@ -51,6 +51,38 @@ class LogitsStore:
         self._docs: np.ndarray | None = None
         self._readers: dict[int, ShardReader] = {}
 
+    VERIFIED_CACHE = ".verified.json"
+
+    def check_integrity(self) -> None:
+        """Refuse (one-line ``ValueError``) a store that ``megatron-kd logits --verify`` would reject:
+        sizes, headers and every file's sha256 against the manifest. The hashes are read once and
+        cached in ``.verified.json`` per file (size, mtime); later opens of an unchanged store only stat."""
+        import json
+
+        cache_path = self.path / self.VERIFIED_CACHE
+        try:
+            cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        except (OSError, ValueError):
+            cache = {}
+        files = [self.path / mf.DOCUMENTS, *self._shard_files]
+        stamps = {}
+        for f in files:
+            st = f.stat() if f.is_file() else None
+            stamps[f.name] = [st.st_size, st.st_mtime_ns] if st else None
+        if cache.get("manifest") == self.manifest.get("shards") and cache.get("stamps") == stamps:
+            return
+        problems = verify_store(self.path, checksums=True)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ValueError(f"logits store {self.path} is damaged: {problems[0]}{more}; recompute the damaged "
+                             "shards (delete them and rerun megatron-kd logits) or use another store")
+        try:
+            from megatron_kd.utils.io import write_json_atomic
+
+            write_json_atomic(cache_path, {"manifest": self.manifest.get("shards"), "stamps": stamps})
+        except OSError:
+            pass  # a read-only store is verified again next time
+
     def __getstate__(self) -> dict[str, Any]:
         return {"path": str(self.path)}  # memory maps are reopened in the receiving process
 

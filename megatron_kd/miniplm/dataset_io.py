@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from megatron_kd.utils.io import atomic_write, read_json, sha256_file, write_json_atomic
+from megatron_kd.utils.io import atomic_write, read_json, remove_dead_temps, sha256_file, write_json_atomic
 
 MANIFEST_FORMAT = "megatron-kd/indexed-dataset"  # shared with megatron_kd.data.manifest
 MANIFEST_SUFFIX = ".manifest.json"
@@ -163,6 +163,8 @@ class IndexedDatasetWriter:
 
         self.prefix = Path(prefix)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        # Temp files of a killed writer of this prefix (its pid is gone) are removed.
+        remove_dead_temps(self.prefix.parent, f"{self.prefix.name}.tmp*", r"\.tmp(\d+)\.")
         self._tmp = Path(f"{prefix}.tmp{os.getpid()}")
         self.dtype = np.dtype(dtype)
         self._builder = IndexedDatasetBuilder(str(self._tmp) + ".bin", dtype=self.dtype.type)

@@ -80,7 +80,48 @@ def resolve_checkpoint(ckpt_dir: str | Path, iteration: int | None = None) -> Pa
         path = ckpt_dir / pointer.read_text().strip()
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"checkpoint {path} is incomplete or missing (no meta.json)")
+    check_checkpoint_complete(path)
     return path
+
+
+_complete_cache: dict[tuple[str, int], None] = {}
+
+
+def check_checkpoint_complete(path: str | Path) -> None:
+    """One-line ``ValueError`` if an iteration directory's tensor files are missing or shorter than
+    its ``dist_checkpointing`` index says (a truncated copy, a disk that filled up): cheap, it only
+    reads the index and stats the files; cached per directory and index mtime."""
+    import pickle
+
+    path = Path(path)
+    index = path / ".metadata"
+    shards = list(path.glob("*.distcp"))
+    if not index.is_file():
+        if shards:
+            raise ValueError(f"checkpoint {path} is incomplete: its index .metadata is missing; copy it again "
+                             "or use another checkpoint")
+        return
+    key = (str(path.resolve()), index.stat().st_mtime_ns)
+    if key in _complete_cache:
+        return
+    try:
+        with open(index, "rb") as fh:
+            metadata = pickle.load(fh)
+        needed: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            end = int(info.offset) + int(info.length)
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    except Exception as exc:  # noqa: BLE001 - any unreadable index means an unusable checkpoint
+        raise ValueError(f"checkpoint {path} is incomplete: its index .metadata cannot be read "
+                         f"({type(exc).__name__}); copy it again or use another checkpoint") from None
+    for name, end in sorted(needed.items()):
+        f = path / name
+        size = f.stat().st_size if f.is_file() else None
+        if size is None or size < end:
+            have = "missing" if size is None else f"{size:,} bytes"
+            raise ValueError(f"checkpoint {path} is incomplete: {name} is {have} but its index needs {end:,} "
+                             "bytes (truncated copy or full disk); copy it again or use another checkpoint")
+    _complete_cache[key] = None
 
 
 def read_checkpoint_meta(ckpt_dir: str | Path, iteration: int | None = None) -> dict[str, Any]:

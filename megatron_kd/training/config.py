@@ -143,6 +143,9 @@ class PretrainDataConfig(DataConfig):
     sample i depends only on (seed, i). For tests and benchmarks."""
     synthetic_concentration: float = 0.9
     """Synthetic data: probability that the next token is the chain's preferred successor."""
+    verify_data: bool = False
+    """Before training, check every token id against the vocabulary and the files' sha256 against
+    their manifest (`--verify-data`); by default a fast sampled check of the token ids runs."""
 
     def __post_init__(self) -> None:
         if self.prefixes and self.train_prefixes and list(self.prefixes) != list(self.train_prefixes):

@@ -24,7 +24,7 @@ from megatron_kd.training.lm_loss import make_lm_forward_step
 from megatron_kd.training.loop import Trainer, resume_dir
 from megatron_kd.training.model_setup import setup_model_and_optimizer
 from megatron_kd.training.synthetic import SequentialBatchIterator, SyntheticDataset
-from megatron_kd.utils.io import atomic_write
+from megatron_kd.utils.io import atomic_write, check_output_dir
 
 IteratorFactories = tuple[Callable[[int], Iterator], Callable[[], Iterator] | None]
 
@@ -54,6 +54,16 @@ def prepare_config(cfg: PretrainConfig) -> ModelConfig:
         if model_cfg.vocab_size < tok_vocab:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                              f"{tok_vocab}: unset model.vocab_size or raise it")
+    from megatron_kd.training.metrics import check_metrics_owner, default_metrics_path
+
+    check_metrics_owner(cfg.logging.metrics_path or default_metrics_path(cfg.checkpoint.save), cfg.checkpoint.save)
+    if cfg.checkpoint.save:
+        check_output_dir(cfg.checkpoint.save, "checkpoint.save")
+    if cfg.data.prefixes and not cfg.data.synthetic:
+        from megatron_kd.data.manifest import check_token_ids
+
+        for prefix in cfg.data.prefixes:  # sizes, header and a sampled token-id check, before any work
+            check_token_ids(prefix, model_cfg.vocab_size)
     source, _ = resume_dir(cfg.checkpoint)
     if source is not None:
         meta = read_checkpoint_meta(source)

@@ -79,3 +79,59 @@ def replace_dir_atomic(tmp_dir: str | Path, final_dir: str | Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temps(directory: str | Path, pattern: str, pid_regex: str) -> list[Path]:
+    """Delete temp files/directories matching ``pattern`` in ``directory`` whose writer process
+    (the pid captured by ``pid_regex``'s first group in the name) is gone: what a killed run left.
+    Temps of live processes (a concurrent run) are kept. Returns what was removed."""
+    import re
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    rx = re.compile(pid_regex)
+    for path in directory.glob(pattern):
+        m = rx.search(path.name)
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(path)
+    return removed
+
+
+def check_output_dir(path: str | Path, what: str) -> None:
+    """Before any work: ``path`` (or its nearest existing parent) must be a writable directory.
+    Raises a one-line ``ValueError`` / ``FilesystemError`` naming ``what`` and the path; writes nothing."""
+    import errno
+
+    from megatron_kd.utils.exits import FilesystemError
+
+    target = Path(path)
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what}={path}: {probe} is a file, not a directory; choose another path")
+    read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(probe, os.W_OK | os.X_OK):
+        code = errno.EROFS if read_only else errno.EACCES
+        raise FilesystemError(OSError(code, os.strerror(code), str(probe)), f"{what}={path}")

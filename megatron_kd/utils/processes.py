@@ -19,37 +19,39 @@ import threading
 _PR_SET_PDEATHSIG = 1
 _hook_installed = False
 _fork_from_main = False
+_forking_pid = 0
 
 
-def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+def set_parent_death_signal(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent exits (Linux only).
 
-    Exits at once if the parent is already gone (the race between fork and this call).
-    Returns True when the request was registered.
+    Exits at once if the parent (``parent``: its pid when known) is already gone (the race
+    between fork and this call). Returns True when the request was registered.
     """
     if not sys.platform.startswith("linux"):
         return False
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
         return False
-    if parent == 1 or os.getppid() != parent:
+    if os.getppid() != parent:
         os._exit(1)
     return True
 
 
 def _before_fork() -> None:
-    global _fork_from_main
+    global _fork_from_main, _forking_pid
+    _forking_pid = os.getpid()
     # PDEATHSIG fires when the *thread* that forked exits: only children of the main thread get it.
     _fork_from_main = threading.current_thread() is threading.main_thread()
 
 
 def _after_fork_in_child() -> None:
     if _fork_from_main:
-        set_parent_death_signal()
+        set_parent_death_signal(parent=_forking_pid)
 
 
 def children_die_with_parent() -> None:

@@ -110,6 +110,7 @@ def test_verify_detects_a_corrupted_byte(built, tmp_path, capsys):
     shutil.copytree(os.path.join(base, "tp1"), store)
     assert verify_store(store) == []
     assert main(["logits", "--out", str(store), "--verify"]) == 0
+    LogitsStore(store).check_integrity()  # what offline distill runs on open (hashes cached)
     shard = mf.shard_file(store, 1)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x10
@@ -118,6 +119,8 @@ def test_verify_detects_a_corrupted_byte(built, tmp_path, capsys):
     assert len(problems) == 1 and "shard_00001.kdl" in problems[0] and "sha256" in problems[0]
     assert main(["logits", "--out", str(store), "--verify"]) == 1
     assert "shard_00001.kdl" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="shard_00001.kdl"):  # the cache sees the changed file
+        LogitsStore(store).check_integrity()
 
 
 def test_mismatched_dataset_tokenizer_or_settings_fail_in_one_line(built, tmp_path, capsys):

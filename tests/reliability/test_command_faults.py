@@ -1,0 +1,111 @@
+"""Fault injection beyond the Trainer: `megatron-kd logits` killed mid-store (SIGKILL / SIGTERM to
+the group) and rerun gives a store identical to an uninterrupted one, with no stale shard temp
+file and no orphan. Slow: several teacher runs."""
+import json
+import random
+import signal
+
+import numpy as np
+import pytest
+
+from reliability_helpers import REPO, assert_no_orphans, kill, run, stale_files, start, wait_until
+
+TINY = str(REPO / "examples/cpu/pretrain_tiny.yaml")
+
+
+def _dataset(prefix, vocab=256, docs=60, seed=0):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_kd.utils.io import sha256_file
+
+    rng = np.random.default_rng(seed)
+    b = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for _ in range(docs):
+        n = int(rng.integers(20, 90))
+        b.add_document(rng.integers(1, vocab, n).astype(np.uint16), [n])
+    b.finalize(f"{prefix}.idx")
+    with open(f"{prefix}.manifest.json", "w") as fh:
+        json.dump({"format": "megatron-kd/indexed-dataset", "num_documents": docs, "dtype": "uint16",
+                   "num_tokens": int(np.fromfile(f"{prefix}.bin", dtype=np.uint16).size),
+                   "tokenizer": {"identity": "synthetic", "path": "synthetic"},
+                   "checksums": {"bin": sha256_file(f"{prefix}.bin"), "idx": sha256_file(f"{prefix}.idx")}}, fh)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cmdfaults")
+    out = run(["pretrain", "--config", TINY, "train.train_iters=2", "train.eval_iters=0", "train.seq_length=32",
+               "optim.warmup_iters=0", f"checkpoint.save={base}/teacher", "logging.quiet=true"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    _dataset(base / "data")
+    return base
+
+
+def _logits(inputs, out):
+    return ["logits", "--teacher", str(inputs / "teacher"), "--data", str(inputs / "data"), "--out", str(out),
+            "--seq-length", "64", "--top-k", "8", "--shard-tokens", "300", "--micro-batch-size", "2"]
+
+
+def _store_state(path):
+    man = json.loads((path / "manifest.json").read_text())
+    return man["shards"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,group", [(signal.SIGKILL, False), (signal.SIGTERM, True), (signal.SIGKILL, True)])
+def test_logits_killed_mid_store_resumes_identically(inputs, tmp_path, sig, group):
+    ref = tmp_path / "ref"
+    out = run(_logits(inputs, ref))
+    assert out.returncode == 0, out.stderr[-2000:]
+    store = tmp_path / "killed"
+    proc = start(_logits(inputs, store))
+    want = random.Random(sig * 10 + group).randint(1, 3)  # fixed seed: kill after 1..3 finished shards
+    try:
+        wait_until(lambda: len(list((store / "shards").glob("shard_*.kdl"))) >= want, proc)
+        children = kill(proc, sig, group)
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert_no_orphans(children)
+    out = run(_logits(inputs, store))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert stale_files(store) == []
+    assert _store_state(store) == _store_state(ref)
+
+
+def _distill(inputs, save):
+    return ["distill", "--config", str(REPO / "examples/cpu/distill_tiny.yaml"), f"teacher.load={inputs}/teacher",
+            "train.train_iters=8", "train.seq_length=32", "train.eval_interval=4", "train.eval_iters=1",
+            "checkpoint.save_interval=2", "checkpoint.keep_last=2", "optim.warmup_iters=1", f"checkpoint.save={save}",
+            "logging.quiet=true", "logging.metrics_path=null"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, True), (signal.SIGKILL, False), (signal.SIGINT, False)])
+def test_distill_online_interrupted_resumes_identically(inputs, tmp_path, sig, group):
+    from reliability_helpers import EXIT_REQUEUE, assert_unique_steps, records
+
+    ref = tmp_path / "ref"
+    out = run(_distill(inputs, ref))
+    assert out.returncode == 0, out.stderr[-2000:]
+    save = tmp_path / "killed"
+    proc = start(_distill(inputs, save))
+    try:
+        assert wait_until(lambda: (save / "latest").is_file(), proc)
+        children = kill(proc, sig, group)
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else EXIT_REQUEUE)
+    assert_no_orphans(children)
+    out = run(_distill(inputs, save))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert_unique_steps(save / "metrics.jsonl")
+    strip = [{k: v for k, v in r.items() if "time" not in k and k != "tokens_per_s"} for r in
+             records(save / "metrics.jsonl")]
+    want = [{k: v for k, v in r.items() if "time" not in k and k != "tokens_per_s"} for r in
+            records(ref / "metrics.jsonl")]
+    assert strip == want
+    assert stale_files(save) == []
