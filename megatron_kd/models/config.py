@@ -179,7 +179,7 @@ class ModelConfig:
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameter count at TP=1 on the real (unpadded) vocabulary."""
-        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_query_groups * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.add_qkv_bias else 0)
         attn += 2 * d if self.qk_layernorm else 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_helpers import run_workers
-from distkit import STUDENT, build, distill_config, fit, packed, teacher_snapshot, unpacked
+from distkit import build, distill_config, fit, packed, teacher_snapshot, unpacked
 
 MOE_TEACHER = dict(num_layers=4, hidden_size=48, num_attention_heads=4, num_query_groups=2, kv_channels=16,
                    ffn_hidden_size=96, vocab_size=200, max_position_embeddings=64, init_method_std=0.08,

@@ -181,10 +181,10 @@ def _rows(sel_tuple, n):
     w = target_weights("sample", lps.astype(np.float64), draws, tok, n, 10, 1.5)
     k = int(counts.max())
     r = np.arange(len(tok)) - np.searchsorted(tok, tok)
-    I = np.full((n, k), -1, np.int64)
-    W = np.full((n, k), -np.inf)
-    I[tok, r], W[tok, r] = ids, np.log(w)
-    return I, W
+    idx = np.full((n, k), -1, np.int64)
+    logw = np.full((n, k), -np.inf)
+    idx[tok, r], logw[tok, r] = ids, np.log(w)
+    return idx, logw
 
 
 def test_tp2_sampling_and_weighted_loss_equal_tp1():
