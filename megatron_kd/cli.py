@@ -148,7 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)):
             return exits.EXIT_BAD_INPUT
         return exits.EXIT_IO_ERROR
+    except Exception as exc:  # noqa: BLE001 - a wrapped filesystem error (torch.save, megatron's writers)
+        cause = exits.filesystem_cause(exc, _output_path(args))
+        if cause is None:
+            raise
+        print(f"megatron-kd {args.command}: error: {exits.one_line(cause)}", file=sys.stderr)
+        return exits.EXIT_IO_ERROR
     return int(result or 0)
+
+
+def _output_path(args: argparse.Namespace) -> str | None:
+    """The output path of a command (for a full-disk message), when the flags name one."""
+    for name in ("out", "output", "output_prefix", "save"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 if __name__ == "__main__":

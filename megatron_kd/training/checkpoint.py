@@ -32,7 +32,7 @@ from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.sharding import local_padded_vocab_size
 from megatron_kd.runtime.distributed import barrier, is_main_process, rank
 from megatron_kd.runtime.parallel import unwrap
-from megatron_kd.utils.exits import FilesystemError
+from megatron_kd.utils.exits import FilesystemError, filesystem_cause
 from megatron_kd.utils.io import atomic_write, read_json, replace_dir_atomic, write_json_atomic
 
 LATEST = "latest"
@@ -261,6 +261,12 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise FilesystemError(exc, "checkpoint save failed", _state_bytes(sharded) or None) from None
+        # megatron-core / torch.save may wrap the OSError (or lose its errno: "unexpected pos ...").
+        cause = filesystem_cause(exc, tmp) if isinstance(exc, Exception) else None
+        if cause is not None:
+            if not cause.filename:
+                cause.filename = str(tmp)
+            raise FilesystemError(cause, "checkpoint save failed", _state_bytes(sharded) or None) from None
         raise
     barrier()
     return final
