@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)):
             return exits.EXIT_BAD_INPUT
         return exits.EXIT_IO_ERROR
-    except Exception as exc:  # noqa: BLE001 - a wrapped filesystem error (torch.save, megatron's writers)
+    except BaseException as exc:  # a wrapped filesystem error (torch.save; torch's CheckpointException is a BaseException)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         cause = exits.filesystem_cause(exc, _output_path(args))
         if cause is None:
             raise

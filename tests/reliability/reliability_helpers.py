@@ -86,12 +86,12 @@ def _cmdline(p: psutil.Process) -> str:
 
 def stale_files(root: str | Path) -> list[str]:
     """Temporary files/directories a killed run could leave under ``root``."""
-    out = []
-    for path in Path(root).rglob("*"):
-        name = path.name
-        if name.endswith((".tmp", ".old")) or ".tmp." in name or ".tmp-" in name or name.startswith(".staging"):
-            out.append(str(path.relative_to(root)))
-    return sorted(out)
+    return sorted(str(path.relative_to(root)) for path in Path(root).rglob("*") if is_stale_name(path.name))
+
+
+def is_stale_name(name: str) -> bool:
+    """A temp/staging name a killed or failed writer leaves (``iter_N.tmp``, ``.x.tmp-<pid>-…``, ``.old``)."""
+    return name.endswith((".tmp", ".old")) or ".tmp." in name or ".tmp-" in name or name.startswith(".staging")
 
 
 def records(metrics: str | Path) -> list[dict]:
