@@ -1,4 +1,4 @@
-"""`python -m megatron_kd.runtime.launch` (torchrun with the workers' exit code passed through):
+"""`python -m megatron_kd.utils.launch` (torchrun with the workers' exit code passed through):
 a worker's documented exit code (75 requeue, 2 bad input, ...) becomes the launcher's, and a
 SIGTERM to the launcher (Slurm scancel) ends in 75 after the workers stopped. Plain torchrun
 reports 1 in every one of these cases."""
@@ -23,7 +23,7 @@ if code < 0:  # wait for SIGTERM, then stop like a megatron-kd run that saved a 
 sys.exit(code if os.environ["RANK"] == "0" or code == 0 else 0)
 """
 
-LAUNCH = [sys.executable, "-m", "megatron_kd.runtime.launch", "--standalone", "--nproc-per-node", "2"]
+LAUNCH = [sys.executable, "-m", "megatron_kd.utils.launch", "--standalone", "--nproc-per-node", "2"]
 
 
 def _launch(tmp_path, code):

@@ -1,4 +1,4 @@
-"""``python -m megatron_kd.runtime.launch``: ``torchrun`` that passes the workers' exit code through.
+"""``python -m megatron_kd.utils.launch``: ``torchrun`` that passes the workers' exit code through.
 
 Plain ``torchrun`` turns any failed worker into its own exit code 1, and a SIGTERM to ``torchrun``
 itself (Slurm ``scancel``, preemption) into an exception, so a scheduler cannot tell "checkpoint
@@ -15,7 +15,7 @@ arguments and exits with:
 
 Example::
 
-    python -m megatron_kd.runtime.launch --nproc-per-node 2 -m megatron_kd pretrain --config cfg.yaml
+    python -m megatron_kd.utils.launch --nproc-per-node 2 -m megatron_kd pretrain --config cfg.yaml
 """
 from __future__ import annotations
 
