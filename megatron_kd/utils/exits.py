@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -127,7 +128,8 @@ def filesystem_cause(exc: BaseException, path: str | os.PathLike | None = None) 
         if isinstance(e, OSError) and e.errno in _FILESYSTEM_ERRNOS - {errno.ENOENT, errno.EEXIST}:
             return e
     text = " ".join(str(e) for e in _chain(exc))
-    if not any(t in text for t in _WRITE_FAILURE_TEXTS):
+    short_write = re.search(r"\d+ requested and \d+ written", text)  # numpy's tofile/fromfile on a full disk
+    if not short_write and not any(t in text for t in _WRITE_FAILURE_TEXTS):
         return None
     code = errno.EIO
     if "No space left" in text or "Disk quota" in text:
