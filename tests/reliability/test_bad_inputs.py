@@ -129,7 +129,10 @@ def world(tmp_path_factory):
     from megatron_kd.data.demo_corpus import build_demo_corpus
     from megatron_kd.data.preprocess import preprocess
     from megatron_kd.data.tokenizers import train_sentencepiece
-    from megatron_kd.minillm.synthetic import WordTokenizer
+    try:  # post-training moves minillm/ to posttrain/
+        from megatron_kd.posttrain.synthetic import WordTokenizer
+    except ImportError:
+        from megatron_kd.minillm.synthetic import WordTokenizer
 
     w = tmp_path_factory.mktemp("world")
     build_demo_corpus(str(w / "demo.jsonl"), max_docs=40)
