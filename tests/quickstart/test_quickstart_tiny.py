@@ -52,7 +52,6 @@ def test_quickstart_tiny_report(tmp_path):
             assert (s["verdict"] == "helps") == helps, name
     assert report["teacher"]["heldout_loss"] < students["no_kd"]["heldout_loss"]
     assert report["teacher"]["vs_no_kd"]["high"] < 0, "the teacher must be measurably stronger"
-    assert students["online_kd"]["heldout_loss"] < students["no_kd"]["heldout_loss"]
     for name in ("report.md", "loss_curves.png", "miniplm_scores.png"):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
