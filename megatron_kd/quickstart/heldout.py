@@ -28,7 +28,7 @@ def evaluate_per_document(ckpt: str | Path, prefix: str | Path, seq_length: int,
     """Held-out loss of checkpoint ``ckpt`` on dataset ``prefix`` with per-document sums and ECE.
 
     Single process, TP = PP = 1 (what the quickstart runs). Returns ``{"loss", "ppl", "tokens",
-    "bits_per_byte", "bytes", "ece", "top1_accuracy", "positions", "seq_length", "documents",
+    "bits_per_byte", "bytes", "ece", "top1_accuracy", "mean_confidence", "positions", "seq_length", "documents",
     "doc_nll", "doc_tokens", "doc_bytes"}`` (the last three: one value per document, in order).
     """
     from megatron_kd.evaluation.calibration import CalibrationAccumulator
@@ -65,8 +65,8 @@ def evaluate_per_document(ckpt: str | Path, prefix: str | Path, seq_length: int,
         def reduce_fn(logits, _i, labels=labels, mask=mask):
             lab = labels.to(logits.device)
             m = mask.to(logits.device)
+            calib.add_logits(logits[..., :vocab], lab, m)  # first: token_logprobs may overwrite the logits
             lp = token_logprobs(logits, lab, vocab).double()
-            calib.add_logits(logits[..., :vocab], lab, m)
             return torch.stack([-(lp * m).sum(-1), m.sum(-1)], dim=-1)
 
         (sums,) = forward_reduce(target.model, [tokens], reduce_fn, width=2)
@@ -84,6 +84,7 @@ def evaluate_per_document(ckpt: str | Path, prefix: str | Path, seq_length: int,
     loss = total / n if n else float("nan")
     out = {"loss": loss, "ppl": math.exp(loss) if n else float("nan"), "tokens": int(n),
            "ece": calib.ece(), "top1_accuracy": calib.accuracy(), "positions": calib.count,
+           "mean_confidence": float(calib.sums[1].sum() / max(calib.count, 1)),
            "calibration_bins": bins, "seq_length": seq_length, "documents": n_docs,
            "doc_nll": nll.tolist(), "doc_tokens": count.astype(np.int64).tolist()}
     if nbytes.sum() > 0:

@@ -107,7 +107,8 @@ def _store_summary(qs, stage: str) -> dict[str, Any]:
 
 def _eval_row(ev: dict[str, Any]) -> dict[str, Any]:
     return {"heldout_loss": ev["loss"], "heldout_ppl": ev["ppl"], "heldout_tokens": ev["tokens"],
-            "heldout_bits_per_byte": ev.get("bits_per_byte"), "ece": ev["ece"], "top1_accuracy": ev["top1_accuracy"]}
+            "heldout_bits_per_byte": ev.get("bits_per_byte"), "ece": ev["ece"], "top1_accuracy": ev["top1_accuracy"],
+            "mean_confidence": ev.get("mean_confidence")}
 
 
 def write_report(qs, total_seconds: float) -> dict[str, Any]:
@@ -213,15 +214,17 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"expected calibration error of the top-1 prediction over every scored position "
               f"({ev['calibration_bins']} equal-width bins; lower is better).", "",
               "| model | held-out loss (nats/token) | bits/byte | Δ vs baseline [95% CI] | verdict | ECE | "
-              "top-1 acc | training tokens | wall time (s) |",
-              "|---|---:|---:|---|---|---:|---:|---:|---:|"]
+              "top-1 acc | mean top-1 conf | training tokens | wall time (s) |",
+              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     t = report["teacher"]
     lines.append(f"| teacher | {t['heldout_loss']:.3f} | {_num(t['heldout_bits_per_byte'], '.3f')} | "
                  f"{_fmt_ci(t['vs_no_kd'])} vs no_kd | | {t['ece']:.4f} | {t['top1_accuracy']:.3f} | "
+                 f"{_num(t.get('mean_confidence'), '.3f')} | "
                  f"{t['train_tokens']:,} | {t['wall_time_s']:.0f} |")
     ref = report["reference"]
     lines.append(f"| MiniPLM reference LM | {ref['heldout_loss']:.3f} | {_num(ref['heldout_bits_per_byte'], '.3f')} "
-                 f"| | | {ref['ece']:.4f} | {ref['top1_accuracy']:.3f} | {ref['train_tokens']:,} | "
+                 f"| | | {ref['ece']:.4f} | {ref['top1_accuracy']:.3f} | {_num(ref.get('mean_confidence'), '.3f')} | "
+                 f"{ref['train_tokens']:,} | "
                  f"{ref['wall_time_s']:.0f} |")
     for s in report["students"]:
         ci = s.get("vs_no_kd")
@@ -229,6 +232,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                  if ci else "(baseline)")
         lines.append(f"| {s['label']} | {s['heldout_loss']:.3f} | {_num(s['heldout_bits_per_byte'], '.3f')} | "
                      f"{delta} | {s.get('verdict', '')} | {s['ece']:.4f} | {s['top1_accuracy']:.3f} | "
+                     f"{_num(s.get('mean_confidence'), '.3f')} | "
                      f"{s['train_tokens']:,} | {s['wall_time_s']:.0f} |")
     lines += ["", "## What this run shows", ""] + [f"- {line}" for line in report["conclusions"]]
     stores = report.get("logits_stores") or {"topk": report.get("logits_store") or {}}

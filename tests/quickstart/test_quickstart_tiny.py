@@ -42,6 +42,7 @@ def test_quickstart_tiny_report(tmp_path):
     assert len(budgets) == 1, "every student must get the same token budget"
     for name, s in students.items():
         assert 0 <= s["ece"] <= 1 and 0 <= s["top1_accuracy"] <= 1, name
+        assert s["mean_confidence"] > 5 / 1024, name  # real top-1 probabilities, not a uniform distribution's
         assert s["heldout_bits_per_byte"] > 0, name
         assert len(s["heldout_curve"]["steps"]) >= 2, name  # eval every eval_interval steps
         if name != "no_kd":
