@@ -25,23 +25,33 @@ import torch
 def evaluate_per_document(ckpt: str | Path, prefix: str | Path, seq_length: int, tokenizer: Any = None,
                           max_documents: int | None = None, micro_batch_size: int = 8,
                           bins: int = 15) -> dict[str, Any]:
-    """Held-out loss of checkpoint ``ckpt`` on dataset ``prefix`` with per-document sums and ECE.
-
-    Single process, TP = PP = 1 (what the quickstart runs). Returns ``{"loss", "ppl", "tokens",
-    "bits_per_byte", "bytes", "ece", "top1_accuracy", "mean_confidence", "positions", "seq_length", "documents",
-    "doc_nll", "doc_tokens", "doc_bytes"}`` (the last three: one value per document, in order).
-    """
-    from megatron_kd.evaluation.calibration import CalibrationAccumulator
-    from megatron_kd.evaluation.forward import forward_reduce
+    """Held-out loss of checkpoint ``ckpt`` on dataset ``prefix`` with per-document sums and ECE
+    (single process, TP = PP = 1: what the quickstart runs); see :func:`score_documents`."""
     from megatron_kd.evaluation.loading import load_eval_target
-    from megatron_kd.evaluation.lm_loss import _Documents, _pad_batch, document_windows, open_eval_dataset
-    from megatron_kd.evaluation.vocab import token_logprobs
+    from megatron_kd.evaluation.lm_loss import open_eval_dataset
 
     target = load_eval_target(ckpt, tokenizer=tokenizer, tokenizer_required=False)
     seq_length = target.resolve_seq_length(seq_length)
     dataset = open_eval_dataset(prefix)
     target.check_dataset_tokenizer(prefix)
-    vocab = target.vocab_size
+    return score_documents(target.model, dataset, target.vocab_size, seq_length, target.tokenizer,
+                           max_documents, micro_batch_size, bins)
+
+
+def score_documents(model: torch.nn.Module, dataset: Any, vocab: int, seq_length: int, tokenizer: Any = None,
+                    max_documents: int | None = None, micro_batch_size: int = 8, bins: int = 15) -> dict[str, Any]:
+    """Score the documents of an indexed ``dataset`` with ``model`` (TP = PP = 1, eval mode).
+
+    Returns ``{"loss", "ppl", "tokens", "ece", "top1_accuracy", "mean_confidence", "positions",
+    "calibration_bins", "seq_length", "documents", "doc_nll", "doc_tokens"}`` plus, with a
+    ``tokenizer``, ``"bits_per_byte", "bytes", "doc_bytes"`` (the ``doc_*`` lists: one value per
+    document, in order).
+    """
+    from megatron_kd.evaluation.calibration import CalibrationAccumulator
+    from megatron_kd.evaluation.forward import forward_reduce
+    from megatron_kd.evaluation.lm_loss import _Documents, _pad_batch, document_windows
+    from megatron_kd.evaluation.vocab import token_logprobs
+
     docs = _Documents(dataset)
     n_docs = len(docs) if max_documents is None else min(len(docs), max_documents)
     windows = document_windows(docs.lengths[:n_docs], seq_length)
@@ -58,8 +68,8 @@ def evaluate_per_document(ckpt: str | Path, prefix: str | Path, seq_length: int,
             seqs.append(cache[w.doc][w.start:w.end])
         top = max(int(s.max()) for s in seqs)
         if top >= vocab:
-            raise ValueError(f"{prefix}: token id {top} outside the model vocabulary [0, {vocab}): the held-out "
-                             "data was tokenized with another tokenizer")
+            raise ValueError(f"token id {top} outside the model vocabulary [0, {vocab}): the held-out data was "
+                             "tokenized with another tokenizer")
         tokens, labels, mask = _pad_batch(seqs, max(len(s) - 1 for s in seqs))
 
         def reduce_fn(logits, _i, labels=labels, mask=mask):
@@ -69,17 +79,16 @@ def evaluate_per_document(ckpt: str | Path, prefix: str | Path, seq_length: int,
             lp = token_logprobs(logits, lab, vocab).double()
             return torch.stack([-(lp * m).sum(-1), m.sum(-1)], dim=-1)
 
-        (sums,) = forward_reduce(target.model, [tokens], reduce_fn, width=2)
+        (sums,) = forward_reduce(model, [tokens], reduce_fn, width=2)
         for row, w in enumerate(group):
             nll[w.doc] += float(sums[row, 0])
             count[w.doc] += float(sums[row, 1])
     nbytes = np.zeros(n_docs)
-    tok = target.tokenizer
-    if tok is not None:
-        eod = getattr(tok, "eod", None)
+    if tokenizer is not None:
+        eod = getattr(tokenizer, "eod", None)
         for d in range(n_docs):
             ids = [t for t in docs.tokens(d).tolist() if t != eod]
-            nbytes[d] = len(tok.decode(ids).encode("utf-8")) if ids else 0
+            nbytes[d] = len(tokenizer.decode(ids).encode("utf-8")) if ids else 0
     total, n = float(nll.sum()), float(count.sum())
     loss = total / n if n else float("nan")
     out = {"loss": loss, "ppl": math.exp(loss) if n else float("nan"), "tokens": int(n),
