@@ -7,7 +7,7 @@ holds the teacher's distribution of token ``o + 1`` of document ``d``. Next to i
 
     STORE/byte_ends.npy     int32/int64 [num_tokens]: byte end of teacher position (d, o) in
                             document d's UTF-8 text, at index documents[d] + o (-1: a special
-                            token, which has no bytes, or a token ending inside a character)
+                            token, which has no bytes)
     STORE/doc_text.npy      int64 [num_documents, 2]: each document's text length in bytes and a
                             63-bit BLAKE2b digest of its bytes (the source-text check)
     STORE/byte_key_tokenizer/  a copy of the tokenizer the offsets were computed with
@@ -178,7 +178,7 @@ def write_byte_key(store: str | Path, prefix: str, tokenizer: str) -> dict[str, 
                          "identity": tok.identity, "vocab_size": int(tok.vocab_size)},
            "total_bytes": int(docs[:, 0].sum()),
            "rule": "byte_ends[documents[d] + o] = byte offset, in document d's UTF-8 text, after teacher token o "
-                   "(-1: special token / inside a character); doc_text[d] = (bytes, blake2b-63 digest)"}
+                   "(-1: special token); doc_text[d] = (bytes, blake2b-63 digest)"}
     man = mf.read_store_manifest(store)
     man[KEY] = key
     write_json_atomic(store / mf.MANIFEST, man)

@@ -254,3 +254,27 @@ def test_one_store_serves_two_tokenizers_and_refuses_other_text(offline_results)
     other, no_key = runs["errors"]["other"], runs["errors"]["no_key"]
     assert other is not None and "is not the source text" in other and "\n" not in other
     assert no_key is not None and "no byte-offset key" in no_key and "\n" not in no_key
+
+
+def test_dense_teacher_rows_shards_concatenate_to_the_full_row():
+    from megatron_kd.distill.cross_tokenizer import dense_teacher_rows
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(11, generator=g)[:5] for _ in range(6)]).view(2, 3, 5)
+    ids[0, 1, 3:] = -1  # padding entries
+    ids[1, 2, 0] = 10  # beyond the real vocabulary (10 ids): dropped
+    lps = torch.randn(2, 3, 5, generator=g)
+    full = dense_teacher_rows(ids, lps, 10)
+    assert full.shape == (2, 3, 10)
+    want = torch.full((2, 3, 11), float("-inf"))
+    for b in range(2):
+        for s in range(3):
+            for i, v in zip(ids[b, s].tolist(), lps[b, s].tolist()):
+                if i >= 0:
+                    want[b, s, i] = v
+    assert torch.equal(full, want[..., :10])
+    for tp in (2, 3, 4):
+        parts = [dense_teacher_rows(ids, lps, 10, r, tp) for r in range(tp)]
+        assert all(p.shape[-1] == -(-10 // tp) for p in parts)
+        cat = torch.cat(parts, -1)
+        assert torch.equal(cat[..., :10], full) and torch.isinf(cat[..., 10:]).all()
