@@ -212,7 +212,9 @@ def render_markdown(report: dict[str, Any]) -> str:
               "when the whole interval is below 0; an interval that contains 0 means *no measurable effect "
               "at this scale* (one seed, small models: not evidence that it cannot help). ECE: next-token "
               f"expected calibration error of the top-1 prediction over every scored position "
-              f"({ev['calibration_bins']} equal-width bins; lower is better).", "",
+              f"({ev['calibration_bins']} equal-width bins; lower is better). Own-tokenizer students get the same "
+              "number of training tokens as the others, which is less text when their vocabulary is smaller: "
+              "compare them with each other (their no-KD twin), not with the shared-tokenizer students.", "",
               "| model | held-out loss (nats/token) | bits/byte | Δ vs baseline [95% CI] | verdict | ECE | "
               "top-1 acc | mean top-1 conf | training tokens | wall time (s) |",
               "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
