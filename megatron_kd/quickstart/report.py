@@ -160,7 +160,8 @@ def write_report(qs, total_seconds: float) -> dict[str, Any]:
         "datasets": r["preprocess"],
         "models": {"teacher": size.teacher, "reference": size.reference, "student": size.student},
         "evaluation": {"seq_length": base["seq_length"], "documents": base["documents"], "tokens": base["tokens"],
-                       "heldout_percent": size.heldout_percent, "calibration_bins": size.calibration_bins,
+                       # what the corpus stage split with (a run resumed from before 2026-12 held out 5%)
+                       "heldout_percent": r["corpus"].get("heldout_percent", 5), "calibration_bins": size.calibration_bins,
                        "bootstrap": {"samples": size.bootstrap_samples, "level": 0.95, "unit": "held-out documents",
                                      "seed": qs.seed},
                        "curve": {"eval_interval": size.eval_interval, "eval_iters": size.eval_iters,
