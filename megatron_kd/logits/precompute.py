@@ -78,6 +78,9 @@ class PrecomputeConfig:
     """Fraction of positions whose dense teacher distribution is kept (for ``--stats``; 0 = none)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored in the manifest."""
+    byte_key_tokenizer: str | None = None
+    """Tokenizer of --data for the byte-offset key (cross-tokenizer students, docs/cross_tokenizer.md);
+    default: the one the dataset manifest names, else the teacher's; "none" = no byte key."""
 
     def selector(self) -> TargetSelector:
         """The per-chunk target selection of this run."""
@@ -196,8 +199,10 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
 class _BatchSource:
     """Builds the input tensors and the target-position index of micro-batches."""
 
-    def __init__(self, dataset, vocab_size: int, device: torch.device, doc_start: np.ndarray):
+    def __init__(self, dataset, vocab_size: int, device: torch.device, doc_start: np.ndarray,
+                 prefix: str | None = None):
         self.ds, self.vocab, self.device, self.doc_start = dataset, vocab_size, device, doc_start
+        self.prefix = prefix
 
     def __call__(self, mb: MicroBatch) -> dict[str, Any]:
         tokens = np.zeros((mb.rows, mb.length), dtype=np.int64)
@@ -207,8 +212,11 @@ class _BatchSource:
             sel.append(r * mb.length + np.arange(w.emit - w.start, w.length))
             positions.append(self.doc_start[w.doc] + np.arange(w.emit, w.end))
         if tokens.max(initial=0) >= self.vocab or tokens.min(initial=0) < 0:
-            raise ValueError(f"dataset token id {int(tokens.max())} is outside the teacher vocabulary "
-                             f"({self.vocab}): the dataset was tokenized with another tokenizer")
+            from megatron_kd.data.manifest import check_batch_token_ids
+
+            # Names the .bin whose sha256 no longer matches its manifest (flipped bytes) before
+            # blaming another tokenizer.
+            check_batch_token_ids(tokens, self.vocab, self.prefix, what="dataset --data")
         pos = torch.arange(mb.length, device=self.device).unsqueeze(0).expand(mb.rows, -1)
         return {"tokens": torch.from_numpy(tokens).to(self.device), "position_ids": pos,
                 "sel": torch.from_numpy(np.concatenate(sel)).to(self.device),
@@ -302,7 +310,7 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
     vocab = mcfg.vocab_size
     layout = store_layout(header["settings"])
     collect = partial(_collect, vocab=vocab, selector=cfg.selector(), keep=writer_rank, forward_only=forward_only)
-    source = _BatchSource(ds, vocab, device(), doc_start)
+    source = _BatchSource(ds, vocab, device(), doc_start, mf.strip_dataset_prefix(cfg.data))
     plans = {i: [w for d in range(*shards[i]) for w in document_windows(d, int(lengths[d]), cfg.seq_length,
                                                                           cfg.overlap)] for i in mine}
     total = sum(w.end - w.emit for i in mine for w in plans[i])
@@ -359,9 +367,30 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
         complete = all(mf.shard_record_file(store, i).is_file() for i in range(len(shards)))
         if complete and is_main_process():
             finalize_manifest(store)
+            _write_byte_key(cfg, meta)
         barrier()
     return {"shards": len(mine), "positions": done_positions, "seconds": seconds,
             "positions_per_s": done_positions / max(seconds, 1e-9), "complete": complete}
+
+
+def _write_byte_key(cfg: PrecomputeConfig, meta: dict) -> None:
+    """The byte-offset key (megatron_kd.logits.byte_key) when the data's tokenizer has byte spans."""
+    from megatron_kd.interop.convert import checkpoint_tokenizer
+    from megatron_kd.logits.byte_key import byte_table, default_key_tokenizer, write_byte_key
+
+    if cfg.byte_key_tokenizer == "none":
+        return
+    tok = cfg.byte_key_tokenizer or default_key_tokenizer(cfg.data, checkpoint_tokenizer(cfg.teacher, meta))
+    if tok is None:
+        return
+    if cfg.byte_key_tokenizer:
+        write_byte_key(cfg.out, cfg.data, tok)
+        return
+    try:
+        byte_table(tok, "the data's")
+        write_byte_key(cfg.out, cfg.data, tok)
+    except (ValueError, OSError) as exc:  # auto: the store still serves the teacher's tokenizer
+        print(f"megatron-kd logits: no byte-offset key ({str(exc).splitlines()[0]})", flush=True)
 
 
 def write_audit(store: Path, index: int, audit: list) -> dict[str, Any]:
