@@ -70,7 +70,8 @@ class KDLossConfig:
     which falls back to the unfused head)."""
     fused_chunk_tokens: Optional[int] = None
     """Tokens per chunk of the fused output layer; None = about 4M logits per CPU thread (max 4),
-    32M on GPUs (the same budget as kd.chunk_size)."""
+    32M on GPUs (the budget of kd.chunk_size), but at least 64 tokens on CPU and 1024 on GPUs
+    (each chunk streams the whole output weight: fewer tokens would be memory-bound)."""
 
     def __post_init__(self) -> None:
         validate_choices(self, "kd.")

@@ -364,9 +364,19 @@ def gather_dim0(x: torch.Tensor, tp: TPContext) -> torch.Tensor:
     return out
 
 
+LINEAR_MIN_TOKENS = {"cpu": 64, "cuda": 1024}
+"""Smallest automatic fused-linear chunk: every chunk streams the whole output weight (and its fp32
+gradient) through memory, so a chunk needs enough tokens for the matmuls to stay compute-bound
+(about 6 x tokens flops per 12 bytes moved per weight element; GPUs need ~500+ tokens)."""
+
+
 def linear_chunk_tokens(valid_cols: int, chunk_tokens: Optional[int], device: torch.device) -> int:
-    """Tokens per fused-linear chunk: ``chunk_tokens`` or the KD kernels' element budget."""
-    return auto_chunk(max(valid_cols, 1), chunk_tokens, device)
+    """Tokens per fused-linear chunk: ``chunk_tokens``, else the KD kernels' element budget but at
+    least :data:`LINEAR_MIN_TOKENS` (scratch: about three fp32 [chunk, V_local] buffers)."""
+    if chunk_tokens is not None:
+        return auto_chunk(max(valid_cols, 1), chunk_tokens, device)
+    floor = LINEAR_MIN_TOKENS["cuda" if device.type == "cuda" else "cpu"]
+    return max(floor, auto_chunk(max(valid_cols, 1), None, device))
 
 
 class FusedLinearLoss(torch.autograd.Function):
