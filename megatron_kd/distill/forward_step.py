@@ -16,7 +16,9 @@ softmax.
 With ``kd.fused_linear`` (online/offline, not cross-tokenizer) the last stage's output layers are
 captured (:mod:`megatron_kd.distill.head`): the model returns the final hidden states and the loss
 runs the student's (and online the teacher's) output layer chunk by chunk
-(:meth:`DistillationLoss.fused_linear`), so no [tokens, V] logits are held. Evaluation steps (``evaluation=True``) report the held-out ``lm`` loss (the metric KD is
+(:meth:`DistillationLoss.fused_linear`), so no [tokens, V] logits are held.
+
+Evaluation steps (``evaluation=True``) report the held-out ``lm`` loss (the metric KD is
 judged by) and, online, the held-out ``kd``; no ``total``/``alpha``.
 """
 from __future__ import annotations
