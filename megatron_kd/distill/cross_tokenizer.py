@@ -185,17 +185,27 @@ def offline_plan(key: Any, student_tokenizer: str, teacher_tokenizer: Optional[s
                               str(teacher_tokenizer or key.tokenizer_path))
 
 
+ABSENT_LOGPROB = -1.0e4
+"""Log-prob given to teacher ids a store did not keep: probability 0, yet part of the teacher's
+vocabulary (so the hybrid's matched support, and the student's renormalisation over it, is the
+same as online; ``-inf`` would drop those ids from both sides)."""
+
+
 def dense_teacher_rows(target_ids: torch.Tensor, target_logprobs: torch.Tensor, vocab_size: int,
                        tp_rank: int = 0, tp_world: int = 1) -> torch.Tensor:
     """Stored sparse teacher targets ``[b, s, k]`` -> this TP rank's shard ``[b, s, ceil(V / tp)]``
-    of teacher log-probs (-inf elsewhere; ids >= ``vocab_size`` dropped). ``softmax(rows / T)``
-    equals the teacher's ``softmax(logits / T)`` restricted to the kept ids."""
+    of teacher log-probs: the kept ids' values, :data:`ABSENT_LOGPROB` for the other ids of the
+    vocabulary, -inf beyond it and on rows without any target. ``softmax(rows / T)`` is the
+    teacher's ``softmax(logits / T)`` renormalised over the kept ids (ids >= ``vocab_size`` dropped)."""
     local = -(-vocab_size // tp_world)
     lo = tp_rank * local
     rel = target_ids - lo
-    keep = (target_ids >= 0) & (target_ids < vocab_size) & (rel >= 0) & (rel < local)
-    out = torch.full((*target_ids.shape[:-1], local + 1), float("-inf"), dtype=torch.float32,
-                     device=target_logprobs.device)
+    valid = (target_ids >= 0) & (target_ids < vocab_size)
+    keep = valid & (rel >= 0) & (rel < local)
+    cols = torch.arange(lo, lo + local + 1, device=target_logprobs.device)
+    has = valid.any(-1, keepdim=True)
+    base = torch.where(has & (cols < vocab_size), ABSENT_LOGPROB, float("-inf")).to(torch.float32)
+    out = base.expand(*target_ids.shape[:-1], local + 1).contiguous()
     out.scatter_(-1, torch.where(keep, rel, local), torch.where(keep, target_logprobs.float(), float("-inf")))
     return out[..., :local]
 
