@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "budget and write OUT/report.md, OUT/report.json and plots. Rerunning with the same --out resumes.")
     flag(p, "--output", "--out", dest="out", required=True, help="output directory (created; completed stages are reused)")
     p.add_argument("--size", default="full", choices=["tiny", "full"],
-                   help="full: <= 10 min on 2 CPU cores; tiny: <= 3 min smoke run (default: full)")
+                   help="full: the whole demo corpus, aimed at ~10 min on 2 idle CPU cores; tiny: a few-minute "
+                        "smoke run (default: full)")
     p.add_argument("--seed", type=int, default=1234, help="random seed of every stage (default: 1234)")
     p.set_defaults(func=_run)
 

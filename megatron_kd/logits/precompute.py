@@ -192,8 +192,10 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
 class _BatchSource:
     """Builds the input tensors and the target-position index of micro-batches."""
 
-    def __init__(self, dataset, vocab_size: int, device: torch.device, doc_start: np.ndarray):
+    def __init__(self, dataset, vocab_size: int, device: torch.device, doc_start: np.ndarray,
+                 prefix: str | None = None):
         self.ds, self.vocab, self.device, self.doc_start = dataset, vocab_size, device, doc_start
+        self.prefix = prefix
 
     def __call__(self, mb: MicroBatch) -> dict[str, Any]:
         tokens = np.zeros((mb.rows, mb.length), dtype=np.int64)
@@ -203,8 +205,11 @@ class _BatchSource:
             sel.append(r * mb.length + np.arange(w.emit - w.start, w.length))
             positions.append(self.doc_start[w.doc] + np.arange(w.emit, w.end))
         if tokens.max(initial=0) >= self.vocab or tokens.min(initial=0) < 0:
-            raise ValueError(f"dataset token id {int(tokens.max())} is outside the teacher vocabulary "
-                             f"({self.vocab}): the dataset was tokenized with another tokenizer")
+            from megatron_kd.data.manifest import check_batch_token_ids
+
+            # Names the .bin whose sha256 no longer matches its manifest (flipped bytes) before
+            # blaming another tokenizer.
+            check_batch_token_ids(tokens, self.vocab, self.prefix, what="dataset --data")
         pos = torch.arange(mb.length, device=self.device).unsqueeze(0).expand(mb.rows, -1)
         return {"tokens": torch.from_numpy(tokens).to(self.device), "position_ids": pos,
                 "sel": torch.from_numpy(np.concatenate(sel)).to(self.device),
@@ -298,7 +303,7 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
     vocab = mcfg.vocab_size
     layout = store_layout(header["settings"])
     collect = partial(_collect, vocab=vocab, selector=cfg.selector(), keep=writer_rank, forward_only=forward_only)
-    source = _BatchSource(ds, vocab, device(), doc_start)
+    source = _BatchSource(ds, vocab, device(), doc_start, mf.strip_dataset_prefix(cfg.data))
     plans = {i: [w for d in range(*shards[i]) for w in document_windows(d, int(lengths[d]), cfg.seq_length,
                                                                           cfg.overlap)] for i in mine}
     total = sum(w.end - w.emit for i in mine for w in plans[i])

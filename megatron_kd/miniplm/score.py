@@ -127,6 +127,9 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
         raise ValueError(f"teacher tokenizer {tt!r} differs from reference tokenizer {rt!r}: "
                          "train the reference model with the teacher's tokenizer")
     ds = dataset_io.open_dataset(cfg.data)
+    from megatron_kd.data.manifest import check_token_ids
+
+    check_token_ids(cfg.data, tv, what="dataset --data")  # sizes, header, sampled ids (before any model)
     dt = dataset_io.dataset_tokenizer(dataset_io.read_dataset_manifest(cfg.data))
     model_tok = tt or rt
     if dt and model_tok and dt != model_tok and _tokenizer_identity(dt) != _tokenizer_identity(model_tok):
@@ -200,7 +203,8 @@ def _run_model(model, microbatches: list[dict], seq_length: int):
 
 
 def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
-                 num_microbatches: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+                 num_microbatches: int, device: torch.device,
+                 vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Score one shard's instances with each model. Returns (nll_sums [n_models, n], n_pred [n], tokens)."""
     windows, owner = scoring_windows(instances, cfg.chunk_length)
     pad = cfg.pad_multiple or (8 if device.type == "cuda" else 1)
@@ -209,7 +213,8 @@ def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
     sums = [torch.zeros(len(windows), dtype=torch.float64, device=device) for _ in models]
     counts = torch.zeros(len(windows), dtype=torch.int64, device=device)
     for step in steps:
-        mbs = [build_microbatch(dataset, windows, rows, step.seq_length, device) for rows in step.rows]
+        mbs = [build_microbatch(dataset, windows, rows, step.seq_length, device, vocab_size, cfg.data)
+               for rows in step.rows]
         for m, model in enumerate(models):
             results = _run_model(model, mbs, step.seq_length)
             for rows, (s, c) in zip(step.rows, results):
@@ -279,7 +284,7 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
             start, end = shard_bounds(k, cfg.shard_size, len(instances))
             t0, c0 = time.perf_counter(), time.process_time()
             sums, n_pred, tokens = _score_shard([teacher, reference], ds, instances[start:end], cfg,
-                                                n_mb, dev)
+                                                n_mb, dev, vocab)
             if writer:
                 rows = np.empty(end - start, dtype=SCORE_DTYPE)
                 rows["instance"] = np.arange(start, end)

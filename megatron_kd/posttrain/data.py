@@ -57,15 +57,27 @@ class InstructionTemplate:
         return cls(template="{prompt}", template_with_input="{prompt}\n{input}")
 
 
-def read_instruction_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of an instruction JSONL file; one-line ``ValueError`` naming the bad line."""
+def read_instruction_jsonl(path: str | os.PathLike, require_response: bool = False) -> list[dict[str, Any]]:
+    """Records of an instruction JSONL file; one-line ``ValueError`` naming ``file:line`` of a bad
+    line (invalid JSON or UTF-8, a missing or non-string field). ``require_response``: a record
+    without ``response`` is an error (training data), not an empty answer (prompts to generate for)."""
+    return [rec for _, rec in _read_instruction_lines(path, require_response)]
+
+
+def _read_instruction_lines(path: str | os.PathLike, require_response: bool) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every record of an instruction JSONL (see :func:`read_instruction_jsonl`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"instruction data {path} does not exist: pass a JSONL file of "
                                 '{"prompt": ..., "response": ...} records')
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n} is not valid UTF-8 (byte {exc.start}): re-encode the file as UTF-8 "
+                                 "or remove the line") from None
             if not line.strip():
                 continue
             try:
@@ -74,13 +86,17 @@ def read_instruction_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{n} is not valid JSON ({exc.msg}): fix or remove the line") from None
             if is_chat_record(rec):
                 validate_messages(rec, f"{path}:{n}")
-                records.append(rec)
+                records.append((n, rec))
                 continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
-                    or not isinstance(rec.get("response", ""), str):
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                 raise ValueError(f"{path}:{n} needs string fields 'prompt' and 'response' (optional 'input'), "
                                  "or a 'messages' list")
-            records.append(rec)
+            if require_response and "response" not in rec:
+                raise ValueError(f"{path}:{n} has no 'response' field: training data needs a response per record "
+                                 "(an empty answer is written as \"response\": \"\")")
+            if not isinstance(rec.get("response", ""), str) or not isinstance(rec.get("input") or "", str):
+                raise ValueError(f"{path}:{n} needs string fields 'prompt' and 'response' (optional 'input')")
+            records.append((n, rec))
     if not records:
         raise ValueError(f"instruction data {path} holds no records")
     return records
@@ -142,14 +158,27 @@ def preprocess_instructions(jsonl: str | os.PathLike, tokenizer, output_prefix: 
         for f in files.values():
             if f.exists():
                 raise FileExistsError(f"{f} already exists: pass --overwrite or choose another output prefix")
-    records = read_instruction_jsonl(jsonl)
-    prompts, responses = encode_records(records, tokenizer, template, max_prompt_length, max_response_length)
+    numbered = _read_instruction_lines(jsonl, require_response=True)
+    records = [rec for _, rec in numbered]
+    prompts, responses = [], []
+    for n, rec in numbered:  # one record at a time: an encoding error names its file:line
+        try:
+            ps, rs = encode_records([rec], tokenizer, template, max_prompt_length, max_response_length)
+        except ValueError as exc:
+            raise ValueError(f"{jsonl}:{n}: {exc}") from None
+        prompts.extend(ps)  # a chat record gives one example per assistant turn
+        responses.extend(rs)
     dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
     files["manifest"].parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{output_prefix}.tmp{os.getpid()}"
     tmp_files = dataset_files(tmp)
-    _write_indexed(f"{tmp}_prompt_document", prompts, dtype)
-    _write_indexed(f"{tmp}_response_document", responses, dtype)
+    try:
+        _write_indexed(f"{tmp}_prompt_document", prompts, dtype)
+        _write_indexed(f"{tmp}_response_document", responses, dtype)
+    except BaseException:  # full disk, read-only, interrupted: leave nothing half-written behind
+        for f in tmp_files.values():
+            f.unlink(missing_ok=True)
+        raise
     manifest = {
         "format": FORMAT, "source": str(jsonl), "source_sha256": sha256_file(jsonl),
         "tokenizer": {"identity": tokenizer.identity, "vocab_size": tokenizer.vocab_size,

@@ -76,7 +76,7 @@ class Quickstart:
                 fh.writelines(lines)
             counts[name] = len(lines)
         return {"documents": stats["num_documents"], "bytes": stats["num_bytes"], "domains": stats["num_domains"],
-                "split_documents": counts, "sha256": stats["sha256"]}
+                "split_documents": counts, "heldout_percent": self.size.heldout_percent, "sha256": stats["sha256"]}
 
     def tokenizer(self, xtok: bool = False) -> dict[str, Any]:
         """SentencePiece BPE on the train split: the teacher's (``size.vocab_size``) or, with ``xtok``, the

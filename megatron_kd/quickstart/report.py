@@ -160,7 +160,8 @@ def write_report(qs, total_seconds: float) -> dict[str, Any]:
         "datasets": r["preprocess"],
         "models": {"teacher": size.teacher, "reference": size.reference, "student": size.student},
         "evaluation": {"seq_length": base["seq_length"], "documents": base["documents"], "tokens": base["tokens"],
-                       "heldout_percent": size.heldout_percent, "calibration_bins": size.calibration_bins,
+                       # what the corpus stage split with (a run resumed from before 2026-12 held out 5%)
+                       "heldout_percent": r["corpus"].get("heldout_percent", 5), "calibration_bins": size.calibration_bins,
                        "bootstrap": {"samples": size.bootstrap_samples, "level": 0.95, "unit": "held-out documents",
                                      "seed": qs.seed},
                        "curve": {"eval_interval": size.eval_interval, "eval_iters": size.eval_iters,
@@ -212,7 +213,9 @@ def render_markdown(report: dict[str, Any]) -> str:
               "when the whole interval is below 0; an interval that contains 0 means *no measurable effect "
               "at this scale* (one seed, small models: not evidence that it cannot help). ECE: next-token "
               f"expected calibration error of the top-1 prediction over every scored position "
-              f"({ev['calibration_bins']} equal-width bins; lower is better).", "",
+              f"({ev['calibration_bins']} equal-width bins; lower is better). Own-tokenizer students get the same "
+              "number of training tokens as the others, which is less text when their vocabulary is smaller: "
+              "compare them with each other (their no-KD twin), not with the shared-tokenizer students.", "",
               "| model | held-out loss (nats/token) | bits/byte | Δ vs baseline [95% CI] | verdict | ECE | "
               "top-1 acc | mean top-1 conf | training tokens | wall time (s) |",
               "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]

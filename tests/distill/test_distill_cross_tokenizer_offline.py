@@ -223,6 +223,26 @@ def _runs_worker(rank, world_size, tmp):
         except ValueError as exc:
             errors[name] = str(exc)
     out["errors"] = errors
+    # Rerunning the same `megatron-kd logits` on the complete store adds the key back (no shard recomputed).
+    from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+    from megatron_kd.runtime import destroy_distributed
+
+    (tmp / "store" / "byte_ends.npy").unlink()
+    try:
+        summary = precompute_logits(PrecomputeConfig(
+            teacher=str(tmp / "teacher"), data=_prefix(tmp, "tt"), out=str(tmp / "store"), top_p=1.0, top_k=255,
+            seq_length=64, micro_batch_size=4, value_step=STEP))
+    finally:
+        destroy_distributed()
+    out["rerun_positions"] = summary["positions"]
+    out["rerun_key"] = json.loads((tmp / "store" / "manifest.json").read_text()).get("byte_key")
+    try:
+        from megatron_kd.logits.byte_key import write_byte_key
+
+        write_byte_key(tmp / "store", _prefix(tmp, "tt"), str(tmp / "sa.model"))
+        out["wrong_tokenizer"] = None
+    except ValueError as exc:
+        out["wrong_tokenizer"] = str(exc)
     return out
 
 
@@ -259,6 +279,8 @@ def test_one_store_serves_two_tokenizers_and_refuses_other_text(offline_results)
     other, no_key = runs["errors"]["other"], runs["errors"]["no_key"]
     assert other is not None and "is not the source text" in other and "\n" not in other
     assert no_key is not None and "no byte-offset key" in no_key and "\n" not in no_key
+    assert runs["rerun_positions"] == 0 and runs["rerun_key"] == res["manifest_key"]
+    assert "is not the tokenizer dataset" in runs["wrong_tokenizer"]
 
 
 def test_dense_teacher_rows_shards_concatenate_to_the_full_row():

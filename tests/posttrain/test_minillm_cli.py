@@ -25,7 +25,7 @@ def test_preprocess_roundtrip_and_masks(tmp_path):
         preprocess_instructions(tmp_path / "d.jsonl", tok, tmp_path / "out/d", tpl)
     with pytest.raises(ValueError, match="tokenised with"):
         InstructionDataset(tmp_path / "out/d", WordTokenizer(["x", "y"]))
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "copy a ="}\n{"response": 3}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "copy a =", "response": "a"}\n{"response": 3}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         preprocess_instructions(tmp_path / "bad.jsonl", tok, tmp_path / "out/bad", tpl)
     b = sft_batch([[5, 6, 7], [8]], [[9, 1], [10, 11, 1]], pad_id=0)
