@@ -21,7 +21,7 @@ import torch
 from megatron_kd.miniplm import dataset_io
 from megatron_kd.miniplm.batching import Step, build_microbatch, plan_steps
 from megatron_kd.miniplm.instances import scoring_windows, skipped_tokens, split_instances, validate_instance_args
-from megatron_kd.miniplm.nll import resolve_kernel, token_nll_sbv
+from megatron_kd.miniplm.nll import hidden_nll_sbv, resolve_kernel, token_nll_sbv
 from megatron_kd.miniplm.store import SCORE_DTYPE, ScoreStore, config_hash, shard_bounds
 from megatron_kd.utils.progress import JsonlWriter, progress
 
@@ -163,16 +163,29 @@ def _on_rank0_raise_everywhere(fn) -> None:
         raise kind(err[0][1])
 
 
-def install_nll_head(model, vocab_size: int, ce_chunk: int, kernel: str = "auto") -> None:
+def install_nll_head(model, vocab_size: int, ce_chunk: int, kernel: str = "auto", fused: bool = True) -> None:
     """Make ``model(tokens, pos, None, labels=labels)`` return per-token NLL [b, s] (fp32).
 
-    Binds :func:`token_nll_sbv` as this model instance's ``compute_language_model_loss`` (the
-    hook GPTModel calls with its [s, b, V/tp] logits when labels are given): padded vocabulary
-    excluded, padding positions (label -1) skipped, and no [b, s, V] transposed copy of the
-    logits is made. Only models the scorer loads itself are changed.
+    Binds this model instance's ``compute_language_model_loss`` (the hook GPTModel calls with
+    the output of its output layer when labels are given): padded vocabulary excluded, padding
+    positions (label -1) skipped, and no [b, s, V] transposed copy of the logits is made. With
+    ``fused`` (default) the output layer is captured for good (:mod:`megatron_kd.models.head`):
+    it hands over the final hidden states and :func:`hidden_nll_sbv` runs the LM head chunk by
+    chunk on the real positions only, so no [tokens, V] logits exist. Only models the scorer
+    loads itself are changed.
     """
+    cap = None
+    if fused:
+        from megatron_kd.models.head import capture_for
+
+        cap = capture_for(model)
+        if cap is not None:
+            cap.active = True
 
     def compute_language_model_loss(self, labels, logits):
+        if cap is not None:
+            return hidden_nll_sbv(logits, cap.pop_weight(), labels, vocab_size, ce_chunk, kernel,
+                                  cap.sequence_parallel)
         return token_nll_sbv(logits, labels, vocab_size, ce_chunk, kernel)
 
     model.compute_language_model_loss = types.MethodType(compute_language_model_loss, model)
