@@ -224,13 +224,15 @@ def _quiet_writer_errors():
 
 def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], model_config: ModelConfig,
                     iteration: int, optimizer=None, scheduler=None, extra: dict[str, Any] | None = None,
-                    tokenizer: str | None = None, keep_last: int | None = None) -> Path:
+                    tokenizer: str | None = None, keep_last: int | None = None,
+                    rank_state: dict[str, Any] | None = None) -> Path:
     """Save model (+ optimizer, scheduler, RNG, ``extra`` state) as iteration ``iteration``.
 
     Collective: every rank must call it. ``extra`` is JSON-serialisable run state (e.g. the data
     position ``consumed_samples``, KD schedule step). Returns the final iteration directory.
     ``keep_last`` keeps the N most recently written iteration directories (see
-    :func:`rotate_checkpoints`). A failed save (e.g. disk full) removes its temporary directory and
+    :func:`rotate_checkpoints`). ``rank_state`` is this rank's own state (any torch-picklable
+    object, e.g. a rollout buffer), saved per rank and read back by :func:`load_rank_state`. A failed save (e.g. disk full) removes its temporary directory and
     leaves ``latest`` and every earlier checkpoint untouched; filesystem errors are re-raised as an
     ``OSError`` whose message names the path and the space needed/free.
     """
@@ -257,6 +259,9 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "tracker": _rng_tracker_states()}, tmp / "rng" / f"rank_{rank():05d}.pt")
+        if rank_state is not None:
+            (tmp / "rank_state").mkdir(exist_ok=True)
+            torch.save(rank_state, tmp / "rank_state" / f"rank_{rank():05d}.pt")
         padded = _padded_vocab(model_chunks)
         barrier()
         if is_main_process():
@@ -294,6 +299,12 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
         raise
     barrier()
     return final
+
+
+def load_rank_state(path: str | Path) -> dict[str, Any] | None:
+    """This rank's ``rank_state`` saved in the iteration directory ``path`` (None when there is none)."""
+    f = Path(path) / "rank_state" / f"rank_{rank():05d}.pt"
+    return torch.load(f, weights_only=False) if f.is_file() else None
 
 
 def _rng_tracker_states() -> dict[str, Any]:
