@@ -21,7 +21,7 @@ import torch
 from megatron_kd.miniplm import dataset_io
 from megatron_kd.miniplm.batching import Step, build_microbatch, plan_steps
 from megatron_kd.miniplm.instances import scoring_windows, skipped_tokens, split_instances, validate_instance_args
-from megatron_kd.miniplm.nll import resolve_kernel, token_nll_sbv
+from megatron_kd.miniplm.nll import hidden_nll_sbv, resolve_kernel, token_nll_sbv
 from megatron_kd.miniplm.store import SCORE_DTYPE, ScoreStore, config_hash, shard_bounds
 from megatron_kd.utils.progress import JsonlWriter, progress
 
@@ -127,6 +127,9 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
         raise ValueError(f"teacher tokenizer {tt!r} differs from reference tokenizer {rt!r}: "
                          "train the reference model with the teacher's tokenizer")
     ds = dataset_io.open_dataset(cfg.data)
+    from megatron_kd.data.manifest import check_token_ids
+
+    check_token_ids(cfg.data, tv, what="dataset --data")  # sizes, header, sampled ids (before any model)
     dt = dataset_io.dataset_tokenizer(dataset_io.read_dataset_manifest(cfg.data))
     model_tok = tt or rt
     if dt and model_tok and dt != model_tok and _tokenizer_identity(dt) != _tokenizer_identity(model_tok):
@@ -160,16 +163,29 @@ def _on_rank0_raise_everywhere(fn) -> None:
         raise kind(err[0][1])
 
 
-def install_nll_head(model, vocab_size: int, ce_chunk: int, kernel: str = "auto") -> None:
+def install_nll_head(model, vocab_size: int, ce_chunk: int, kernel: str = "auto", fused: bool = True) -> None:
     """Make ``model(tokens, pos, None, labels=labels)`` return per-token NLL [b, s] (fp32).
 
-    Binds :func:`token_nll_sbv` as this model instance's ``compute_language_model_loss`` (the
-    hook GPTModel calls with its [s, b, V/tp] logits when labels are given): padded vocabulary
-    excluded, padding positions (label -1) skipped, and no [b, s, V] transposed copy of the
-    logits is made. Only models the scorer loads itself are changed.
+    Binds this model instance's ``compute_language_model_loss`` (the hook GPTModel calls with
+    the output of its output layer when labels are given): padded vocabulary excluded, padding
+    positions (label -1) skipped, and no [b, s, V] transposed copy of the logits is made. With
+    ``fused`` (default) the output layer is captured for good (:mod:`megatron_kd.models.head`):
+    it hands over the final hidden states and :func:`hidden_nll_sbv` runs the LM head chunk by
+    chunk on the real positions only, so no [tokens, V] logits exist. Only models the scorer
+    loads itself are changed.
     """
+    cap = None
+    if fused:
+        from megatron_kd.models.head import capture_for
+
+        cap = capture_for(model)
+        if cap is not None:
+            cap.active = True
 
     def compute_language_model_loss(self, labels, logits):
+        if cap is not None:
+            return hidden_nll_sbv(logits, cap.pop_weight(), labels, vocab_size, ce_chunk, kernel,
+                                  cap.sequence_parallel)
         return token_nll_sbv(logits, labels, vocab_size, ce_chunk, kernel)
 
     model.compute_language_model_loss = types.MethodType(compute_language_model_loss, model)
@@ -200,7 +216,8 @@ def _run_model(model, microbatches: list[dict], seq_length: int):
 
 
 def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
-                 num_microbatches: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+                 num_microbatches: int, device: torch.device,
+                 vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Score one shard's instances with each model. Returns (nll_sums [n_models, n], n_pred [n], tokens)."""
     windows, owner = scoring_windows(instances, cfg.chunk_length)
     pad = cfg.pad_multiple or (8 if device.type == "cuda" else 1)
@@ -209,7 +226,8 @@ def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
     sums = [torch.zeros(len(windows), dtype=torch.float64, device=device) for _ in models]
     counts = torch.zeros(len(windows), dtype=torch.int64, device=device)
     for step in steps:
-        mbs = [build_microbatch(dataset, windows, rows, step.seq_length, device) for rows in step.rows]
+        mbs = [build_microbatch(dataset, windows, rows, step.seq_length, device, vocab_size, cfg.data)
+               for rows in step.rows]
         for m, model in enumerate(models):
             results = _run_model(model, mbs, step.seq_length)
             for rows, (s, c) in zip(step.rows, results):
@@ -279,7 +297,7 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
             start, end = shard_bounds(k, cfg.shard_size, len(instances))
             t0, c0 = time.perf_counter(), time.process_time()
             sums, n_pred, tokens = _score_shard([teacher, reference], ds, instances[start:end], cfg,
-                                                n_mb, dev)
+                                                n_mb, dev, vocab)
             if writer:
                 rows = np.empty(end - start, dtype=SCORE_DTYPE)
                 rows["instance"] = np.arange(start, end)

@@ -17,6 +17,8 @@ previous ``latest`` intact and loadable.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import re
 import shutil
@@ -32,7 +34,7 @@ from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.sharding import local_padded_vocab_size
 from megatron_kd.runtime.distributed import barrier, is_main_process, rank
 from megatron_kd.runtime.parallel import unwrap
-from megatron_kd.utils.exits import FilesystemError
+from megatron_kd.utils.exits import FilesystemError, filesystem_cause
 from megatron_kd.utils.io import atomic_write, read_json, replace_dir_atomic, write_json_atomic
 
 LATEST = "latest"
@@ -200,15 +202,37 @@ def _state_bytes(sharded: dict[str, Any]) -> int:
     return total
 
 
+class _DropFilesystemErrors(logging.Filter):
+    """Drops megatron-core's writer log line for a filesystem error that save_checkpoint re-raises
+    as its own one-line message (full disk, read-only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(t in text for t in ("No space left", "Read-only file system", "Disk quota", "Permission denied"))
+
+
+@contextlib.contextmanager
+def _quiet_writer_errors():
+    log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    drop = _DropFilesystemErrors()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], model_config: ModelConfig,
                     iteration: int, optimizer=None, scheduler=None, extra: dict[str, Any] | None = None,
-                    tokenizer: str | None = None, keep_last: int | None = None) -> Path:
+                    tokenizer: str | None = None, keep_last: int | None = None,
+                    rank_state: dict[str, Any] | None = None) -> Path:
     """Save model (+ optimizer, scheduler, RNG, ``extra`` state) as iteration ``iteration``.
 
     Collective: every rank must call it. ``extra`` is JSON-serialisable run state (e.g. the data
     position ``consumed_samples``, KD schedule step). Returns the final iteration directory.
     ``keep_last`` keeps the N most recently written iteration directories (see
-    :func:`rotate_checkpoints`). A failed save (e.g. disk full) removes its temporary directory and
+    :func:`rotate_checkpoints`). ``rank_state`` is this rank's own state (any torch-picklable
+    object, e.g. a rollout buffer), saved per rank and read back by :func:`load_rank_state`. A failed save (e.g. disk full) removes its temporary directory and
     leaves ``latest`` and every earlier checkpoint untouched; filesystem errors are re-raised as an
     ``OSError`` whose message names the path and the space needed/free.
     """
@@ -230,10 +254,14 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
         sharded = _model_sharded_state_dict(model_chunks)
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded.get("model") or sharded)
-        dist_checkpointing.save(sharded, str(tmp))
+        with _quiet_writer_errors():  # a filesystem error is reported once, as one line (below)
+            dist_checkpointing.save(sharded, str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "tracker": _rng_tracker_states()}, tmp / "rng" / f"rank_{rank():05d}.pt")
+        if rank_state is not None:
+            (tmp / "rank_state").mkdir(exist_ok=True)
+            torch.save(rank_state, tmp / "rank_state" / f"rank_{rank():05d}.pt")
         padded = _padded_vocab(model_chunks)
         barrier()
         if is_main_process():
@@ -261,9 +289,22 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise FilesystemError(exc, "checkpoint save failed", _state_bytes(sharded) or None) from None
+        # megatron-core / torch.save may wrap the OSError (or lose its errno: "unexpected pos ...").
+        # (torch's CheckpointException derives from BaseException, not Exception.)
+        cause = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else filesystem_cause(exc, tmp)
+        if cause is not None:
+            if not cause.filename:
+                cause.filename = str(tmp)
+            raise FilesystemError(cause, "checkpoint save failed", _state_bytes(sharded) or None) from None
         raise
     barrier()
     return final
+
+
+def load_rank_state(path: str | Path) -> dict[str, Any] | None:
+    """This rank's ``rank_state`` saved in the iteration directory ``path`` (None when there is none)."""
+    f = Path(path) / "rank_state" / f"rank_{rank():05d}.pt"
+    return torch.load(f, weights_only=False) if f.is_file() else None
 
 
 def _rng_tracker_states() -> dict[str, Any]:
