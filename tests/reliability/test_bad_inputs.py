@@ -132,7 +132,7 @@ def world(tmp_path_factory):
     try:  # post-training moves minillm/ to posttrain/
         from megatron_kd.posttrain.synthetic import WordTokenizer
     except ImportError:
-        from megatron_kd.minillm.synthetic import WordTokenizer
+        from megatron_kd.posttrain.synthetic import WordTokenizer
 
     w = tmp_path_factory.mktemp("world")
     build_demo_corpus(str(w / "demo.jsonl"), max_docs=40)
