@@ -12,7 +12,7 @@ import argparse
 
 
 def _template(name: str):
-    from megatron_kd.minillm.data import InstructionTemplate
+    from megatron_kd.posttrain.data import InstructionTemplate
 
     if name == "dolly":
         return InstructionTemplate()
@@ -24,8 +24,8 @@ def _template(name: str):
 
 
 def _preprocess(args) -> int:
-    from megatron_kd.minillm.data import preprocess_instructions
-    from megatron_kd.minillm.run import load_any_tokenizer
+    from megatron_kd.posttrain.data import preprocess_instructions
+    from megatron_kd.posttrain.run import load_any_tokenizer
 
     tok = load_any_tokenizer(args.tokenizer)
     m = preprocess_instructions(args.input, tok, args.output_prefix, _template(args.template),
@@ -35,34 +35,61 @@ def _preprocess(args) -> int:
     return 0
 
 
+def _checked(cfg):
+    """Before any work: a hyper-parameter given as null (or not a number) and a non-positive or
+    inverted learning rate are one-line errors naming the key (issue 19), not a TypeError later."""
+    import dataclasses
+    import typing
+
+    from megatron_kd.training.config import OptimConfig
+
+    def walk(obj, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                walk(value, key + ".")
+            elif hints.get(f.name) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                shown = "null" if value is None else repr(value)
+                raise ValueError(f"{key}={shown} must be a number: set it or remove it to use the default")
+        if isinstance(obj, OptimConfig):
+            if obj.lr <= 0:
+                raise ValueError(f"{prefix}lr={obj.lr} must be > 0")
+            if not 0 <= obj.min_lr <= obj.lr:
+                raise ValueError(f"{prefix}min_lr={obj.min_lr} must be between 0 and {prefix}lr={obj.lr}")
+
+    walk(cfg, "")
+    return cfg
+
+
 def _sft(args) -> int:
     from megatron_kd.config import load_config
-    from megatron_kd.minillm.run import SFTRunConfig, run_sft
+    from megatron_kd.posttrain.run import SFTRunConfig, run_sft
 
-    run_sft(load_config(SFTRunConfig, args.config, args.overrides))
+    run_sft(_checked(load_config(SFTRunConfig, args.config, args.overrides)))
     return 0
 
 
 def _minillm(args) -> int:
     from megatron_kd.config import load_config
-    from megatron_kd.minillm.run import MiniLLMRunConfig, run_minillm
+    from megatron_kd.posttrain.run import MiniLLMRunConfig, run_minillm
 
-    run_minillm(load_config(MiniLLMRunConfig, args.config, args.overrides))
+    run_minillm(_checked(load_config(MiniLLMRunConfig, args.config, args.overrides)))
     return 0
 
 
 def _onpolicy(args) -> int:
     from megatron_kd.config import load_config
-    from megatron_kd.minillm.run import OnPolicyRunConfig, run_onpolicy
+    from megatron_kd.posttrain.run import OnPolicyRunConfig, run_onpolicy
 
-    run_onpolicy(load_config(OnPolicyRunConfig, args.config, args.overrides))
+    run_onpolicy(_checked(load_config(OnPolicyRunConfig, args.config, args.overrides)))
     return 0
 
 
 def _generate(args) -> int:
-    from megatron_kd.minillm.generation import GenerationConfig
-    from megatron_kd.minillm.run import run_generate
-    from megatron_kd.minillm.sampling import SamplingConfig
+    from megatron_kd.posttrain.generation import GenerationConfig
+    from megatron_kd.posttrain.run import run_generate
+    from megatron_kd.posttrain.sampling import SamplingConfig
     from megatron_kd.runtime import ParallelConfig
 
     samp = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
@@ -93,15 +120,15 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("sft", help="SFT / word-level KD baseline on instruction data")
     _config_args(p)
-    p.set_defaults(func=_sft, config_class="megatron_kd.minillm.run:SFTRunConfig")
+    p.set_defaults(func=_sft, config_class="megatron_kd.posttrain.run:SFTRunConfig")
 
     p = subparsers.add_parser("minillm", help="MiniLLM: reverse-KL policy-gradient distillation")
     _config_args(p)
-    p.set_defaults(func=_minillm, config_class="megatron_kd.minillm.run:MiniLLMRunConfig")
+    p.set_defaults(func=_minillm, config_class="megatron_kd.posttrain.run:MiniLLMRunConfig")
 
     p = subparsers.add_parser("onpolicy", help="GKD or DistiLLM on-policy distillation (onpolicy.method=...)")
     _config_args(p)
-    p.set_defaults(func=_onpolicy, config_class="megatron_kd.minillm.run:OnPolicyRunConfig")
+    p.set_defaults(func=_onpolicy, config_class="megatron_kd.posttrain.run:OnPolicyRunConfig")
 
     p = subparsers.add_parser("generate", help="answer a JSONL's prompts with a checkpoint (SeqKD data)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory of the generating model")

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ class PrecomputeConfig:
     """Nucleus mass kept per token (0 < top_p <= 1)."""
     top_k: int = 100
     """Cap on kept ids per token (1..255)."""
-    seq_length: int = 1024
-    """Teacher window in tokens (students may train on any sequence length up to this)."""
+    seq_length: Optional[int] = None
+    """Teacher window in tokens (students may train on any sequence length up to this); None =
+    min(1024, the teacher's max_position_embeddings)."""
     overlap: int = 0
     """Context tokens a window shares with the previous one of the same document."""
     micro_batch_size: int = 4
@@ -110,7 +111,7 @@ class PrecomputeConfig:
             raise ValueError(f"--top-p {self.top_p} must be in (0, 1]")
         if not 1 <= self.top_k <= codec.MAX_COUNT:
             raise ValueError(f"--top-k {self.top_k} must be in 1..{codec.MAX_COUNT}")
-        if self.seq_length < 2 or not 0 <= self.overlap < self.seq_length:
+        if self.seq_length is not None and (self.seq_length < 2 or not 0 <= self.overlap < self.seq_length):
             raise ValueError(f"need --seq-length >= 2 and 0 <= --overlap < --seq-length (got {self.seq_length}, "
                              f"{self.overlap})")
         if not 0.0 < self.value_step <= 1.0:
@@ -165,6 +166,10 @@ def _check_dataset_against_teacher(cfg: PrecomputeConfig, meta: dict, vocab_size
     check_tokenizer(read_dataset_manifest(prefix), tok, what="dataset --data")
 
 
+DEFAULT_SEQ_LENGTH = 1024
+"""Teacher window when ``--seq-length`` is not given (capped at the teacher's positions)."""
+
+
 def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     """Everything that can fail cheaply, before the teacher is loaded."""
     from megatron_kd.models.config import ModelConfig
@@ -174,6 +179,8 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     meta = read_checkpoint_meta(cfg.teacher, cfg.iteration)
     mcfg = ModelConfig.from_dict(meta["model_config"])
     codec.id_bits_for(mcfg.vocab_size)
+    if cfg.seq_length is None:  # the default window never exceeds the teacher's positions
+        cfg.seq_length = min(DEFAULT_SEQ_LENGTH, mcfg.max_position_embeddings)
     cfg.validate(mcfg.vocab_size)
     if cfg.seq_length > mcfg.max_position_embeddings:
         raise ValueError(f"--seq-length {cfg.seq_length} exceeds the teacher's max_position_embeddings "

@@ -13,7 +13,7 @@ import time
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,8 +38,9 @@ class ScoreConfig:
     """Indexed-dataset prefix (path without ``.bin``/``.idx``)."""
     out: str
     """Scores directory to create or resume."""
-    chunk_length: int = 1024
-    """Tokens per instance (chunk mode) / per scoring window (document mode)."""
+    chunk_length: Optional[int] = None
+    """Tokens per instance (chunk mode) / per scoring window (document mode); None = min(1024, the
+    models' max_position_embeddings + 1)."""
     mode: str = "chunk"
     """``chunk``: fixed-length chunks that do not cross documents; ``document``: whole documents."""
     min_length: int = 2
@@ -99,6 +100,10 @@ def _tokenizer_identity(ref: str | None) -> str | None:
         return ref
 
 
+DEFAULT_CHUNK_LENGTH = 1024
+"""``--chunk-length`` when not given (capped at the models' positions + 1)."""
+
+
 def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     """Validate flags, checkpoints and dataset before any model is built.
 
@@ -107,7 +112,8 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     """
     from megatron_kd.training.checkpoint import read_checkpoint_meta
 
-    validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
+    if cfg.chunk_length is not None:
+        validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
     resolve_kernel(cfg.nll_kernel)
     if cfg.pad_multiple < 0:
         raise ValueError(f"--pad-multiple {cfg.pad_multiple} must be >= 0 (0 = auto)")
@@ -134,6 +140,10 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     model_tok = tt or rt
     if dt and model_tok and dt != model_tok and _tokenizer_identity(dt) != _tokenizer_identity(model_tok):
         raise ValueError(f"dataset {cfg.data} was tokenized with {dt!r} but the models use {model_tok!r}: re-tokenize it")
+    if cfg.chunk_length is None:  # the default never exceeds the models' positions
+        positions = [m["model_config"].get("max_position_embeddings") for m in (t_meta, r_meta)]
+        cfg.chunk_length = min([DEFAULT_CHUNK_LENGTH] + [p + 1 for p in positions if p])
+        validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
     for meta, who in ((t_meta, "teacher"), (r_meta, "reference")):
         max_pos = meta["model_config"].get("max_position_embeddings") or cfg.chunk_length
         if cfg.chunk_length - 1 > max_pos:

@@ -1,6 +1,8 @@
 """Instruction data for MiniLLM and its baselines, and pre-training chunks for the L_PT term.
 
-Instruction JSONL: one ``{"prompt": ..., "response": ..., "input": ...(optional)}`` per line.
+Instruction JSONL: one ``{"prompt": ..., "response": ..., "input": ...(optional)}`` per line, or a chat
+record ``{"messages": [{"role", "content"}, ...]}`` (multi-turn; one example per assistant turn, see
+:mod:`megatron_kd.posttrain.chat`).
 :func:`preprocess_instructions` renders each prompt through an :class:`InstructionTemplate`,
 tokenises prompt and response separately (the response gets ``eod`` appended, so models learn to
 stop) and writes two megatron-core indexed datasets with one manifest::
@@ -22,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from megatron_kd.posttrain.chat import chat_examples, is_chat_record, validate_messages
 from megatron_kd.utils.io import read_json, sha256_file, write_json_atomic
 
 FORMAT = "megatron-kd-instruction-v1"
@@ -81,8 +84,13 @@ def _read_instruction_lines(path: str | os.PathLike, require_response: bool) -> 
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n} is not valid JSON ({exc.msg}): fix or remove the line") from None
+            if is_chat_record(rec):
+                validate_messages(rec, f"{path}:{n}")
+                records.append((n, rec))
+                continue
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f"{path}:{n} needs string fields 'prompt' and 'response' (optional 'input')")
+                raise ValueError(f"{path}:{n} needs string fields 'prompt' and 'response' (optional 'input'), "
+                                 "or a 'messages' list")
             if require_response and "response" not in rec:
                 raise ValueError(f"{path}:{n} has no 'response' field: training data needs a response per record "
                                  "(an empty answer is written as \"response\": \"\")")
@@ -97,12 +105,17 @@ def _read_instruction_lines(path: str | os.PathLike, require_response: bool) -> 
 def encode_records(records: list[dict[str, Any]], tokenizer, template: InstructionTemplate,
                    max_prompt_length: int | None = None, max_response_length: int | None = None
                    ) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, response ids + [eod]) per record. Prompts are truncated from the left (the end
-    of a prompt matters most), responses from the right (the eod is kept)."""
-    prompts, responses = [], []
+    """(prompt ids, response ids + [eod]) per record (per assistant turn of a chat record). Prompts are
+    truncated from the left (the end of a prompt matters most), responses from the right (the eod is kept)."""
+    pairs: list[tuple[list[int], list[int], dict[str, Any]]] = []
     for rec in records:
-        p = tokenizer.encode(template.render(rec))
-        r = tokenizer.encode(rec.get("response", "")) + [tokenizer.eod]
+        if is_chat_record(rec):
+            pairs.extend((p, r, {"prompt": "<chat>"}) for p, r in chat_examples(rec["messages"], tokenizer))
+        else:
+            pairs.append((tokenizer.encode(template.render(rec)),
+                          tokenizer.encode(rec.get("response", "")) + [tokenizer.eod], rec))
+    prompts, responses = [], []
+    for p, r, rec in pairs:
         if max_prompt_length and len(p) > max_prompt_length:
             p = p[-max_prompt_length:]
         if max_response_length and len(r) > max_response_length:
@@ -150,11 +163,11 @@ def preprocess_instructions(jsonl: str | os.PathLike, tokenizer, output_prefix: 
     prompts, responses = [], []
     for n, rec in numbered:  # one record at a time: an encoding error names its file:line
         try:
-            (p, ), (r, ) = encode_records([rec], tokenizer, template, max_prompt_length, max_response_length)
+            ps, rs = encode_records([rec], tokenizer, template, max_prompt_length, max_response_length)
         except ValueError as exc:
             raise ValueError(f"{jsonl}:{n}: {exc}") from None
-        prompts.append(p)
-        responses.append(r)
+        prompts.extend(ps)  # a chat record gives one example per assistant turn
+        responses.extend(rs)
     dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
     files["manifest"].parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{output_prefix}.tmp{os.getpid()}"
@@ -170,7 +183,8 @@ def preprocess_instructions(jsonl: str | os.PathLike, tokenizer, output_prefix: 
         "format": FORMAT, "source": str(jsonl), "source_sha256": sha256_file(jsonl),
         "tokenizer": {"identity": tokenizer.identity, "vocab_size": tokenizer.vocab_size,
                       "eod": tokenizer.eod, "pad": tokenizer.pad, "path": getattr(tokenizer, "path", "")},
-        "template": asdict(template), "num_examples": len(records), "dtype": np.dtype(dtype).name,
+        "template": asdict(template), "num_examples": len(prompts), "num_records": len(records),
+        "dtype": np.dtype(dtype).name,
         "num_prompt_tokens": int(sum(map(len, prompts))), "num_response_tokens": int(sum(map(len, responses))),
         "max_prompt_length": max_prompt_length, "max_response_length": max_response_length,
         "checksums": {k: sha256_file(tmp_files[k]) for k in tmp_files if k != "manifest"},
