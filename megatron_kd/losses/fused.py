@@ -404,7 +404,7 @@ class FusedLinearLoss(torch.autograd.Function):
         sums = torch.zeros(3, dtype=cdtype, device=hidden2d.device)
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]
-            h = hidden2d.index_select(0, idx)
+            h = hidden2d.index_select(0, idx).to(weight.dtype)  # Float16Module hands fp32 hidden states over
             S = torch.matmul(h, W.t()).to(cdtype)
             teacher = ids = lp = None
             if Wt is not None:

@@ -146,6 +146,16 @@ def _vocab(student_cfg, teacher_cfg, tokenizer, s_meta, t_meta) -> int:
     return min(sizes)
 
 
+def _load_student_and_teacher(cfg):
+    """``(student, its ModelConfig, frozen teacher, tokenizer, vocab size)`` for minillm / onpolicy."""
+    from megatron_kd.training.checkpoint import load_model_for_inference
+
+    student, s_cfg, s_meta = _load_student(cfg.student, cfg.params_dtype)
+    teacher, t_cfg, t_meta = load_model_for_inference(cfg.teacher, cfg.params_dtype)
+    tok = load_any_tokenizer(cfg.tokenizer or s_meta.get("tokenizer"))
+    return student, s_cfg, teacher, tok, _vocab(s_cfg, t_cfg, tok, s_meta, t_meta)
+
+
 def _check_run(name: str, run: RunControl) -> None:
     for key in ("eval_interval", "save_interval", "keep_last", "log_interval", "exit_interval", "exit_duration_mins"):
         _require(getattr(run, key) >= 0, f"{key}={getattr(run, key)} must be >= 0")
@@ -157,7 +167,6 @@ def run_minillm(cfg: MiniLLMRunConfig) -> dict:
     from megatron_kd.posttrain.evaluate import evaluate
     from megatron_kd.posttrain.minillm import PPOStep, RolloutSource
     from megatron_kd.posttrain.steps import dp_info, fit, setup_student
-    from megatron_kd.training.checkpoint import load_model_for_inference
 
     for name in ("student", "teacher", "train_data"):
         _require(bool(getattr(cfg, name)), f"minillm needs {name}=...: set it in the YAML or as an override")
@@ -166,10 +175,7 @@ def run_minillm(cfg: MiniLLMRunConfig) -> dict:
     init_distributed(cfg.parallel)
     validate_loop_config(cfg, dp_info()[1])
     set_seed(cfg.seed)
-    student, s_cfg, s_meta = _load_student(cfg.student, cfg.params_dtype)
-    teacher, t_cfg, t_meta = load_model_for_inference(cfg.teacher, cfg.params_dtype)
-    tok = load_any_tokenizer(cfg.tokenizer or s_meta.get("tokenizer"))
-    vocab = _vocab(s_cfg, t_cfg, tok, s_meta, t_meta)
+    student, s_cfg, teacher, tok, vocab = _load_student_and_teacher(cfg)
     train = InstructionDataset(cfg.train_data, tok)
     evald = InstructionDataset(cfg.eval_data, tok) if cfg.eval_data else None
     lm = None
@@ -267,7 +273,6 @@ def run_onpolicy(cfg: OnPolicyRunConfig) -> dict:
     from megatron_kd.posttrain.evaluate import evaluate
     from megatron_kd.posttrain.onpolicy import DivergenceStep, ResponseSource
     from megatron_kd.posttrain.steps import fit, setup_student
-    from megatron_kd.training.checkpoint import load_model_for_inference
 
     for name in ("student", "teacher", "train_data"):
         _require(bool(getattr(cfg, name)), f"onpolicy needs {name}=...: set it in the YAML or as an override")
@@ -276,10 +281,7 @@ def run_onpolicy(cfg: OnPolicyRunConfig) -> dict:
     cfg.onpolicy.validate()
     init_distributed(cfg.parallel)
     set_seed(cfg.onpolicy.seed)
-    student, s_cfg, s_meta = _load_student(cfg.student, cfg.params_dtype)
-    teacher, t_cfg, t_meta = load_model_for_inference(cfg.teacher, cfg.params_dtype)
-    tok = load_any_tokenizer(cfg.tokenizer or s_meta.get("tokenizer"))
-    vocab = _vocab(s_cfg, t_cfg, tok, s_meta, t_meta)
+    student, s_cfg, teacher, tok, vocab = _load_student_and_teacher(cfg)
     train = InstructionDataset(cfg.train_data, tok)
     valid = InstructionDataset(cfg.valid_data, tok) if cfg.valid_data else None
     evald = InstructionDataset(cfg.eval_data, tok) if cfg.eval_data else None

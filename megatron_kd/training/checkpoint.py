@@ -314,13 +314,15 @@ def _rng_tracker_states() -> dict[str, Any]:
 
 
 def load_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], optimizer=None, scheduler=None,
-                    iteration: int | None = None, load_rng: bool = True) -> dict[str, Any]:
+                    iteration: int | None = None, load_rng: bool = True,
+                    meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load model (+ optimizer, scheduler, RNG) in place; return the checkpoint's ``meta``.
 
     Works with any data-parallel size. RNG states are restored only when this rank's file exists
-    (same world size); otherwise the caller's seeding stands.
+    (same world size); otherwise the caller's seeding stands. ``meta``: the iteration's meta as
+    :func:`read_checkpoint_meta` returned it earlier (a resolved plan), so it is not read again.
     """
-    meta = read_checkpoint_meta(ckpt_dir, iteration)
+    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir, iteration)
     path = Path(meta["path"])
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
@@ -350,16 +352,19 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], o
 
 
 def load_model_for_inference(ckpt_dir: str | Path, params_dtype: str | torch.dtype = "fp32",
-                             iteration: int | None = None) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+                             iteration: int | None = None, meta: dict[str, Any] | None = None,
+                             model_config: ModelConfig | None = None
+                             ) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
     """Build this rank's model stage from a checkpoint's own config and load its weights (eval mode).
 
     Any TP/PP (parallel_state must be initialised); returns ``(model, model_config, meta)``.
-    The model is frozen (``requires_grad=False``) — the form a teacher or scorer needs.
+    The model is frozen (``requires_grad=False``) — the form a teacher or scorer needs. ``meta`` /
+    ``model_config``: already resolved (e.g. a distill plan's TeacherSpec), not read again.
     """
-    meta = read_checkpoint_meta(ckpt_dir, iteration)
-    cfg = ModelConfig.from_dict(meta["model_config"])
+    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir, iteration)
+    cfg = model_config if model_config is not None else ModelConfig.from_dict(meta["model_config"])
     model = build_gpt_model(cfg, params_dtype=params_dtype, padded_vocab_size=meta["padded_vocab_size"])
-    load_checkpoint(ckpt_dir, [model], iteration=meta["iteration"], load_rng=False)
+    load_checkpoint(ckpt_dir, [model], iteration=meta["iteration"], load_rng=False, meta=meta)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

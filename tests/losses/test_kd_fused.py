@@ -180,6 +180,12 @@ def test_fused_linear_bf16_within_tolerance():
     assert got[3].dtype == torch.bfloat16 and got[4].dtype == torch.bfloat16
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2)
+    # megatron's Float16Module hands the last stage's output over in fp32: bf16 weight, fp32 hidden
+    mixed = _linear_fused(h.bfloat16().float(), w.bfloat16(), labels, mask, teacher_hidden=th.bfloat16().float(),
+                          teacher_weight=tw.bfloat16(), w_kd=0.5, w_lm=0.5)
+    assert mixed[3].dtype == torch.float32 and mixed[4].dtype == torch.bfloat16
+    for a, b in zip(mixed, got):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=1e-2)
 
 
 def test_fused_linear_refuses_bad_input():

@@ -70,7 +70,12 @@ def _distiller(setup, **kw):
 
 
 def _ref_jsd(s, t, beta, temp):
+    """TRL's generalised JSD: beta=0 is KL(teacher || student), beta=1 is KL(student || teacher)."""
     lq, lp = torch.log_softmax(s.double() / temp, -1), torch.log_softmax(t.double() / temp, -1)
+    if beta == 0:
+        return (lp.exp() * (lp - lq)).sum(-1)
+    if beta == 1:
+        return (lq.exp() * (lq - lp)).sum(-1)
     lm = torch.logsumexp(torch.stack([lp + np.log(beta), lq + np.log(1 - beta)]), 0)
     return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
 
@@ -84,9 +89,11 @@ def _ref_skew(s, t, a, reverse):
     return (lp.exp() * (lp - mix)).sum(-1)
 
 
-@pytest.mark.parametrize("method,loss", [("gkd", None), ("distillm", "skl"), ("distillm", "srkl")])
-def test_losses_equal_float64_reference(setup, method, loss):
-    d = _distiller(setup, method=method, **({"loss": loss} if loss else {}))
+@pytest.mark.parametrize("method,loss,beta", [("gkd", None, 0.0), ("gkd", None, 0.5), ("gkd", None, 1.0),
+                                              ("distillm", "skl", None), ("distillm", "srkl", None)])
+def test_losses_equal_float64_reference(setup, method, loss, beta):
+    kw = {"loss": loss} if loss else {"beta": beta}
+    d = _distiller(setup, method=method, **kw)
     g = torch.Generator().manual_seed(0)
     s = torch.randn(2, 5, V, generator=g) * 2
     t = torch.randn(2, 5, V, generator=g) * 2
@@ -106,6 +113,7 @@ def test_losses_equal_float64_reference(setup, method, loss):
     ref.backward()
     torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), ref_in.grad, atol=1e-6, rtol=1e-5)
+    assert out.item() > 1e-3  # GKD at beta 0 / 1 trains on something (the endpoints were once exactly 0)
 
 
 def test_sources_gkd_lambda_and_distillm_threshold(setup):
