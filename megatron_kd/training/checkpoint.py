@@ -208,7 +208,8 @@ class _DropFilesystemErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not any(t in text for t in ("No space left", "Read-only file system", "Disk quota", "Permission denied"))
+        return not any(t in text for t in ("No space left", "Read-only file system", "Disk quota", "Permission denied",
+                                            "unexpected pos", "PytorchStreamWriter failed", "file write failed"))
 
 
 @contextlib.contextmanager
