@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     flag(p, "--tensor-parallel", type=int, default=1, help="teacher tensor-parallel size (default 1)")
     flag(p, "--pipeline-parallel", type=int, default=1, help="teacher pipeline-parallel size (default 1)")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: latest)")
+    p.add_argument("--tokenizer", default=None,
+                   help="teacher tokenizer (default: the one the checkpoint carries, CKPT/tokenizer)")
     p.add_argument("--max-shards", type=int, default=None,
                    help="stop after this many shards per data-parallel rank (resume later; default: all)")
     p.add_argument("--verify", action="store_true",
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         shard_tokens=args.shard_tokens, value_step=args.value_step, dtype=args.dtype,
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         iteration=args.iteration, max_shards=args.max_shards, method=args.method, num_samples=args.num_samples,
-        proposal_temperature=args.proposal_temperature, seed=args.seed, audit_fraction=args.audit_fraction)
+        proposal_temperature=args.proposal_temperature, seed=args.seed, audit_fraction=args.audit_fraction,
+        tokenizer=args.tokenizer)
     cfg.validate()  # bad --num-samples / --proposal-temperature fail here, before any work
     try:
         summary = precompute_logits(cfg)

@@ -88,6 +88,9 @@ def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec
     checkpoint meta checked against the student: layout, sequence length, vocabulary).
     """
     validate_kd_settings(cfg)
+    if cfg.kd.mode == "online" and cfg.data.prefixes and not cfg.data.tokenizer and not cfg.data.synthetic:
+        tok = _teacher_tokenizer(cfg)  # the tokenizer the teacher checkpoint carries
+        cfg.data.tokenizer = tok if tok and Path(tok).exists() else None
     model_cfg = prepare_config(cfg)
     spec = None
     if cfg.kd.mode == "online":

@@ -36,10 +36,21 @@ class EvalTarget:
         """Longest sequence the model is built for."""
         return self.config.max_position_embeddings
 
+    @property
+    def training_seq_length(self) -> int | None:
+        """The sequence length the checkpoint was trained at (None when it does not record one)."""
+        from megatron_kd.training.checkpoint import training_seq_length
+
+        if not self.meta.get("path"):
+            return self.meta.get("seq_length")
+        return training_seq_length(Path(self.meta["path"]).parent, self.meta)
+
     def resolve_seq_length(self, seq_length: int | None) -> int:
-        """``seq_length`` or min(1024, max_position_embeddings); one-line error if too long."""
+        """``seq_length``, else the checkpoint's training sequence length, else min(1024,
+        max_position_embeddings); one-line error if too long."""
         if seq_length is None:
-            return min(1024, self.max_length)
+            trained = self.training_seq_length
+            return min(trained, self.max_length) if trained else min(1024, self.max_length)
         if not 1 <= seq_length <= self.max_length:
             raise ValueError(f"--seq-length {seq_length} must be in [1, {self.max_length}] "
                              "(the checkpoint's max_position_embeddings)")
@@ -91,17 +102,24 @@ def load_eval_target(ckpt_dir: str | Path, tokenizer: Any = None, tokenizer_requ
     from megatron.core import parallel_state
 
     from megatron_kd.runtime import ParallelConfig, init_distributed
-    from megatron_kd.training.checkpoint import load_model_for_inference, read_checkpoint_meta
+    from megatron_kd.training.checkpoint import checkpoint_tokenizer, load_model_for_inference, read_checkpoint_meta
 
     meta = read_checkpoint_meta(ckpt_dir, iteration)  # validates the directory first
-    ref = tokenizer if tokenizer is not None else meta.get("tokenizer")
+    ref = tokenizer if tokenizer is not None else checkpoint_tokenizer(ckpt_dir, meta)
     if ref is None and tokenizer_required:
         raise ValueError(f"checkpoint {ckpt_dir} records no tokenizer: pass --tokenizer PATH")
     tok = None
     if ref is not None:
         try:
             tok = load_tokenizer_from(ref)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            if tokenizer is not None:
+                raise
+            if tokenizer_required:
+                raise FileNotFoundError(f"checkpoint {ckpt_dir} names tokenizer {ref}, which does not exist here "
+                                        "(a checkpoint saved before tokenizers were bundled, then moved): pass "
+                                        "--tokenizer PATH") from None
+        except ValueError:
             if tokenizer_required or tokenizer is not None:
                 raise
     vocab = ModelConfig.from_dict(meta["model_config"]).vocab_size

@@ -5,10 +5,13 @@ Layout (a contract: ``distill``, ``logits``, ``miniplm``, ``eval`` and ``convert
     CKPT/
       latest                  text: name of the newest complete iteration directory
       model_config.json       the student's ModelConfig (so consumers need no hand-written YAML)
+      tokenizer/              the tokenizer files, copied at save (the checkpoint is self-contained:
+                              copy or move the directory and every command still finds them)
       iter_0000100/
         <dist_checkpointing files>   model (+ optimizer) sharded tensors: any DP size, and any
                                      TP/PP when the padded vocabulary divides the new TP
-        meta.json             iteration, padded_vocab_size, model config, tokenizer, extra state
+        meta.json             iteration, padded_vocab_size, model config, tokenizer (a path
+                              relative to CKPT: "tokenizer"), training seq_length, extra state
         rng/rank_00000.pt     per-rank RNG states (training checkpoints only)
 
 Atomicity: every rank writes into ``iter_X.tmp``; after a barrier rank 0 renames it to
@@ -32,6 +35,7 @@ from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.sharding import local_padded_vocab_size
 from megatron_kd.runtime.distributed import barrier, is_main_process, rank
 from megatron_kd.runtime.parallel import unwrap
+from megatron_kd.utils.artifacts import bundle_tokenizer, resolve_ref
 from megatron_kd.utils.exits import FilesystemError
 from megatron_kd.utils.io import atomic_write, read_json, replace_dir_atomic, write_json_atomic
 
@@ -132,6 +136,43 @@ def read_checkpoint_meta(ckpt_dir: str | Path, iteration: int | None = None) -> 
     return meta
 
 
+def checkpoint_tokenizer(ckpt_dir: str | Path, meta: dict[str, Any] | None = None,
+                         override: str | Path | None = None) -> str | None:
+    """The tokenizer to use with a checkpoint: ``override`` (a ``--tokenizer`` flag) when given, else
+    ``meta["tokenizer"]`` resolved against the checkpoint directory (``CKPT/tokenizer``, written at
+    save), then the iteration directory, then as recorded (older checkpoints recorded a path
+    relative to the launch directory). None when the checkpoint names none."""
+    if override:
+        return str(override)
+    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir)
+    bases = [Path(meta["path"]).parent] if meta.get("path") else []
+    bases.append(Path(ckpt_dir))
+    if meta.get("path"):
+        bases.append(Path(meta["path"]))
+    return resolve_ref(meta.get("tokenizer"), *bases)
+
+
+def training_seq_length(ckpt_dir: str | Path, meta: dict[str, Any] | None = None) -> int | None:
+    """The sequence length the checkpoint was trained at: ``meta["seq_length"]`` (recorded at save),
+    else ``train.seq_length`` of the run config saved beside it; None when unknown."""
+    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir)
+    if meta.get("seq_length"):
+        return int(meta["seq_length"])
+    root = Path(meta["path"]).parent if meta.get("path") else Path(ckpt_dir)
+    for name in ("pretrain_config.yaml", "distill_config.yaml", "config.yaml"):
+        f = root / name
+        if f.is_file():
+            try:
+                import yaml
+
+                value = ((yaml.safe_load(f.read_text()) or {}).get("train") or {}).get("seq_length")
+            except Exception:  # noqa: BLE001 - an unreadable side file only loses the default
+                value = None
+            if value:
+                return int(value)
+    return None
+
+
 def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
     """The ``ModelConfig`` stored with a checkpoint."""
     path = Path(ckpt_dir) / MODEL_CONFIG
@@ -202,7 +243,8 @@ def _state_bytes(sharded: dict[str, Any]) -> int:
 
 def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], model_config: ModelConfig,
                     iteration: int, optimizer=None, scheduler=None, extra: dict[str, Any] | None = None,
-                    tokenizer: str | None = None, keep_last: int | None = None) -> Path:
+                    tokenizer: str | None = None, keep_last: int | None = None,
+                    seq_length: int | None = None) -> Path:
     """Save model (+ optimizer, scheduler, RNG, ``extra`` state) as iteration ``iteration``.
 
     Collective: every rank must call it. ``extra`` is JSON-serialisable run state (e.g. the data
@@ -210,7 +252,9 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
     ``keep_last`` keeps the N most recently written iteration directories (see
     :func:`rotate_checkpoints`). A failed save (e.g. disk full) removes its temporary directory and
     leaves ``latest`` and every earlier checkpoint untouched; filesystem errors are re-raised as an
-    ``OSError`` whose message names the path and the space needed/free.
+    ``OSError`` whose message names the path and the space needed/free. ``tokenizer`` (a path) is
+    copied into ``CKPT/tokenizer/`` and recorded relative to ``CKPT``; ``seq_length`` (the training
+    sequence length) becomes ``eval``'s default context.
     """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / iteration_dir_name(iteration)
@@ -226,6 +270,7 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             model_config.save(ckpt_dir / MODEL_CONFIG)
+            tokenizer = bundle_tokenizer(ckpt_dir, tokenizer)
         barrier()
         sharded = _model_sharded_state_dict(model_chunks)
         if optimizer is not None:
@@ -244,6 +289,7 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
                 "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
                 "model_config": model_config.to_dict(),
                 "tokenizer": tokenizer,
+                "seq_length": seq_length,
                 "has_optimizer": optimizer is not None,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "extra": extra or {},

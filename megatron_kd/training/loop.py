@@ -158,7 +158,8 @@ class Trainer:
         path = save_checkpoint(self.ckpt_cfg.save, self.model_chunks, self.model_config, self.iteration,
                                optimizer=self.optimizer, scheduler=self.scheduler, extra=extra,
                                tokenizer=self.ckpt_cfg.tokenizer or self.tokenizer,
-                               keep_last=self.ckpt_cfg.keep_last or None)
+                               keep_last=self.ckpt_cfg.keep_last or None,
+                               seq_length=self.train_cfg.seq_length)
         self._saved_iteration = self.iteration
         self._print(f"saved checkpoint {path}")
         return path

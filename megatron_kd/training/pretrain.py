@@ -46,6 +46,10 @@ def prepare_config(cfg: PretrainConfig) -> ModelConfig:
     it must be at least the tokenizer's). A checkpoint to resume must have the same model shape
     and a padded vocabulary divisible by the new TP size.
     """
+    if cfg.data.prefixes and not cfg.data.tokenizer and not cfg.data.synthetic:
+        from megatron_kd.data.manifest import manifest_tokenizer_path
+
+        cfg.data.tokenizer = manifest_tokenizer_path(cfg.data.prefixes[0])  # the one the dataset records
     if cfg.data.tokenizer and cfg.model.vocab_size is None and not cfg.data.synthetic:
         cfg.model.vocab_size = _load_tokenizer(cfg.data.tokenizer).vocab_size
     model_cfg = validate_pretrain_config(cfg, _launch_world_size(), torch.cuda.is_available())
