@@ -103,6 +103,7 @@ def load_eval_target(ckpt_dir: str | Path, tokenizer: Any = None, tokenizer_requ
 
     from megatron_kd.runtime import ParallelConfig, init_distributed
     from megatron_kd.training.checkpoint import checkpoint_tokenizer, load_model_for_inference, read_checkpoint_meta
+    import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
     meta = read_checkpoint_meta(ckpt_dir, iteration)  # validates the directory first
     ref = tokenizer if tokenizer is not None else checkpoint_tokenizer(ckpt_dir, meta)

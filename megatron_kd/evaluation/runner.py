@@ -90,6 +90,7 @@ def validate(cfg: EvalConfig) -> None:
     from megatron_kd.evaluation.multiple_choice import load_mc_task
     from megatron_kd.evaluation.rouge import load_generation_task
     from megatron_kd.training.checkpoint import read_checkpoint_meta
+    import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
     if not cfg.ckpt:
         raise ValueError("no checkpoint given: pass --ckpt CKPT_DIR")
@@ -150,7 +151,10 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
                       "the checkpoint's training seq_length" if target.training_seq_length else
                       "min(1024, max_position_embeddings)")
     if cfg.data and is_main_process():
-        print(f"megatron-kd eval: LM-loss context {seq_length} tokens ({context_source})", flush=True)
+        import sys
+
+        print(f"megatron-kd eval: LM-loss context {seq_length} tokens ({context_source})", file=sys.stderr,
+              flush=True)
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT, "checkpoint": target.identity,
         "context_length": seq_length, "context_source": context_source if cfg.data else None,

@@ -168,6 +168,7 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     """Everything that can fail cheaply, before the teacher is loaded."""
     from megatron_kd.models.config import ModelConfig
     from megatron_kd.training.checkpoint import read_checkpoint_meta
+    import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
     cfg.validate()
     meta = read_checkpoint_meta(cfg.teacher, cfg.iteration)

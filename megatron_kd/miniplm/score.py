@@ -107,6 +107,7 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     ``FileNotFoundError`` (tokenizer mismatch, vocab mismatch, bad lengths, missing files).
     """
     from megatron_kd.training.checkpoint import read_checkpoint_meta
+    import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
     validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
     resolve_kernel(cfg.nll_kernel)

@@ -43,6 +43,36 @@ LATEST = "latest"
 MODEL_CONFIG = "model_config.json"
 
 
+class CheckpointSource:
+    """A kind of directory that serves as a checkpoint without being one (e.g. a Hugging Face model
+    directory: :mod:`megatron_kd.interop.source`). ``detect(path)`` says whether ``path`` is one;
+    ``read_meta(path, iteration)`` returns a ``meta.json``-shaped dict (``iteration``,
+    ``padded_vocab_size``, ``model_config``, ``tokenizer``, ``path``, ...); ``load(path, model_chunks,
+    meta)`` fills this rank's model stage(s) at the current TP/PP."""
+
+    def __init__(self, name: str, detect, read_meta, load):
+        self.name, self.detect, self.read_meta, self.load = name, detect, read_meta, load
+
+
+_SOURCES: dict[str, CheckpointSource] = {}
+
+
+def register_checkpoint_source(name: str, detect, read_meta, load) -> None:
+    """Make every checkpoint consumer (``read_checkpoint_meta``, ``load_checkpoint``,
+    ``load_model_for_inference``, ``has_checkpoint``) accept directories ``detect`` recognises."""
+    _SOURCES[name] = CheckpointSource(name, detect, read_meta, load)
+
+
+def checkpoint_source(path: str | Path | None) -> CheckpointSource | None:
+    """The registered source that ``path`` is (None for a megatron-kd checkpoint or anything else)."""
+    if not path or (Path(path) / LATEST).is_file():
+        return None
+    for source in _SOURCES.values():
+        if source.detect(Path(path)):
+            return source
+    return None
+
+
 def iteration_dir_name(iteration: int) -> str:
     """``iter_0000100`` for iteration 100."""
     return f"iter_{iteration:07d}"
@@ -129,7 +159,11 @@ def check_checkpoint_complete(path: str | Path) -> None:
 
 
 def read_checkpoint_meta(ckpt_dir: str | Path, iteration: int | None = None) -> dict[str, Any]:
-    """``meta.json`` of the chosen iteration, plus ``path`` (its directory)."""
+    """``meta.json`` of the chosen iteration, plus ``path`` (its directory). A registered
+    :class:`CheckpointSource` (e.g. a Hugging Face model directory) answers for its directories."""
+    source = checkpoint_source(ckpt_dir)
+    if source is not None:
+        return source.read_meta(Path(ckpt_dir), iteration)
     path = resolve_checkpoint(ckpt_dir, iteration)
     meta = read_json(path / "meta.json", "checkpoint metadata")
     meta["path"] = str(path)
@@ -180,8 +214,9 @@ def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
 
 
 def has_checkpoint(ckpt_dir: str | Path | None) -> bool:
-    """True when ``ckpt_dir`` holds a complete checkpoint to resume from."""
-    return bool(ckpt_dir) and (Path(ckpt_dir) / LATEST).is_file()
+    """True when ``ckpt_dir`` holds a complete checkpoint to resume from (or is a registered
+    checkpoint source, e.g. a Hugging Face model directory, to load weights from)."""
+    return bool(ckpt_dir) and ((Path(ckpt_dir) / LATEST).is_file() or checkpoint_source(ckpt_dir) is not None)
 
 
 def _in_process_write_results() -> None:
@@ -326,6 +361,13 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], o
     (same world size); otherwise the caller's seeding stands.
     """
     meta = read_checkpoint_meta(ckpt_dir, iteration)
+    source = checkpoint_source(ckpt_dir)
+    if source is not None:
+        if optimizer is not None:
+            raise ValueError(f"{ckpt_dir} is a {source.name} directory: it holds weights only; start from it with "
+                             "checkpoint.finetune=true")
+        source.load(Path(ckpt_dir), model_chunks, meta)
+        return meta
     path = Path(meta["path"])
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
@@ -364,7 +406,8 @@ def load_model_for_inference(ckpt_dir: str | Path, params_dtype: str | torch.dty
     meta = read_checkpoint_meta(ckpt_dir, iteration)
     cfg = ModelConfig.from_dict(meta["model_config"])
     model = build_gpt_model(cfg, params_dtype=params_dtype, padded_vocab_size=meta["padded_vocab_size"])
-    load_checkpoint(ckpt_dir, [model], iteration=meta["iteration"], load_rng=False)
+    load_checkpoint(ckpt_dir, [model], iteration=iteration if checkpoint_source(ckpt_dir) else meta["iteration"],
+                    load_rng=False)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -55,7 +55,8 @@ def resume_dir(ckpt: CheckpointConfig | None) -> tuple[Path | None, bool]:
         return Path(ckpt.save), True
     if ckpt.load:
         if not has_checkpoint(ckpt.load):
-            raise FileNotFoundError(f"checkpoint.load={ckpt.load} holds no checkpoint (no 'latest' file)")
+            raise FileNotFoundError(f"checkpoint.load={ckpt.load} holds no checkpoint (no 'latest' file; a Hugging "
+                                    "Face model directory needs megatron_kd.interop imported, as the CLI does)")
         return Path(ckpt.load), not ckpt.finetune
     return None, False
 

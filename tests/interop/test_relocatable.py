@@ -58,6 +58,9 @@ def moved(tmp_path_factory):
     return dst
 
 
+pytestmark = pytest.mark.slow  # seven CLI runs (~1-2 min on a quiet 2-core machine)
+
+
 def test_checkpoint_carries_tokenizer_and_relative_paths(moved):
     meta_dir = moved / "teacher" / (moved / "teacher" / "latest").read_text().strip()
     meta = json.loads((meta_dir / "meta.json").read_text())
