@@ -24,7 +24,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff==0.17.6"],  # ruff: .ci/run lints with this pin
+        # ruff: .ci/run lints with this pin; tensorboard + wandb (~15 s to install) so CI runs the tracker tests
+        "test": ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "tensorboard", "wandb"],
+        # experiment tracking (megatron_kd/training/trackers.py): logging.tensorboard_dir / logging.wandb_project
+        "tb": ["tensorboard"],
+        "wandb": ["wandb"],
         # lm-evaluation-harness adapter (megatron_kd.evaluation.lm_eval_adapter); brings rouge-score.
         "eval": ["lm_eval>=0.4.13,<0.5", "rouge-score"],
     },

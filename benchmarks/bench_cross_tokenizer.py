@@ -13,6 +13,12 @@ student ``--student-vocab``) and a randomly initialised teacher/student pair:
   KD step"; ``xtok_identity`` isolates the overhead, ``xtok`` also has a smaller student head).
 * ``alignment_s_per_1m_tokens``: host time of re-tokenising + aligning student windows
   (``CrossTokenizerDataset.__getitem__`` minus the plain dataset's), per 1M student tokens.
+* offline (``--offline``, default on): a top-k store of the teacher with its byte key;
+  ``byte_key_s_per_1m_tokens`` (writing the key, per 1M teacher tokens),
+  ``offline_lookup_s_per_1m_tokens`` (``ByteKeyedTargetsDataset.__getitem__`` minus the plain
+  dataset's, per 1M student tokens; ``offline_same_lookup_s_per_1m_tokens`` the same-tokenizer
+  ``TeacherTargetsDataset`` for comparison) and the step times ``offline_same`` (student on the
+  teacher's tokenizer) / ``offline_xtok_<loss>`` with ``ratio_offline_xtok_<loss>`` between them.
 
 Usage::
 
@@ -89,6 +95,48 @@ def _alignment_cost(tmp: Path, seq_length: int, samples: int) -> dict:
             "aligned_fraction": round(aligned / tokens, 4)}
 
 
+def _offline_cost(tmp: Path, seq_length: int, samples: int, top_k: int) -> dict:
+    from megatron_kd.data.gpt_dataset import DataConfig, build_gpt_datasets
+    from megatron_kd.data.tokenizers import load_tokenizer
+    from megatron_kd.logits import TeacherTargetsDataset
+    from megatron_kd.logits.byte_key import ByteKeyedTargetsDataset, write_byte_key
+    from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+    from megatron_kd.runtime import destroy_distributed
+
+    store = tmp / "store"
+    try:
+        precompute_logits(PrecomputeConfig(teacher=str(tmp / "teacher"), data=f"{tmp}/tt_text_document",
+                                           out=str(store), top_k=top_k, seq_length=seq_length,
+                                           byte_key_tokenizer="none"))
+    finally:
+        destroy_distributed()
+    import numpy as np
+
+    n_teacher = int(np.load(store / "documents.npy")[-1])
+    t0 = time.perf_counter()
+    write_byte_key(store, f"{tmp}/tt_text_document", str(tmp / "tt.model"))
+    key_s = time.perf_counter() - t0
+    out = {"byte_key_s_per_1m_tokens": round(key_s / n_teacher * 1e6, 3), "store_top_k": top_k}
+    for tok, name in (("st", "offline_lookup_s_per_1m_tokens"), ("tt", "offline_same_lookup_s_per_1m_tokens")):
+        t = load_tokenizer(tmp / f"{tok}.model")
+        cfg = DataConfig(train_prefixes=[f"{tmp}/{tok}_text_document"], split="100,0,0", seq_length=seq_length,
+                         seed=1, tokenizer=str(tmp / f"{tok}.model"))
+        train, _, _ = build_gpt_datasets(cfg, t, samples, None, None)
+        wrapped = (ByteKeyedTargetsDataset(train, store, tmp / "st.model") if tok == "st"
+                   else TeacherTargetsDataset(train, store, check=False))
+        n = min(samples, len(train))
+        wrapped[0]
+        t0 = time.perf_counter()
+        for i in range(n):
+            train[i]
+        base = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(n):
+            wrapped[i]
+        out[name] = round((time.perf_counter() - t0 - base) / (n * seq_length) * 1e6, 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -101,6 +149,8 @@ def main() -> None:
     ap.add_argument("--losses", default="uld,hybrid,projected")
     ap.add_argument("--align-samples", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--offline", type=int, default=1, help="1: also the byte-keyed offline path (store, lookup, steps)")
+    ap.add_argument("--store-top-k", type=int, default=32)
     args = ap.parse_args()
 
     import torch
@@ -126,6 +176,12 @@ def main() -> None:
         for loss in losses:
             variants[f"xtok_identity_{loss}"] = ("tt", [f"kd.cross_tokenizer={loss}"])
             variants[f"xtok_{loss}"] = ("st", [f"kd.cross_tokenizer={loss}"])
+        offline = _offline_cost(tmp, args.seq_length, args.align_samples, args.store_top_k) if args.offline else {}
+        if args.offline:
+            off = ["kd.mode=offline", f"kd.logits_store={tmp}/store"]
+            variants["offline_same"] = ("tt", off)
+            for loss in losses:
+                variants[f"offline_xtok_{loss}"] = ("st", off + [f"kd.cross_tokenizer={loss}"])
         times: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(args.rounds):
             for name, (tok, extra) in variants.items():
@@ -141,9 +197,12 @@ def main() -> None:
                   "student_vocab": args.student_vocab, "rounds": args.rounds,
                   "step_time_s": {k: round(v, 5) for k, v in med.items()}}
         for k, v in med.items():
-            if k != "kd_same":
+            if k.startswith("offline_xtok"):
+                result[f"ratio_{k}"] = round(v / med["offline_same"], 3)
+            elif k not in ("kd_same", "offline_same"):
                 result[f"ratio_{k}"] = round(v / med["kd_same"], 3)
         result.update(_alignment_cost(tmp, args.seq_length, args.align_samples))
+        result.update(offline)
     sys.stdout.flush()
     print(json.dumps(result))
 

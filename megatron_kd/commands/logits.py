@@ -53,6 +53,9 @@ def register(subparsers) -> None:
                    help="teacher tokenizer (default: the one the checkpoint carries, CKPT/tokenizer)")
     p.add_argument("--max-shards", type=int, default=None,
                    help="stop after this many shards per data-parallel rank (resume later; default: all)")
+    p.add_argument("--byte-key-tokenizer", default=None, metavar="TOKENIZER",
+                   help="tokenizer of --data for the byte-offset key that lets students of any tokenizer use the "
+                        "store (default: the dataset manifest's, else the teacher's; 'none' = no key)")
     p.add_argument("--verify", action="store_true",
                    help="only check the store at --output (manifest, sizes, sha256 of every shard) and exit")
     p.set_defaults(func=run)
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         iteration=args.iteration, max_shards=args.max_shards, method=args.method, num_samples=args.num_samples,
         proposal_temperature=args.proposal_temperature, seed=args.seed, audit_fraction=args.audit_fraction,
-        tokenizer=args.tokenizer)
+        tokenizer=args.tokenizer, byte_key_tokenizer=args.byte_key_tokenizer)
     cfg.validate()  # bad --num-samples / --proposal-temperature fail here, before any work
     try:
         summary = precompute_logits(cfg)

@@ -9,13 +9,14 @@ from megatron_kd.commands._flags import flag
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``quickstart``."""
     p = subparsers.add_parser(
-        "quickstart", help="run the whole pipeline (corpus → teacher → MiniPLM → logits → 5 students → report) on CPU",
+        "quickstart", help="run the whole pipeline (corpus → teacher → MiniPLM → logits → students → report) on CPU",
         description="Build the demo corpus, train a tokenizer, a teacher and a MiniPLM reference LM, refine the "
-                    "corpus, precompute teacher logits, train five students on the same token budget and write "
-                    "OUT/report.md, OUT/report.json and plots. Rerunning with the same --out resumes.")
+                    "corpus, precompute teacher logits (top-k and sampled), train the students on the same token "
+                    "budget and write OUT/report.md, OUT/report.json and plots. Rerunning with the same --out resumes.")
     flag(p, "--output", "--out", dest="out", required=True, help="output directory (created; completed stages are reused)")
     p.add_argument("--size", default="full", choices=["tiny", "full"],
-                   help="full: <= 10 min on 2 CPU cores; tiny: <= 3 min smoke run (default: full)")
+                   help="full: the whole demo corpus, aimed at ~10 min on 2 idle CPU cores; tiny: a few-minute "
+                        "smoke run (default: full)")
     p.add_argument("--seed", type=int, default=1234, help="random seed of every stage (default: 1234)")
     p.set_defaults(func=_run)
 

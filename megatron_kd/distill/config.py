@@ -78,7 +78,7 @@ class KDConfig(KDLossConfig):
     intermediate_weight: float = 1.0
     """Weight of the summed intermediate losses inside the KD term: KD = logits + w * intermediate."""
     cross_tokenizer: Optional[str] = None
-    """online, teacher with another tokenizer: uld (Universal Logit Distillation: sorted
+    """Teacher with another tokenizer (online; or offline from a logits store with a byte-offset key): uld (Universal Logit Distillation: sorted
     probabilities) | hybrid (exact KL on ids with the same text in both vocabularies + ULD on the
     rest) | projected (forward KL to the teacher distribution mapped onto the student token each
     teacher token's text starts with); None = same tokenizer, id-by-id KD (kd.kind).
@@ -155,15 +155,12 @@ def validate_kd_settings(cfg: DistillConfig) -> None:
             raise ValueError(f"kd.kind={kd.kind} is not available with stored sparse targets (offline KD is "
                              "forward KL over the kept ids): use kd.kind=forward_kl, or kd.mode=online")
     if kd.cross_tokenizer is not None and kd.mode != "none":
-        if kd.mode != "online":
-            raise ValueError(f"kd.cross_tokenizer needs kd.mode=online (got {kd.mode}): a byte-offset keyed logits "
-                             "store is not implemented yet (docs/cross_tokenizer.md)")
         if kd.intermediate:
             raise ValueError("kd.intermediate cannot be combined with kd.cross_tokenizer: the two models' "
                              "positions do not correspond token by token")
         if cfg.data.synthetic or not cfg.data.tokenizer:
-            raise ValueError("kd.cross_tokenizer needs indexed text data and data.tokenizer (the teacher re-reads "
-                             "the documents' text), not synthetic data")
+            raise ValueError("kd.cross_tokenizer needs indexed text data and data.tokenizer (the teacher re-reads, "
+                             "or the byte key maps, the documents' text), not synthetic data")
     if kd.mode != "offline" and kd.residual:
         raise ValueError("kd.residual=true applies to stored sparse targets only: set kd.mode=offline or "
                          "kd.residual=false")

@@ -151,6 +151,65 @@ def build_cross_tokenizer_iterators(cfg: Any, model_cfg: Any, teacher_tokenizer:
     return make_train, (make_valid if valid_x is not None and train.eval_iters > 0 else None)
 
 
+def check_offline_cross_tokenizer(store_path: str, student_prefix: str, student_tokenizer: Optional[str],
+                                  teacher_tokenizer: Optional[str], student_cfg: Any) -> CrossTokenizerPlan:
+    """Offline cross-tokenizer KD: the store has a byte-offset key, the student's dataset is its
+    source text (document count and bytes; digests are checked as documents are read) and the
+    student covers its tokenizer. Returns the plan (teacher side: the key's tokenizer)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_kd.data.tokenizers import load_tokenizer
+    from megatron_kd.logits.byte_key import ByteKey, StudentText
+    from megatron_kd.logits.manifest import strip_dataset_prefix
+
+    if not student_tokenizer:
+        raise ValueError("kd.cross_tokenizer needs data.tokenizer (the student's tokenizer) and indexed data")
+    key = ByteKey(store_path)
+    plan = offline_plan(key, student_tokenizer, teacher_tokenizer)
+    if plan.student_vocab_size > student_cfg.vocab_size:
+        raise ValueError(f"student vocab_size={student_cfg.vocab_size} is smaller than its tokenizer's "
+                         f"{plan.student_vocab_size} ids ({student_tokenizer})")
+    StudentText(IndexedDataset(strip_dataset_prefix(student_prefix), mmap=True), load_tokenizer(student_tokenizer), key)
+    return plan
+
+
+def offline_plan(key: Any, student_tokenizer: str, teacher_tokenizer: Optional[str] = None) -> CrossTokenizerPlan:
+    """The plan of offline cross-tokenizer KD from a store's byte key (``key``: a ``ByteKey`` or a
+    store path); the teacher's tokenizer is the copy in the store unless ``teacher_tokenizer``."""
+    from megatron_kd.data.tokenizers import load_tokenizer
+    from megatron_kd.logits.byte_key import ByteKey
+
+    key = key if isinstance(key, ByteKey) else ByteKey(key)
+    tok = load_tokenizer(student_tokenizer)
+    return CrossTokenizerPlan(int(tok.vocab_size), key.vocab_size, str(student_tokenizer),
+                              str(teacher_tokenizer or key.tokenizer_path))
+
+
+ABSENT_LOGPROB = -1.0e4
+"""Log-prob given to teacher ids a store did not keep: probability 0, yet part of the teacher's
+vocabulary (so the hybrid's matched support, and the student's renormalisation over it, is the
+same as online; ``-inf`` would drop those ids from both sides)."""
+
+
+def dense_teacher_rows(target_ids: torch.Tensor, target_logprobs: torch.Tensor, vocab_size: int,
+                       tp_rank: int = 0, tp_world: int = 1) -> torch.Tensor:
+    """Stored sparse teacher targets ``[b, s, k]`` -> this TP rank's shard ``[b, s, ceil(V / tp)]``
+    of teacher log-probs: the kept ids' values, :data:`ABSENT_LOGPROB` for the other ids of the
+    vocabulary, -inf beyond it and on rows without any target. ``softmax(rows / T)`` is the
+    teacher's ``softmax(logits / T)`` renormalised over the kept ids (ids >= ``vocab_size`` dropped)."""
+    local = -(-vocab_size // tp_world)
+    lo = tp_rank * local
+    rel = target_ids - lo
+    valid = (target_ids >= 0) & (target_ids < vocab_size)
+    keep = valid & (rel >= 0) & (rel < local)
+    cols = torch.arange(lo, lo + local + 1, device=target_logprobs.device)
+    has = valid.any(-1, keepdim=True)
+    base = torch.where(has & (cols < vocab_size), ABSENT_LOGPROB, float("-inf")).to(torch.float32)
+    out = base.expand(*target_ids.shape[:-1], local + 1).contiguous()
+    out.scatter_(-1, torch.where(keep, rel, local), torch.where(keep, target_logprobs.float(), float("-inf")))
+    return out[..., :local]
+
+
 def gather_aligned(teacher_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Teacher rows ``[b, s_t, V]`` picked for each student position ``index`` [b, s] (-1 -> row 0)."""
     idx = index.clamp_min(0).unsqueeze(-1).expand(*index.shape, teacher_logits.shape[-1])
@@ -169,7 +228,7 @@ class CrossTokenizerForwardStep:
     """
 
     def __init__(self, kd: Any, plan: CrossTokenizerPlan, vocab_map: Any = None, state: Any = None,
-                 evaluation: bool = False):
+                 evaluation: bool = False, offline: bool = False):
         from megatron_kd.distill.forward_step import KDState
 
         if kd.cross_tokenizer not in CROSS_TOKENIZER_LOSSES:
@@ -177,10 +236,13 @@ class CrossTokenizerForwardStep:
         if kd.cross_tokenizer in ("hybrid", "projected") and vocab_map is None:
             raise ValueError(f"kd.cross_tokenizer={kd.cross_tokenizer} needs a vocab map (build_plan_vocab_map)")
         self.kd, self.plan, self.vocab_map, self.evaluation = kd, plan, vocab_map, evaluation
+        self.offline = offline
         self.state = state or KDState()
 
     def __call__(self, data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module):
         batch = batch_to_device(next(data_iterator))
+        if self.offline:  # stored targets (ByteKeyedTargetsDataset): no teacher in the job
+            return model(batch["tokens"], batch["position_ids"], None), partial(self.loss_func, batch, None)
         model.loss_mask = batch["loss_mask"]
         model.teacher_inputs = (batch["teacher_tokens"], batch["teacher_position_ids"])
         output = model(batch["tokens"], batch["position_ids"], None)
@@ -202,19 +264,37 @@ class CrossTokenizerForwardStep:
     def loss_func(self, batch: dict[str, torch.Tensor], teacher_logits: Optional[torch.Tensor],
                   output_tensor: torch.Tensor):
         """``(loss_sum, num_tokens, report)`` of one micro-batch (megatron's per-token form)."""
-        if teacher_logits is None:
-            raise RuntimeError("cross-tokenizer KD: no teacher logits for this micro-batch (not a DistillationModel?)")
         kd = self.kd
         student = mask_padded_vocab(output_tensor, self.plan.student_vocab_size)
-        teacher = mask_padded_vocab(teacher_logits, self.plan.teacher_vocab_size)
-        labels, loss_mask, index = batch["labels"], batch["loss_mask"], batch["xtok_index"]
+        labels, loss_mask = batch["labels"], batch["loss_mask"]
         mask = (loss_mask != 0) & (labels != kd.ignore_index)
-        kd_mask = mask & (index >= 0)
         alpha = alpha_at(kd, self.state.step, self.state.total_steps)
         scale = kd.temperature ** 2 if kd.t2_scale else 1.0
-        rows = gather_aligned(teacher, index)
-        with contextlib.nullcontext() if alpha > 0 else torch.no_grad():
-            kd_tok = self.kd_per_token(student, rows, kd_mask)
+        if self.offline:
+            if "target_ids" in batch:
+                from megatron_kd.losses.vocab_parallel import resolve_tp
+
+                tp = resolve_tp()
+                rows = dense_teacher_rows(batch["target_ids"], batch["target_logprobs"], self.plan.teacher_vocab_size,
+                                          tp.rank, tp.world_size)
+                kd_mask = mask & (batch["xtok_index"] >= 0) & (batch["target_ids"][..., 0] >= 0)
+            elif not self.evaluation:
+                raise ValueError("offline cross-tokenizer KD: the batch has no target_ids/target_logprobs: wrap the "
+                                 "training dataset in ByteKeyedTargetsDataset")
+            else:  # held-out split: LM loss only
+                rows, kd_mask = None, torch.zeros_like(mask)
+        else:
+            if teacher_logits is None:
+                raise RuntimeError("cross-tokenizer KD: no teacher logits for this micro-batch (not a "
+                                   "DistillationModel?)")
+            teacher = mask_padded_vocab(teacher_logits, self.plan.teacher_vocab_size)
+            kd_mask = mask & (batch["xtok_index"] >= 0)
+            rows = gather_aligned(teacher, batch["xtok_index"])
+        if rows is None:
+            kd_tok = torch.zeros_like(mask, dtype=torch.float32)
+        else:
+            with contextlib.nullcontext() if alpha > 0 else torch.no_grad():
+                kd_tok = self.kd_per_token(student, rows, kd_mask)
         kd_sum = kd_tok.sum()
         with contextlib.nullcontext() if alpha < 1 else torch.no_grad():
             lm = lm_per_token(student, labels.masked_fill(~mask, 0), inplace=kd.lm_inplace)

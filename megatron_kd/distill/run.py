@@ -105,7 +105,13 @@ def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec
         if cfg.train.seq_length > store.seq_length:
             raise ValueError(f"train.seq_length={cfg.train.seq_length} exceeds the logits store's teacher window "
                              f"{store.seq_length}: train with shorter sequences or recompute the store")
-        store.check_compatible(cfg.data.prefixes[0])  # computed on this very dataset (tokenizer: at data build)
+        if cfg.kd.cross_tokenizer is not None:  # the store's byte key and the same source text
+            from megatron_kd.distill.cross_tokenizer import check_offline_cross_tokenizer
+
+            check_offline_cross_tokenizer(cfg.kd.logits_store, cfg.data.prefixes[0], cfg.data.tokenizer,
+                                          cfg.teacher.tokenizer, model_cfg)
+        else:
+            store.check_compatible(cfg.data.prefixes[0])  # computed on this very dataset (tokenizer: at data build)
         cfg.kd.target_kind = store.check_kind(cfg.kd.target_kind)  # auto -> the store's kind
         if cfg.kd.target_kind == "weights" and (cfg.kd.temperature != 1.0 or cfg.kd.residual):
             raise ValueError(f"logits store {cfg.kd.logits_store} holds sampled (weighted) targets, which need "
@@ -186,8 +192,14 @@ def build_distill_data_iterators(cfg: DistillConfig, model_cfg: ModelConfig) -> 
     train_ds, valid_ds, _ = build_gpt_datasets(
         _data_config(cfg), _load_tokenizer(cfg.data.tokenizer), train.train_iters * train.global_batch_size,
         evals * train.eval_iters * train.global_batch_size, 0)
-    targets = TeacherTargetsDataset(train_ds, _open_store(cfg), k_max=cfg.kd.logits_top_k, check=True,
-                                    tokenizer=_load_tokenizer(cfg.data.tokenizer))
+    if cfg.kd.cross_tokenizer is not None:  # a student of another tokenizer: targets through the byte key
+        from megatron_kd.logits.byte_key import ByteKeyedTargetsDataset
+
+        targets = ByteKeyedTargetsDataset(train_ds, _open_store(cfg), cfg.data.tokenizer, k_max=cfg.kd.logits_top_k,
+                                          rule=cfg.kd.alignment)
+    else:
+        targets = TeacherTargetsDataset(train_ds, _open_store(cfg), k_max=cfg.kd.logits_top_k, check=True,
+                                        tokenizer=_load_tokenizer(cfg.data.tokenizer))
 
     def make_train(consumed: int) -> Iterator:
         return ResumableBatchIterator(targets, train.micro_batch_size, dp_rank, dp_size, consumed_samples=consumed)
@@ -234,12 +246,15 @@ def build_distill_trainer(cfg: DistillConfig, model_cfg: ModelConfig, spec: Teac
         if pp > 1:
             adjust = make_adjust_tensor_shapes_fn(spec.model_config.hidden_size)
     vocab = kd_vocab_size(model_cfg, spec)
-    if xtok:
-        from megatron_kd.distill.cross_tokenizer import CrossTokenizerForwardStep, build_plan_vocab_map
+    xtok_offline = spec is None and cfg.kd.mode == "offline" and cfg.kd.cross_tokenizer is not None
+    if xtok or xtok_offline:
+        from megatron_kd.distill.cross_tokenizer import CrossTokenizerForwardStep, build_plan_vocab_map, offline_plan
 
-        vmap = build_plan_vocab_map(spec.vocab, cfg.kd.cross_tokenizer)
-        step = CrossTokenizerForwardStep(cfg.kd, spec.vocab, vmap, state)
-        valid_step = CrossTokenizerForwardStep(cfg.kd, spec.vocab, vmap, state, evaluation=True)
+        plan = offline_plan(cfg.kd.logits_store, cfg.data.tokenizer, cfg.teacher.tokenizer) if xtok_offline \
+            else spec.vocab
+        vmap = build_plan_vocab_map(plan, cfg.kd.cross_tokenizer)
+        step = CrossTokenizerForwardStep(cfg.kd, plan, vmap, state, offline=xtok_offline)
+        valid_step = CrossTokenizerForwardStep(cfg.kd, plan, vmap, state, evaluation=True, offline=xtok_offline)
     else:
         step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state)
         valid_step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state, evaluation=True)

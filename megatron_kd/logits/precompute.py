@@ -79,6 +79,9 @@ class PrecomputeConfig:
     """Fraction of positions whose dense teacher distribution is kept (for ``--stats``; 0 = none)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored in the manifest."""
+    byte_key_tokenizer: str | None = None
+    """Tokenizer of --data for the byte-offset key (cross-tokenizer students, docs/cross_tokenizer.md);
+    default: the one the dataset manifest names, else the teacher's; "none" = no byte key."""
 
     def selector(self) -> TargetSelector:
         """The per-chunk target selection of this run."""
@@ -361,9 +364,31 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
         complete = all(mf.shard_record_file(store, i).is_file() for i in range(len(shards)))
         if complete and is_main_process():
             finalize_manifest(store)
+            _write_byte_key(cfg, meta)
         barrier()
     return {"shards": len(mine), "positions": done_positions, "seconds": seconds,
             "positions_per_s": done_positions / max(seconds, 1e-9), "complete": complete}
+
+
+def _write_byte_key(cfg: PrecomputeConfig, meta: dict) -> None:
+    """The byte-offset key (megatron_kd.logits.byte_key) when the data's tokenizer has byte spans."""
+    from megatron_kd.interop.convert import checkpoint_tokenizer
+    from megatron_kd.logits.byte_key import byte_table, default_key_tokenizer, write_byte_key
+
+    if cfg.byte_key_tokenizer == "none":
+        return
+    tok = cfg.byte_key_tokenizer or default_key_tokenizer(cfg.data, checkpoint_tokenizer(cfg.teacher, meta,
+                                                                                              cfg.tokenizer))
+    if tok is None:
+        return
+    if cfg.byte_key_tokenizer:
+        write_byte_key(cfg.out, cfg.data, tok)
+        return
+    try:
+        byte_table(tok, "the data's")
+        write_byte_key(cfg.out, cfg.data, tok)
+    except (ValueError, OSError) as exc:  # auto: the store still serves the teacher's tokenizer
+        print(f"megatron-kd logits: no byte-offset key ({str(exc).splitlines()[0]})", flush=True)
 
 
 def write_audit(store: Path, index: int, audit: list) -> dict[str, Any]:

@@ -64,7 +64,9 @@ class LogitsStore:
             cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
         except (OSError, ValueError):
             cache = {}
-        files = [self.path / mf.DOCUMENTS, *self._shard_files]
+        key = self.manifest.get("byte_key") or {}
+        files = [self.path / mf.DOCUMENTS, *self._shard_files,
+                 *(self.path / key[k] for k in ("byte_ends", "doc_text") if k in key)]
         stamps = {}
         for f in files:
             st = f.stat() if f.is_file() else None
@@ -207,6 +209,14 @@ def verify_store(path: str | Path, checksums: bool = True) -> list[str]:
         problems.append(f"{docs_file} is missing")
     elif checksums and sha256_file(docs_file) != man.get("documents_sha256"):
         problems.append(f"{docs_file} does not match its sha256 in the manifest")
+    key = man.get("byte_key") or {}
+    for name in ("byte_ends", "doc_text"):
+        if name in key:
+            f = path / key[name]
+            if not f.is_file():
+                problems.append(f"byte-offset key file {f} is missing")
+            elif checksums and sha256_file(f) != key.get(f"{name}_sha256"):
+                problems.append(f"byte-offset key file {f} does not match its sha256 in the manifest")
     for rec in man["shards"]:
         f = path / mf.SHARDS / rec["file"]
         if not f.is_file():

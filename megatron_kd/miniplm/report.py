@@ -53,8 +53,22 @@ def build_report(rows: np.ndarray, r: np.ndarray, keep: np.ndarray, domains: np.
     }
 
 
-def plot_report(report: dict[str, Any], path: str | Path) -> None:
-    """Two panels: histogram of r (all vs kept, threshold line) and kept fraction per domain."""
+def domain_panel(domains: dict[str, dict[str, Any]], max_domains: int = 20) -> list[tuple[str, float, int]]:
+    """``(label, kept fraction, instances)`` of the ``max_domains`` largest domains (by instances; ties by
+    name) and, if more exist, one ``other (n domains)`` row pooling the rest."""
+    order = sorted(domains, key=lambda d: (-domains[d]["instances"], d))
+    rows = [(d, domains[d]["kept_fraction"], domains[d]["instances"]) for d in order[:max_domains]]
+    rest = order[max_domains:]
+    if rest:
+        n = sum(domains[d]["instances"] for d in rest)
+        kept = sum(domains[d]["kept_instances"] for d in rest)
+        rows.append((f"other ({len(rest)} domains)", kept / max(n, 1), n))
+    return rows
+
+
+def plot_report(report: dict[str, Any], path: str | Path, max_domains: int = 20) -> None:
+    """Two panels: histogram of r (all vs kept, threshold line) and kept fraction of the ``max_domains``
+    largest domains (the rest pooled as "other")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +76,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
 
     from megatron_kd.utils.io import atomic_write
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     h = report["histogram"]
     edges = np.asarray(h["edges"])
     widths = np.diff(edges)
@@ -76,13 +90,13 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     ax1.set_title(f"difference scores (alpha={report['alpha']}, kept {report['kept_instances']}"
                   f"/{report['num_instances']})")
     ax1.legend()
-    doms = list(report["domains"])
-    fracs = [report["domains"][d]["kept_fraction"] for d in doms]
-    ax2.barh(doms, fracs, color="tab:blue")
+    rows = domain_panel(report["domains"], max_domains)[::-1]  # largest at the top
+    ax2.barh([f"{d} ({n})" for d, _, n in rows], [f for _, f, _ in rows], color="tab:blue")
+    ax2.tick_params(axis="y", labelsize=7)
     ax2.axvline(report["alpha"], color="tab:red", linestyle="--", label="alpha")
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("kept fraction of instances")
-    ax2.set_title("kept fraction per domain")
+    ax2.set_title(f"kept fraction, {min(max_domains, len(report['domains']))} largest domains (instances)")
     ax2.legend()
     fig.tight_layout()
     with atomic_write(path, "wb") as fh:

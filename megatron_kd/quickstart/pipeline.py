@@ -2,8 +2,10 @@
 
 corpus -> split (train / reference / held-out) -> SentencePiece tokenizer -> indexed datasets ->
 teacher + reference LM (pretrain) -> MiniPLM score + select -> offline teacher logits -> five
-students on the same token budget (no KD, online KD, offline top-k KD, MiniPLM data, MiniPLM + KD)
--> held-out evaluation -> ``report.md`` / ``report.json`` / plots.
+students on the same token budget (no KD, online KD, offline top-k KD, MiniPLM data, MiniPLM + KD,
+offline sampled KD)
+-> held-out evaluation (per document: paired bootstrap intervals vs no KD; calibration) ->
+``report.md`` / ``report.json`` / plots.
 
 Each stage writes a marker ``stages/<name>.json`` when it completes; a rerun with the same
 ``--out`` skips completed stages, so an interrupted quickstart resumes.
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_kd.config import build_config
-from megatron_kd.quickstart.sizes import SIZES, STUDENTS, QuickstartSize
+from megatron_kd.quickstart.sizes import SIZES, QuickstartSize, students_of
 from megatron_kd.utils.io import read_json, write_json_atomic
 
 
@@ -33,6 +35,8 @@ class Quickstart:
         self.ckpt = self.out / "checkpoints"
         self.stage_dir = self.out / "stages"
         self.results: dict[str, Any] = {}
+        self.evals: dict[str, dict[str, Any]] = {}
+        """Held-out evaluation per model (stage ``eval_<name>``)."""
 
     # ------------------------------------------------------------------ stage bookkeeping
     def _stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -59,9 +63,10 @@ class Quickstart:
         with open(self.data / "corpus.jsonl", encoding="utf-8") as fh:
             for line in fh:
                 doc = json.loads(line)
-                # A stable per-document bucket: 10% reference-LM slice, 5% held-out, 85% train.
+                # A stable per-document bucket: 10% reference-LM slice, size.heldout_percent held out, the rest train.
                 bucket = int(hashlib.sha1(doc["text"].encode("utf-8")).hexdigest()[:8], 16) % 100
-                name = "reference" if bucket < 10 else "heldout" if bucket < 15 else "train"
+                name = ("reference" if bucket < 10 else "heldout" if bucket < 10 + self.size.heldout_percent
+                        else "train")
                 splits[name].append(line)
         counts = {}
         for name, lines in splits.items():
@@ -71,9 +76,11 @@ class Quickstart:
                 fh.writelines(lines)
             counts[name] = len(lines)
         return {"documents": stats["num_documents"], "bytes": stats["num_bytes"], "domains": stats["num_domains"],
-                "split_documents": counts, "sha256": stats["sha256"]}
+                "split_documents": counts, "heldout_percent": self.size.heldout_percent, "sha256": stats["sha256"]}
 
-    def tokenizer(self) -> dict[str, Any]:
+    def tokenizer(self, xtok: bool = False) -> dict[str, Any]:
+        """SentencePiece BPE on the train split: the teacher's (``size.vocab_size``) or, with ``xtok``, the
+        cross-tokenizer students' own (``size.xtok_vocab_size``)."""
         from megatron_kd.data.tokenizers import train_sentencepiece
 
         def texts():
@@ -81,18 +88,21 @@ class Quickstart:
                 for line in fh:
                     yield json.loads(line)["text"]
 
-        tok = train_sentencepiece(texts(), self.size.vocab_size, str(self.out / "tokenizer" / "spm"))
-        return {"path": str(self.out / "tokenizer" / "spm.model"), "vocab_size": tok.vocab_size,
-                "identity": tok.identity}
+        where = self.out / ("tokenizer_xtok" if xtok else "tokenizer")
+        tok = train_sentencepiece(texts(), self.size.xtok_vocab_size if xtok else self.size.vocab_size,
+                                  str(where / "spm"))
+        return {"path": str(where / "spm.model"), "vocab_size": tok.vocab_size, "identity": tok.identity}
 
-    def preprocess(self) -> dict[str, Any]:
+    def preprocess(self, xtok: bool = False) -> dict[str, Any]:
         from megatron_kd.data.preprocess import preprocess
 
         out = {}
-        for name in ("train", "reference", "heldout"):
-            manifest = preprocess([str(self.data / f"{name}.jsonl")], str(self.data / name), self.tokenizer_path,
+        tok = self.results["xtok_tokenizer"]["path"] if xtok else self.tokenizer_path
+        for name in ("train", "heldout") if xtok else ("train", "reference", "heldout"):
+            dest = f"xtok_{name}" if xtok else name
+            manifest = preprocess([str(self.data / f"{name}.jsonl")], str(self.data / dest), tok,
                                   json_keys=("text",), append_eod=True, workers=1, overwrite=True, progress=False)
-            out[name] = {"prefix": self.prefix(name), "documents": manifest["num_documents"],
+            out[dest] = {"prefix": self.prefix(dest), "documents": manifest["num_documents"],
                          "tokens": manifest["num_tokens"]}
         return out
 
@@ -105,11 +115,14 @@ class Quickstart:
         return str(self.data / f"{name}_text_document")
 
     # ------------------------------------------------------------------ training runs
-    def _train_config(self, model: dict, prefix: str, iters: int, lr: float, save: Path) -> dict[str, Any]:
+    def _train_config(self, model: dict, prefix: str, iters: int, lr: float, save: Path,
+                      heldout_curve: bool = False, xtok: bool = False) -> dict[str, Any]:
+        """Training config; ``xtok``: the student's own tokenizer (``xtok_tokenizer`` stage) and data."""
         s = self.size
-        return {
-            "model": {**model, "vocab_size": self.results["tokenizer"]["vocab_size"]},
-            "data": {"prefixes": [prefix], "tokenizer": self.tokenizer_path, "split": "100,0,0",
+        tok = self.results["xtok_tokenizer" if xtok else "tokenizer"]
+        cfg = {
+            "model": {**model, "vocab_size": tok["vocab_size"]},
+            "data": {"prefixes": [prefix], "tokenizer": tok["path"], "split": "100,0,0",
                      "cache_dir": str(self.data / "index_cache")},
             "train": {"micro_batch_size": s.micro_batch_size, "global_batch_size": s.global_batch_size,
                       "seq_length": s.seq_length, "train_iters": iters, "log_interval": max(1, iters // 10),
@@ -119,31 +132,43 @@ class Quickstart:
             "checkpoint": {"save": str(save), "save_interval": 0},
             "logging": {"metrics_path": str(save / "metrics.jsonl"), "quiet": True},
         }
+        if heldout_curve:  # students: held-out LM loss every eval_interval steps (the report's held-out curves)
+            cfg["data"]["valid_prefixes"] = [self.prefix("xtok_heldout" if xtok else "heldout")]
+            cfg["train"].update(eval_interval=s.eval_interval, eval_iters=s.eval_iters)
+        return cfg
 
-    def _pretrain(self, model: dict, prefix: str, iters: int, lr: float, name: str) -> dict[str, Any]:
+    def _pretrain(self, model: dict, prefix: str, iters: int, lr: float, name: str,
+                  heldout_curve: bool = False, xtok: bool = False) -> dict[str, Any]:
         from megatron_kd.training.config import PretrainConfig
         from megatron_kd.training.pretrain import run_pretrain
 
         save = self.ckpt / name
-        cfg = build_config(PretrainConfig, self._train_config(model, prefix, iters, lr, save))
+        cfg = build_config(PretrainConfig, self._train_config(model, prefix, iters, lr, save, heldout_curve, xtok))
         t0 = time.perf_counter()
         result = run_pretrain(cfg)
         return {"checkpoint": str(save), "wall_time_s": round(time.perf_counter() - t0, 2),
                 "iterations": result["iteration"], "metrics": str(save / "metrics.jsonl"),
                 "tokens": iters * self.size.global_batch_size * self.size.seq_length}
 
-    def _distill(self, name: str, prefix: str, mode: str) -> dict[str, Any]:
+    def _distill(self, name: str, prefix: str, mode: str, store: str = "logits",
+                 cross_tokenizer: str | None = None) -> dict[str, Any]:
         from megatron_kd.distill.config import DistillConfig
         from megatron_kd.distill.run import run_distill
 
         s = self.size
         save = self.ckpt / name
-        data = self._train_config(s.student, prefix, s.student_iters, s.student_lr, save)
+        xtok = cross_tokenizer is not None
+        data = self._train_config(s.student, prefix, s.student_iters, s.student_lr, save, heldout_curve=True,
+                                  xtok=xtok)
         data["teacher"] = {"load": self.results["teacher"]["checkpoint"]}
         data["kd"] = {"mode": mode, "kind": "forward_kl", "temperature": s.kd_temperature, "alpha": s.kd_alpha,
                       "alpha_schedule": "constant"}
-        if mode == "offline":
-            data["kd"]["logits_store"] = self.results["logits"]["store"]
+        if xtok:  # the teacher re-reads the same text with its own tokenizer in the job (issue 17)
+            data["teacher"]["tokenizer"] = self.tokenizer_path
+            data["kd"].update(cross_tokenizer=cross_tokenizer, alpha=s.xtok_alpha)
+        if mode == "offline":  # store: the stage that wrote it (logits = top-k, logits_sampled = draws)
+            data["kd"]["logits_store"] = self.results[store]["store"]
+            data["kd"]["target_kind"] = "weights" if store == "logits_sampled" else "logprobs"
         cfg = build_config(DistillConfig, data)
         t0 = time.perf_counter()
         result = run_distill(cfg)
@@ -172,43 +197,54 @@ class Quickstart:
                                             out=self.prefix("miniplm"), overwrite=True))
         return {"scores": str(scores), "prefix": self.prefix("miniplm"), "report": report}
 
-    def logits(self) -> dict[str, Any]:
+    def logits(self, method: str = "topk") -> dict[str, Any]:
+        """The offline teacher store over the train split: ``topk`` (top-p/top-k log-probs) or ``sample``
+        (``size.sample_draws`` teacher draws per position, unbiased weights; issue 16)."""
         from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
 
-        store = self.out / "logits_store"
+        s = self.size
+        store = self.out / ("logits_store" if method == "topk" else f"logits_store_{method}")
         summary = precompute_logits(PrecomputeConfig(
             teacher=self.results["teacher"]["checkpoint"], data=self.prefix("train"), out=str(store),
-            top_p=self.size.top_p, top_k=self.size.top_k, seq_length=self.size.seq_length))
-        return {"store": str(store), "summary": summary}
+            top_p=s.top_p, top_k=s.top_k, seq_length=s.seq_length, method=method, num_samples=s.sample_draws,
+            seed=self.seed, audit_fraction=s.audit_fraction))
+        return {"store": str(store), "summary": summary, "method": method}
 
     # ------------------------------------------------------------------ students and evaluation
     def student(self, name: str) -> dict[str, Any]:
         s = self.size
         if name == "no_kd":
-            return self._pretrain(s.student, self.prefix("train"), s.student_iters, s.student_lr, name)
+            return self._pretrain(s.student, self.prefix("train"), s.student_iters, s.student_lr, name, True)
         if name == "online_kd":
             return self._distill(name, self.prefix("train"), "online")
         if name == "offline_kd":
             return self._distill(name, self.prefix("train"), "offline")
+        if name == "offline_sampled_kd":
+            return self._distill(name, self.prefix("train"), "offline", store="logits_sampled")
+        if name == "xtok_no_kd":  # its own vocabulary, no KD: the twin of xtok_kd (and vs no_kd in bits/byte)
+            out = self._pretrain(s.student, self.prefix("xtok_train"), s.student_iters, s.student_lr, name, True,
+                                 xtok=True)
+            return {**out, "baseline": "no_kd", "compare_metric": "bits_per_byte"}
+        if name == "xtok_kd":
+            out = self._distill(name, self.prefix("xtok_train"), "online", cross_tokenizer=s.xtok_loss)
+            return {**out, "baseline": "xtok_no_kd", "compare_metric": "bits_per_byte"}
         if name == "miniplm_data":
-            return self._pretrain(s.student, self.results["miniplm"]["prefix"], s.student_iters, s.student_lr, name)
+            return self._pretrain(s.student, self.results["miniplm"]["prefix"], s.student_iters, s.student_lr, name,
+                                  True)
         if name == "miniplm_kd":
             return self._distill(name, self.results["miniplm"]["prefix"], "online")
         raise ValueError(f"unknown student {name!r}")
 
-    def evaluate(self) -> dict[str, Any]:
-        from megatron_kd.evaluation.lm_loss import evaluate_checkpoint_lm_loss
+    def evaluate(self, name: str) -> dict[str, Any]:
+        """Held-out loss, bits per byte, ECE and per-document sums of one model (``heldout.py``); the
+        own-tokenizer students on the same held-out documents in their own tokenisation."""
+        from megatron_kd.quickstart.heldout import evaluate_per_document
 
-        out = {}
-        runs = ["teacher", "reference"] + [name for name, _ in STUDENTS]
-        for name in runs:
-            res = evaluate_checkpoint_lm_loss(self.results[name]["checkpoint"], self.prefix("heldout"),
-                                              seq_length=self.size.seq_length, max_documents=self.size.eval_docs,
-                                              tokenizer=self.tokenizer_path)
-            out[name] = {k: res[k] for k in ("loss", "ppl", "tokens") if k in res}
-            if "bits_per_byte" in res:
-                out[name]["bits_per_byte"] = res["bits_per_byte"]
-        return out
+        xtok = name.startswith("xtok_")
+        return evaluate_per_document(self.results[name]["checkpoint"], self.prefix("xtok_heldout" if xtok else "heldout"),
+                                     seq_length=self.size.seq_length,
+                                     tokenizer=self.results["xtok_tokenizer"]["path"] if xtok else self.tokenizer_path,
+                                     max_documents=self.size.eval_docs, bins=self.size.calibration_bins)
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every stage; write the report; return report.json's content."""
@@ -218,13 +254,20 @@ class Quickstart:
         self._stage("corpus", self.corpus)
         self._stage("tokenizer", self.tokenizer)
         self._stage("preprocess", self.preprocess)
+        if self.size.xtok_vocab_size:
+            self._stage("xtok_tokenizer", lambda: self.tokenizer(xtok=True))
+            self._stage("xtok_preprocess", lambda: self.preprocess(xtok=True))
         self._stage("teacher", self.teacher)
         self._stage("reference", self.reference)
         self._stage("miniplm", self.miniplm)
         self._stage("logits", self.logits)
-        for name, _ in STUDENTS:
+        self._stage("logits_sampled", lambda: self.logits("sample"))
+        students = students_of(self.size)
+        for name, _ in students:
             self._stage(name, lambda name=name: self.student(name))
-        self._stage("evaluate", self.evaluate)
+        # One stage per model (a resumed run re-evaluates nothing it evaluated before).
+        self.evals = {name: self._stage(f"eval_{name}", lambda name=name: self.evaluate(name))
+                                    for name in ["teacher", "reference"] + [n for n, _ in students]}
         return write_report(self, time.perf_counter() - t0)
 
 

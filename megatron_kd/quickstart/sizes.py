@@ -1,7 +1,8 @@
 """Quickstart sizes: how big each model is and how long each stage runs.
 
-``full`` aims at about 10 minutes on 2 idle CPU cores, ``tiny`` at a few minutes (CI smoke use;
-333 s measured on a loaded 2-core machine). Both keep
+``full`` (the default of ``megatron-kd quickstart``) aims at about 10 minutes on 2 idle CPU cores,
+``tiny`` at a few minutes (CI smoke use; 303 s of stage time with all eight students, measured
+2026-12-06 on a 2-core machine at load average ~30). Both keep
 the teacher clearly stronger than the students (2x deeper, 2x wider, more tokens), so that
 distillation has something to transfer.
 """
@@ -54,6 +55,31 @@ class QuickstartSize:
     """Offline store cap on kept ids per token (after top-p)."""
     top_p: float = 0.95
     """Offline store nucleus mass."""
+    heldout_percent: int = 15
+    """Held-out documents, percent of the corpus (after the 10% reference slice; the rest trains).
+    15% gives ~100 documents at ``full`` (5% gave 27, too few to separate the methods)."""
+    eval_interval: int = 10
+    """Students evaluate on the held-out split every this many steps (the held-out curves)."""
+    eval_iters: int = 2
+    """Global batches per held-out curve point (the same batches each time)."""
+    bootstrap_samples: int = 2000
+    """Paired bootstrap resamples of held-out documents for each student's interval vs no KD."""
+    calibration_bins: int = 15
+    """Equal-width confidence bins of the next-token expected calibration error."""
+    sample_draws: int = 12
+    """Sampled store (``offline_sampled_kd``): teacher draws per position (``logits --method sample``;
+    about 12 matches full distillation in Anshumann et al. 2025, and the store is then about half the
+    bytes per token of the top-k store at ``tiny``)."""
+    audit_fraction: float = 0.001
+    """Positions of each store whose dense teacher distribution is kept for the store diagnostics
+    (kept teacher mass, KL(teacher || stored)) in the report."""
+    xtok_vocab_size: int | None = None
+    """Cross-tokenizer students: their own SentencePiece vocabulary size (None = no such students)."""
+    xtok_loss: str = "projected"
+    """kd.cross_tokenizer of the cross-tokenizer student (projected | hybrid | uld)."""
+    xtok_alpha: float = 0.8
+    """KD weight of the cross-tokenizer student (0.8: what tests/distill/test_distill_cross_tokenizer.py
+    measured best for projected/hybrid)."""
 
 
 def _model(layers: int, hidden: int, heads: int, groups: int, ffn: int) -> dict:
@@ -66,13 +92,15 @@ SIZES: dict[str, QuickstartSize] = {
         name="tiny", max_docs=100, vocab_size=1024, seq_length=128,
         teacher=_model(3, 128, 4, 2, 352), reference=_model(1, 64, 2, 1, 176), student=_model(1, 64, 2, 1, 176),
         teacher_iters=120, reference_iters=30, student_iters=50, global_batch_size=16, micro_batch_size=16,
-        teacher_lr=4e-3, student_lr=4e-3, eval_docs=60, top_k=16,
+        teacher_lr=4e-3, student_lr=4e-3, eval_docs=60, top_k=16, heldout_percent=20, eval_interval=10,
+        sample_draws=12, xtok_vocab_size=768,
     ),
     "full": QuickstartSize(
         name="full", max_docs=None, vocab_size=4096, seq_length=128,
         teacher=_model(4, 256, 8, 4, 704), reference=_model(2, 128, 4, 2, 352), student=_model(2, 128, 4, 2, 352),
         teacher_iters=300, reference_iters=100, student_iters=150, global_batch_size=16, micro_batch_size=16,
-        teacher_lr=2e-3, student_lr=3e-3, eval_docs=300, top_k=32,
+        teacher_lr=2e-3, student_lr=3e-3, eval_docs=300, top_k=32, heldout_percent=15, eval_interval=15,
+        sample_draws=12, xtok_vocab_size=3000,
     ),
 }
 
@@ -83,4 +111,15 @@ STUDENTS = [  # (run name, label): the students every quickstart trains and repo
     ("offline_kd", "Offline top-k KD (stored teacher logits)"),
     ("miniplm_data", "MiniPLM data (difference-sampled corpus), no KD"),
     ("miniplm_kd", "MiniPLM data + online KD"),
+    ("offline_sampled_kd", "Offline sampled KD (stored teacher draws, unbiased weights)"),
 ]
+
+XTOK_STUDENTS = [  # the same student shape with its own SentencePiece vocabulary (sizes with xtok_vocab_size)
+    ("xtok_no_kd", "Own-tokenizer student, no KD"),
+    ("xtok_kd", "Own-tokenizer student, cross-tokenizer online KD"),
+]
+
+
+def students_of(size: QuickstartSize) -> list[tuple[str, str]]:
+    """(run name, label) of every student a quickstart of ``size`` trains, in report order."""
+    return STUDENTS + (XTOK_STUDENTS if size.xtok_vocab_size else [])

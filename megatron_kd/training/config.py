@@ -16,6 +16,7 @@ from megatron_kd.data.gpt_dataset import DataConfig
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.presets import get_preset
 from megatron_kd.runtime.distributed import ParallelConfig
+from megatron_kd.training.trackers import check_trackers
 
 
 @dataclass
@@ -115,7 +116,17 @@ class LoggingConfig:
     metrics_path: Optional[str] = None
     """JSONL metrics file (one record per step and per evaluation); None = `<checkpoint.save>/metrics.jsonl`."""
     tensorboard_dir: Optional[str] = None
-    """Also write TensorBoard scalars here (needs the `tensorboard` package)."""
+    """Also write TensorBoard scalars here, named `SPLIT/NAME` after the JSONL records (`pip install megatron-kd[tb]`)."""
+    wandb_project: Optional[str] = None
+    """Also log to this Weights & Biases project, the same `SPLIT/NAME` scalars (`pip install megatron-kd[wandb]`)."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team); None = wandb's default."""
+    wandb_name: Optional[str] = None
+    """W&B run name; None = wandb's generated name."""
+    wandb_dir: Optional[str] = None
+    """Where wandb writes its files and the run id a resumed run continues; None = the metrics file's directory."""
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """`offline` logs with no network (`wandb sync` later); None = wandb's default or `WANDB_MODE`."""
     quiet: bool = False
     """No progress bar (the log lines are still printed)."""
 
@@ -338,10 +349,5 @@ def validate_pretrain_config(cfg: PretrainConfig, world_size: int, on_gpu: bool)
         raise ValueError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise ValueError("checkpoint.finetune=true needs checkpoint.load=<dir> with the weights to start from")
-    if cfg.logging.tensorboard_dir:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise ValueError("logging.tensorboard_dir is set but tensorboard is not installed: "
-                             "pip install tensorboard, or unset logging.tensorboard_dir") from None
+    check_trackers(cfg.logging)
     return model_cfg

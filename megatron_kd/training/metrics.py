@@ -1,4 +1,4 @@
-"""Reducing loss reports over micro-batches / ranks, and writing them (console, JSONL, TensorBoard).
+"""Reducing loss reports over micro-batches / ranks, and writing them (console, JSONL, TensorBoard, W&B).
 
 A loss ``report`` (third element of a loss function's result) maps names to either a 2-element
 tensor ``[sum, count]`` -> reported as ``sum / count`` over the global batch (token-weighted), or a
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from megatron.core import parallel_state
 from megatron_kd.runtime.distributed import is_main_process
 from megatron_kd.runtime.parallel import dp_group, dp_sum
 from megatron_kd.training.config import LoggingConfig
+from megatron_kd.training.trackers import build_trackers
 from megatron_kd.utils.io import atomic_write
 from megatron_kd.utils.progress import JsonlWriter, progress, read_jsonl_lines
 
@@ -143,20 +143,18 @@ def _fmt(value: float) -> str:
 
 
 class MetricsLogger:
-    """Rank-0 progress bar + one line per ``log_interval`` steps; JSONL every step; optional TensorBoard."""
+    """Rank-0 progress bar + one line per ``log_interval`` steps; JSONL every step; the same records to TensorBoard / W&B."""
 
     def __init__(self, cfg: LoggingConfig, metrics_path: str | Path | None, train_iters: int, start_iter: int,
-                 tokens_per_step: int, log_interval: int, desc: str = "train"):
+                 tokens_per_step: int, log_interval: int, desc: str = "train",
+                 tracker_config: dict[str, Any] | None = None):
         self.train_iters, self.tokens_per_step, self.log_interval = train_iters, tokens_per_step, log_interval
         self.start_iter = start_iter
         if metrics_path is not None:
             truncate_metrics(metrics_path, start_iter)
         self.jsonl = JsonlWriter(metrics_path)
-        self.tb = None
-        if cfg.tensorboard_dir and is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(cfg.tensorboard_dir)
+        # TensorBoard / W&B get every JSONL record, as SPLIT/NAME scalars (training/trackers.py).
+        self.trackers = build_trackers(cfg, metrics_path, tracker_config) if is_main_process() else []
         self.bar = progress(train_iters, desc, unit="step", initial=start_iter, disable=cfg.quiet)
         self._times: list[float] = []
         self._t0 = time.perf_counter()
@@ -167,8 +165,7 @@ class MetricsLogger:
         tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else float("nan")
         record = {"step": step, "split": "train", **metrics, "step_time_s": round(step_time, 6),
                   "tokens_per_s": round(tokens_per_s, 2)}
-        self.jsonl.write(record)
-        self._tensorboard(step, "train", metrics)
+        self._write(record)
         if not is_main_process():
             return
         self.bar.update(1)
@@ -183,21 +180,18 @@ class MetricsLogger:
 
     def log_eval(self, step: int, metrics: dict[str, float], split: str = "valid") -> None:
         """Record an evaluation (``metrics`` from :func:`reduce_reports` plus ``loss``, ``ppl``)."""
-        self.jsonl.write({"step": step, "split": split, **metrics})
-        self._tensorboard(step, split, metrics)
+        self._write({"step": step, "split": split, **metrics})
         if is_main_process():
             self.bar.write(f"[{split}] step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
 
-    def _tensorboard(self, step: int, split: str, metrics: dict[str, Any]) -> None:
-        if self.tb is None:
-            return
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(f"{split}/{key}", value, step)
+    def _write(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(record)
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
         """Close the bar and files."""
         self.bar.close()
         self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()

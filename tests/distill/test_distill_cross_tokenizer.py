@@ -134,7 +134,7 @@ def _bad(overrides):
 def test_bad_settings_fail_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="kd.cross_tokenizer='bogus'"):
         _bad(["kd.cross_tokenizer=bogus"])
-    with pytest.raises(ValueError, match="needs kd.mode=online"):
+    with pytest.raises(ValueError, match="needs indexed text data and data.tokenizer"):  # offline too
         _bad(["kd.cross_tokenizer=uld", "kd.mode=offline", f"kd.logits_store={tmp_path}",
               f"data.prefixes=[{tmp_path}/x]"])
     with pytest.raises(ValueError, match="not synthetic data"):

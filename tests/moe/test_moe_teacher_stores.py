@@ -39,7 +39,10 @@ def built(tmp_path_factory):
     base = tmp_path_factory.mktemp("moe_teacher")
     teacher_hf = make_hf_moe("qwen2_moe", base / "hf", vocab=VOCAB, out_scale=8.0)
     reference_hf = make_hf_moe("mixtral", base / "hf", vocab=VOCAB)
-    L.make_dataset(str(base / "ds"))
+    from megatron_kd.data.tokenizers import load_tokenizer
+
+    # The dataset's manifest names the teacher's tokenizer, as preprocess with it would.
+    L.make_dataset(str(base / "ds"), tokenizer_identity=load_tokenizer(str(teacher_hf)).identity)
     M.make_dataset(base / "plm", M.random_docs(12, 1, 40, seed=5, vocab=VOCAB), tokenizer=str(teacher_hf))
     assert run_workers(_worker, 1, str(base), str(teacher_hf), str(reference_hf), timeout=900) == [True]
     return base, teacher_hf, reference_hf
