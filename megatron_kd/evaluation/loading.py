@@ -75,7 +75,9 @@ def checkpoint_identity(ckpt_dir: str | Path, meta: dict[str, Any]) -> dict[str,
     """What identifies the evaluated weights: path, iteration directory, sha256 of its meta.json."""
     path = Path(meta["path"])
     return {"checkpoint": str(Path(ckpt_dir).resolve()), "iteration": meta.get("iteration"),
-            "iteration_dir": path.name, "meta_sha256": sha256_file(path / "meta.json"),
+            "iteration_dir": path.name,
+            # a Hugging Face model directory (no meta.json): its config.json identifies it
+            "meta_sha256": sha256_file(path / "meta.json" if (path / "meta.json").is_file() else path / "config.json"),
             "tokenizer": meta.get("tokenizer"), "model_config": meta.get("model_config")}
 
 

@@ -330,9 +330,11 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
         _warn("no tokenizer files to copy: add them to the output directory before using it with transformers")
     else:
         ids = export_tokenizer(tok_src, tmp)  # AutoTokenizer-loadable (SentencePiece converted)
-        for key, value in ids.items():  # generate() stops at EOS; keep an imported model's own ids
-            if hf_cfg.get(key) is None and value is not None:
-                hf_cfg[key] = value
+        # generate() stops at EOS. An imported model's config.json keeps its own ids (round trip
+        # exact) and only gains an eos it lacks; a fresh config gets eos/bos/pad.
+        for key in ("eos_token_id",) if base is not None else tuple(ids):
+            if hf_cfg.get(key) is None and ids.get(key) is not None:
+                hf_cfg[key] = ids[key]
     write_json_atomic(tmp / "config.json", hf_cfg)
     if base_gen is not None or ids:
         write_json_atomic(tmp / "generation_config.json", generation_config(ids, base_gen))

@@ -135,3 +135,30 @@ def test_student_starts_from_hf_dir_without_model_fields(models, tmp_path):
 
     (cfg,) = run_workers(_finetune_worker, 1, str(models["qwen2"]), str(tmp_path))
     assert cfg == hf_meta(models["qwen2"])["model_config"]
+
+
+def _eval_logits_worker(rank, world_size, hf, mc, tmp):
+    import numpy as np
+
+    import megatron_kd.interop  # noqa: F401 - registers HF dirs
+    from megatron_kd.evaluation.lm_loss import evaluate_checkpoint_lm_loss
+    from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+    from megatron_kd.logits.store import LogitsStore
+    from megatron_kd.miniplm.dataset_io import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    prefix = f"{tmp}/docs"
+    with IndexedDatasetWriter(prefix, np.int32, {"tokenizer": None}) as w:
+        for _ in range(4):
+            w.add(rng.integers(0, 200, 20), {})
+    res = {name: evaluate_checkpoint_lm_loss(path, prefix, seq_length=SEQ)["loss"] for name, path in
+           (("hf", hf), ("mcore", mc))}
+    precompute_logits(PrecomputeConfig(teacher=hf, data=prefix, out=f"{tmp}/store", seq_length=SEQ, top_k=8,
+                                       dtype="fp32"))
+    res["store_complete"] = bool(LogitsStore(f"{tmp}/store").manifest.get("complete"))
+    return res
+
+
+def test_hf_dir_for_eval_and_logits(models, tmp_path):
+    (res,) = run_workers(_eval_logits_worker, 1, str(models["qwen2"]), str(models["qwen2_mcore"]), str(tmp_path))
+    assert res["hf"] == res["mcore"] and res["store_complete"]
