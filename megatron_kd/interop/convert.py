@@ -330,9 +330,9 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
         _warn("no tokenizer files to copy: add them to the output directory before using it with transformers")
     else:
         ids = export_tokenizer(tok_src, tmp)  # AutoTokenizer-loadable (SentencePiece converted)
-        # generate() stops at EOS. An imported model's config.json keeps its own ids (round trip
-        # exact) and only gains an eos it lacks; a fresh config gets eos/bos/pad.
-        for key in ("eos_token_id",) if base is not None else tuple(ids):
+        # generate() stops at EOS (generation_config.json below). A fresh config.json gets
+        # eos/bos/pad too; an imported model's is left as it was (the round trip stays exact).
+        for key in tuple(ids) if base is None else ():
             if hf_cfg.get(key) is None and ids.get(key) is not None:
                 hf_cfg[key] = ids[key]
     write_json_atomic(tmp / "config.json", hf_cfg)
