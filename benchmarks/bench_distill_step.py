@@ -14,6 +14,9 @@ process's CPU time, so other processes sharing the cores do not distort the rati
 (3 x student + 1 x teacher forward FLOPs per token) x tokens/s / peak.
 
     python benchmarks/bench_distill_step.py        # CPU: cpu-student <- cpu-teacher, vocab 8192, seq 256
+    python benchmarks/bench_distill_step.py --preset realistic   # Qwen2.5-0.5B shape <- same width, 2x depth
+    python benchmarks/bench_distill_step.py --preset realistic --layers 2 --micro-batch-size 1   # CPU-sized
+    python benchmarks/bench_distill_step.py --no-fused   # the unfused loss (kd.one_pass/fused_linear off)
     python benchmarks/bench_distill_step.py --student qwen-200m --teacher qwen2.5-1.5b   # GPU defaults
     torchrun --nproc-per-node 2 benchmarks/bench_distill_step.py --tp 2
 """
@@ -30,7 +33,26 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
+
+def _fix_threads() -> int:
+    """Intra-op threads from ``--threads`` (default 1 on CPU), set before torch is imported: spinning
+    OpenMP threads would otherwise be counted by the CPU clock (issue 15: 2.16 / 3.69 vs 1.24 / 1.27)."""
+    threads = 1
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            threads = int(sys.argv[i + 1])
+        elif arg.startswith("--threads="):
+            threads = int(arg.split("=", 1)[1])
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    return threads
+
+
+THREADS = _fix_threads()
+
 import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
 
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -56,7 +78,24 @@ def parse_args() -> argparse.Namespace:
                    help="wall: elapsed time (GPU); cpu: this process's CPU time (default on CPU: immune to other "
                         "processes sharing the cores; run with OMP_NUM_THREADS=1 so it equals compute time)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per GPU for MFU")
-    return p.parse_args()
+    p.add_argument("--preset", default=None, choices=["realistic"],
+                   help="realistic: student of Qwen2.5-0.5B shape (24 x 896, V=151,936, tied) <- teacher of the same "
+                        "width and 2x the depth, seq 256 (overrides --student/--teacher/--seq-length)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="student layers (teacher: 2x) - shrinks --preset realistic for CPU runs; vocabulary and "
+                        "width stay, so the loss/head share of the step is larger than at full depth")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op CPU threads (set before torch is imported; default 1)")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="the unfused loss (kd.one_pass=false, kd.fused_linear=false): the before figure")
+    p.add_argument("--one-pass-only", action="store_true",
+                   help="kd.one_pass on, kd.fused_linear off (logits materialised, one pass over them)")
+    args = p.parse_args()
+    if args.preset == "realistic":
+        args.student = args.teacher = "qwen2.5-0.5b"
+        if "--seq-length" not in " ".join(sys.argv):
+            args.seq_length = 256
+    return args
 
 
 def synthetic_batches(n: int, mbs: int, seq: int, vocab: int, top_k: int, dev: torch.device) -> list[dict]:
@@ -90,9 +129,13 @@ def main() -> int:
     from megatron_kd.training import LoggingConfig, OptimConfig, TrainConfig, setup_model_and_optimizer
 
     gpu = torch.cuda.is_available()
-    vocab = args.vocab_size or (None if gpu else 8192)
+    vocab = args.vocab_size or (None if gpu or args.preset else 8192)
     over = {"max_position_embeddings": max(args.seq_length, 2048), **({"vocab_size": vocab} if vocab else {})}
     s_cfg, t_cfg = get_preset(args.student, **over), get_preset(args.teacher, **over)
+    if args.preset == "realistic":
+        t_cfg.num_layers = 2 * s_cfg.num_layers
+    if args.layers:
+        s_cfg.num_layers, t_cfg.num_layers = args.layers, 2 * args.layers
     if s_cfg.vocab_size != t_cfg.vocab_size:  # e.g. Qwen2.5-7B 152,064 vs 151,936: bench on the common size
         s_cfg.vocab_size = t_cfg.vocab_size = min(s_cfg.vocab_size, t_cfg.vocab_size)
     parallel = ParallelConfig(tensor_parallel=args.tp)
@@ -112,7 +155,8 @@ def main() -> int:
     wrapper = DistillationModel(chunks[0], teacher, s_cfg.hidden_size, t_cfg.hidden_size)
     install_schedule_hooks(wrapper)
     state = KDState(0, 10 * total)
-    kd = KDConfig(kind=args.kind, alpha=0.5)
+    kd = KDConfig(kind=args.kind, alpha=0.5, one_pass=args.fused or args.one_pass_only,
+                  fused_linear=args.fused and not args.one_pass_only)
     common = dict(logging=LoggingConfig(quiet=True), kd_state=state)
     trainers = {
         "plain": DistillTrainer(chunks, optimizer, scheduler, DistillForwardStep("none", kd, s_cfg.vocab_size, state),
@@ -170,7 +214,9 @@ def main() -> int:
         "teacher_params_M": round(t_cfg.num_parameters() / 1e6, 2),
         "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size, "global_batch_size": gbs,
         "precision": args.precision, "teacher_dtype": args.teacher_dtype or args.precision, "top_k": args.top_k,
-        "kind": args.kind, "timed_rounds": args.rounds, "clock": args.clock,
+        "kind": args.kind, "timed_rounds": args.rounds, "clock": args.clock, "threads": torch.get_num_threads(),
+        "preset": args.preset, "student_layers": s_cfg.num_layers, "teacher_layers": t_cfg.num_layers,
+        "one_pass": kd.one_pass, "fused_linear": kd.fused_linear,
         **{f"{k}_step_s" if k != "teacher_forward" else "teacher_forward_s": round(v, 4) for k, v in med.items()},
         "offline_over_plain": round(med["offline"] / med["plain"], 4),
         "online_over_plain_plus_teacher": round(med["online"] / (med["plain"] + med["teacher_forward"]), 4),

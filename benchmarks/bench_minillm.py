@@ -34,11 +34,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from megatron_kd.minillm.data import InMemoryInstructions
-    from megatron_kd.minillm.generation import GenerationConfig, generate
-    from megatron_kd.minillm.optim import OptimConfig, wrap_model
-    from megatron_kd.minillm.rollout import RolloutConfig
-    from megatron_kd.minillm.trainer import MiniLLMTrainer, PPOConfig, TrainLoopConfig
+    from megatron_kd.posttrain.data import InMemoryInstructions
+    from megatron_kd.posttrain.generation import GenerationConfig, generate
+    from megatron_kd.posttrain.config import MiniLLMOptimConfig
+    from megatron_kd.posttrain.minillm import PPOConfig, PPOStep, RolloutSource, TrainLoopConfig
+    from megatron_kd.posttrain.rollout import RolloutConfig
+    from megatron_kd.posttrain.steps import setup_student
     from megatron_kd.models import build_gpt_model, get_preset
     from megatron_kd.runtime import init_distributed, set_seed
 
@@ -86,17 +87,22 @@ def main() -> None:
     loop = TrainLoopConfig(total_steps=4, rollout=RolloutConfig(num_rollouts=2 * args.batch, chunk_size=args.batch,
                                                               max_new_tokens=args.new_tokens),
                            ppo=PPOConfig(epochs=2, batch_size=args.batch, micro_batch_size=max(args.batch // 2, 1)),
-                           optim=OptimConfig(lr=1e-5, warmup_steps=0))
-    ddp = wrap_model(student)
-    trainer = MiniLLMTrainer(ddp, teacher, loop, _Tok(), data, args.vocab)
+                           optim=MiniLLMOptimConfig(lr=1e-5, warmup_iters=0))
+    ddp, optimizer, scheduler = setup_student(student, loop.optim, loop.total_steps)
+    source = RolloutSource(ddp, teacher, loop, _Tok(), data, args.vocab)
+    step = PPOStep(ddp, teacher, loop, args.vocab)
     t0, c0 = time.perf_counter(), time.process_time()
-    rollouts = trainer.collect_round()
+    rollouts = source.collect_round()
     t_round = time.perf_counter() - t0
     t1 = time.perf_counter()
     steps = 0
     for epoch in range(loop.ppo.epochs):
         for s in range(0, len(rollouts), args.batch):
-            trainer.train_step(rollouts, list(range(s, s + args.batch)))
+            ddp.zero_grad_buffer()  # what the Trainer does around each step
+            optimizer.zero_grad()
+            step({"rollouts": rollouts, "idx": list(range(s, s + args.batch)), "round": 0})
+            scheduler.step(1)
+            optimizer.step()
             steps += 1
     t_train = time.perf_counter() - t1
     total = t_round + t_train

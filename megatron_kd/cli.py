@@ -137,11 +137,21 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "generic_dry_run", False):
             return _generic_dry_run(args)
         result = args.func(args)
-    except (ValueError, OSError, exits.RunStopped) as exc:
-        if isinstance(exc, OSError) and not exits.is_filesystem_error(exc):
-            raise  # e.g. a lost connection to another rank: not the user's input, keep the traceback
-        # Input problems, filesystem errors and stopped runs are reported as one line, not a
-        # traceback; the exit code says which (see megatron_kd.utils.exits / docs/reliability.md).
+    except BaseException as exc:
+        # Input problems, filesystem errors (also wrapped ones: torch.save's "unexpected pos", torch's
+        # CheckpointException, numpy's short writes) and stopped runs are one line, not a traceback;
+        # the exit code says which (see megatron_kd.utils.exits / docs/reliability.md).
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        if not isinstance(exc, (ValueError, OSError, exits.RunStopped)) or (
+                isinstance(exc, OSError) and not exits.is_filesystem_error(exc)):
+            cause = exits.filesystem_cause(exc, _output_path(args))
+            if cause is None:
+                raise  # e.g. a lost connection to another rank: not the user's input, keep the traceback
+            exc = cause
+        if isinstance(exc, OSError) and exc.errno is not None and not exc.filename and not isinstance(
+                exc, (exits.FilesystemError, FileNotFoundError, FileExistsError)):
+            exc.filename = _output_path(args)  # e.g. ENOSPC from a write(): name the output being written
         print(f"megatron-kd {args.command}: error: {exits.one_line(exc)}", file=sys.stderr)
         if isinstance(exc, exits.RunStopped):
             return exc.exit_code
@@ -149,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             return exits.EXIT_BAD_INPUT
         return exits.EXIT_IO_ERROR
     return int(result or 0)
+
+
+def _output_path(args: argparse.Namespace) -> str | None:
+    """The output path of a command (for a full-disk message), when the flags name one."""
+    for name in ("out", "output", "output_prefix", "save"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            return value
+    for override in getattr(args, "overrides", None) or []:  # checkpoint.save=DIR, save=DIR
+        key, _, value = str(override).partition("=")
+        if key in ("checkpoint.save", "save") and value:
+            return value
+    return None
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
+        if not isinstance(value, dict) and getattr(tp, "_scalar_key", None):
+            value = {tp._scalar_key: value}  # e.g. ``model: tiny`` = ``model: {preset: tiny}``
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return _build(tp, value, key + ".")
@@ -121,6 +123,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    # A config class may accept older spellings of its keys: ``_normalise_keys(data, prefix)``
+    # returns ``data`` with them renamed (printing a one-line deprecation note per key).
+    normalise = getattr(cls, "_normalise_keys", None)
+    if normalise is not None:
+        data = normalise(dict(data), prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"losses"},                                   # 3: LM and KD losses on vocab-parallel logits
     {"data"},                                     # 4: tokenizers, indexed datasets, GPT datasets
     {"training"},                                 # 5: the Trainer, checkpoints, optimizer, metrics
-    {"distill", "posttrain", "minillm", "logits", "miniplm", "evaluation", "interop"},  # 6: algorithms
+    {"distill", "posttrain", "logits", "miniplm", "evaluation", "interop"},  # 6: algorithms
     {"quickstart"},                               # 7: the end-to-end demo pipeline
     {"commands", "cli", "__main__"},              # 8: the command line
 ]

@@ -7,7 +7,7 @@ KD="python -m megatron_kd"
 mkdir -p "$OUT"
 python - "$OUT" <<'PY'
 import sys
-from megatron_kd.minillm.synthetic import make_records, task_tokenizer, write_jsonl
+from megatron_kd.posttrain.synthetic import make_records, task_tokenizer, write_jsonl
 out = sys.argv[1]
 task_tokenizer().save(f"{out}/tok.json")
 for split, n, seed in (("train", 4000, 0), ("valid", 200, 1), ("test", 200, 2)):
@@ -21,7 +21,7 @@ COMMON="tokenizer=$OUT/tok.json train_data=$OUT/train valid_data=$OUT/valid"
 # Teacher: the tiny preset, trained well.
 $KD sft --config examples/minillm/sft_cpu.yaml $COMMON model=tiny save="$OUT/teacher" sft.total_steps=400
 # Student stage 1: a 1-layer model, briefly fine-tuned (MiniLLM starts from an SFT model).
-$KD sft --config examples/minillm/sft_cpu.yaml $COMMON model=tiny model_overrides.num_layers=1 \
+$KD sft --config examples/minillm/sft_cpu.yaml $COMMON model.preset=tiny model.num_layers=1 \
     save="$OUT/student_sft" sft.total_steps=60
 # SeqKD data (teacher samples), for the SeqKD baseline: megatron-kd sft on it after preprocessing.
 $KD generate --checkpoint "$OUT/teacher" --input "$OUT/train.jsonl" --output "$OUT/seqkd_train.jsonl" \
@@ -32,4 +32,4 @@ $KD minillm --config examples/minillm/minillm_cpu.yaml student="$OUT/student_sft
 # Neighbour: GKD from the same SFT student.
 $KD onpolicy --config examples/minillm/onpolicy_cpu.yaml student="$OUT/student_sft" teacher="$OUT/teacher" \
     train_data="$OUT/train" valid_data="$OUT/valid" eval_data="$OUT/test" save="$OUT/gkd"
-tail -n 1 "$OUT/minillm/eval.jsonl"
+grep "\"split\": \"valid\"" "$OUT/minillm/metrics.jsonl" | tail -n 1

@@ -33,8 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="with --stats: print one JSON object instead of a table")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass kept per token (default 0.95)")
     p.add_argument("--top-k", type=int, default=100, help="cap on kept ids per token, 1..255 (default 100)")
-    p.add_argument("--seq-length", type=int, default=1024,
-                   help="teacher window in tokens; students may use any sequence length up to it (default 1024)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="teacher window in tokens; students may use any sequence length up to it "
+                        "(default min(1024, the teacher's max_position_embeddings))")
     p.add_argument("--overlap", type=int, default=0,
                    help="context tokens a window re-reads from the previous window of the same document "
                         "(default 0: non-overlapping document-aligned windows)")

@@ -12,7 +12,7 @@ import argparse
 
 
 def _template(name: str):
-    from megatron_kd.minillm.data import InstructionTemplate
+    from megatron_kd.posttrain.data import InstructionTemplate
 
     if name == "dolly":
         return InstructionTemplate()
@@ -24,8 +24,8 @@ def _template(name: str):
 
 
 def _preprocess(args) -> int:
-    from megatron_kd.minillm.data import preprocess_instructions
-    from megatron_kd.minillm.run import load_any_tokenizer
+    from megatron_kd.posttrain.data import preprocess_instructions
+    from megatron_kd.posttrain.run import load_any_tokenizer
 
     tok = load_any_tokenizer(args.tokenizer)
     m = preprocess_instructions(args.input, tok, args.output_prefix, _template(args.template),
@@ -37,7 +37,7 @@ def _preprocess(args) -> int:
 
 def _sft(args) -> int:
     from megatron_kd.config import load_config
-    from megatron_kd.minillm.run import SFTRunConfig, run_sft
+    from megatron_kd.posttrain.run import SFTRunConfig, run_sft
 
     run_sft(load_config(SFTRunConfig, args.config, args.overrides))
     return 0
@@ -45,7 +45,7 @@ def _sft(args) -> int:
 
 def _minillm(args) -> int:
     from megatron_kd.config import load_config
-    from megatron_kd.minillm.run import MiniLLMRunConfig, run_minillm
+    from megatron_kd.posttrain.run import MiniLLMRunConfig, run_minillm
 
     run_minillm(load_config(MiniLLMRunConfig, args.config, args.overrides))
     return 0
@@ -53,16 +53,16 @@ def _minillm(args) -> int:
 
 def _onpolicy(args) -> int:
     from megatron_kd.config import load_config
-    from megatron_kd.minillm.run import OnPolicyRunConfig, run_onpolicy
+    from megatron_kd.posttrain.run import OnPolicyRunConfig, run_onpolicy
 
     run_onpolicy(load_config(OnPolicyRunConfig, args.config, args.overrides))
     return 0
 
 
 def _generate(args) -> int:
-    from megatron_kd.minillm.generation import GenerationConfig
-    from megatron_kd.minillm.run import run_generate
-    from megatron_kd.minillm.sampling import SamplingConfig
+    from megatron_kd.posttrain.generation import GenerationConfig
+    from megatron_kd.posttrain.run import run_generate
+    from megatron_kd.posttrain.sampling import SamplingConfig
     from megatron_kd.runtime import ParallelConfig
 
     samp = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
@@ -93,15 +93,15 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("sft", help="SFT / word-level KD baseline on instruction data")
     _config_args(p)
-    p.set_defaults(func=_sft, config_class="megatron_kd.minillm.run:SFTRunConfig")
+    p.set_defaults(func=_sft, config_class="megatron_kd.posttrain.run:SFTRunConfig")
 
     p = subparsers.add_parser("minillm", help="MiniLLM: reverse-KL policy-gradient distillation")
     _config_args(p)
-    p.set_defaults(func=_minillm, config_class="megatron_kd.minillm.run:MiniLLMRunConfig")
+    p.set_defaults(func=_minillm, config_class="megatron_kd.posttrain.run:MiniLLMRunConfig")
 
     p = subparsers.add_parser("onpolicy", help="GKD or DistiLLM on-policy distillation (onpolicy.method=...)")
     _config_args(p)
-    p.set_defaults(func=_onpolicy, config_class="megatron_kd.minillm.run:OnPolicyRunConfig")
+    p.set_defaults(func=_onpolicy, config_class="megatron_kd.posttrain.run:OnPolicyRunConfig")
 
     p = subparsers.add_parser("generate", help="answer a JSONL's prompts with a checkpoint (SeqKD data)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory of the generating model")

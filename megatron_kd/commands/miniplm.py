@@ -68,8 +68,9 @@ def register(subparsers) -> None:
     s.add_argument("--reference", required=True, help="reference-model checkpoint directory (same tokenizer)")
     s.add_argument("--data", required=True, help="indexed dataset prefix (path without .bin/.idx)")
     flag(s, "--output", dest="out", required=True, help="scores directory (created, or resumed if it holds this run)")
-    s.add_argument("--chunk-length", type=int, default=1024,
-                   help="tokens per instance; a chunk of L tokens gives L-1 predictions (1025 = the paper)")
+    s.add_argument("--chunk-length", type=int, default=None,
+                   help="tokens per instance; a chunk of L tokens gives L-1 predictions (1025 = the paper; "
+                        "default min(1024, the models' max_position_embeddings + 1))")
     s.add_argument("--mode", choices=("chunk", "document"), default="chunk",
                    help="chunk: fixed-length chunks within documents; document: whole documents")
     s.add_argument("--min-length", type=int, default=2, help="skip instances shorter than this many tokens")

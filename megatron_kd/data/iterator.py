@@ -50,7 +50,8 @@ class ResumableBatchIterator:
 
     def __init__(self, dataset: Any, micro_batch_size: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, num_workers: int = 0,
-                 collate_fn: Callable[[list], Any] | None = None):
+                 collate_fn: Callable[[list], Any] | None = None, vocab_size: int | None = None,
+                 prefixes: list[str] | None = None):
         if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, dp_size={dp_size}: "
                              "need micro_batch_size >= 1 and 0 <= dp_rank < dp_size")
@@ -69,6 +70,9 @@ class ResumableBatchIterator:
                                   collate_fn=collate_fn, persistent_workers=False,
                                   worker_init_fn=_die_with_parent if num_workers else None)
         self._it: Iterator | None = None
+        # Every batch's token ids are checked against the vocabulary (one max/min): a corrupt .bin
+        # (flipped bytes the sampled pre-check missed) is a one-line error, not an IndexError.
+        self._vocab_size, self._prefixes = vocab_size, prefixes
 
     @property
     def consumed_samples(self) -> int:
@@ -82,6 +86,11 @@ class ResumableBatchIterator:
         if self._it is None:
             self._it = iter(self._loader)
         batch = next(self._it)
+        if self._vocab_size is not None and isinstance(batch, dict):
+            from megatron_kd.data.manifest import check_batch_token_ids
+
+            for key in ("tokens", "labels"):
+                check_batch_token_ids(batch.get(key), self._vocab_size, self._prefixes)
         self._consumed += self.micro_batch_size * self.dp_size
         return batch
 

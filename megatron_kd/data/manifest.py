@@ -207,9 +207,53 @@ def check_token_ids(prefix: str | os.PathLike, vocab_size: int, full: bool = Fal
         top, low = int(chunk.max()), int(chunk.min())
         if top >= vocab_size or low < 0:
             bad = int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0]) + lo
+            if paths["manifest"].is_file():
+                try:
+                    verify_checksums(prefix)
+                except ValueError as exc:
+                    if "does not match the sha256" not in str(exc):
+                        raise ValueError(f"{paths['bin']} holds token id {int(tokens[bad])} at token {bad}, "
+                                         f"outside the vocabulary [0, {vocab_size}): the {what} is corrupt or was "
+                                         "made with another tokenizer; re-run preprocess") from None
+                    raise ValueError(f"{paths['bin']} holds token id {int(tokens[bad])} at token {bad}, outside "
+                                     f"the vocabulary [0, {vocab_size}), because the {what} is corrupt: "
+                                     f"{exc}") from None
             raise ValueError(f"{paths['bin']} holds token id {int(tokens[bad])} at token {bad}, outside the "
                              f"vocabulary [0, {vocab_size}): the {what} is corrupt or was made with another "
                              "tokenizer; re-run preprocess (check every token with --verify-data)")
+
+
+def token_id_error(prefixes, token_id: int, vocab_size: int, what: str = "dataset") -> ValueError:
+    """The one-line error for a token id outside ``[0, vocab_size)`` met while reading ``prefixes``
+    (one dataset prefix or several): it names a file whose sha256 no longer matches its manifest
+    (corrupt, e.g. flipped bytes) when there is one, and only otherwise blames another tokenizer."""
+    if isinstance(prefixes, (str, os.PathLike)):
+        prefixes = [prefixes]
+    prefixes = [_strip_ext(p) for p in prefixes or []]
+    for prefix in prefixes:
+        try:
+            verify_checksums(prefix)
+        except ValueError as exc:
+            if "does not match the sha256" in str(exc):
+                return ValueError(f"token id {token_id} is outside the vocabulary [0, {vocab_size}) because the "
+                                  f"{what} is corrupt: {exc}")
+        except OSError:
+            continue
+    names = ", ".join(str(dataset_paths(p)["bin"]) for p in prefixes) or what
+    return ValueError(f"{names} holds token id {token_id}, outside the vocabulary [0, {vocab_size}): the {what} "
+                      "was made with another tokenizer (or is corrupt and has no manifest checksum); "
+                      "re-run preprocess with the model's tokenizer")
+
+
+def check_batch_token_ids(tokens, vocab_size: int, prefixes=None, what: str = "dataset") -> None:
+    """Raise :func:`token_id_error` if the integer array/tensor ``tokens`` (a batch about to be
+    embedded) holds an id outside ``[0, vocab_size)``: one ``max``/``min`` over the batch, so every
+    consumer can afford it, instead of an ``IndexError`` deep in the embedding."""
+    if tokens is None or getattr(tokens, "numel", lambda: getattr(tokens, "size", 0))() == 0:
+        return
+    top, low = int(tokens.max()), int(tokens.min())
+    if top >= vocab_size or low < 0:
+        raise token_id_error(prefixes, top if top >= vocab_size else low, vocab_size, what)
 
 
 def open_indexed_dataset(prefix: str | os.PathLike, tokenizer: Any = None, mmap: bool = True):

@@ -125,11 +125,11 @@ class StagedDatasets:
 
     def abort(self) -> None:
         """Close everything and delete the staging directory (nothing reaches the final names)."""
-        for fh in self.meta_fh.values():
-            fh.close()
-        for builder in self.builders.values():
-            try:
-                builder.data_file.close()
+        handles = [*self.meta_fh.values(), *(getattr(b, "data_file", None) for b in self.builders.values())]
+        for fh in handles:
+            try:  # closing flushes, which fails again on a full disk: the staging directory must still go
+                if fh is not None:
+                    fh.close()
             except Exception:  # noqa: BLE001 - best effort during cleanup
                 pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

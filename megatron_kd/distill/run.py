@@ -202,10 +202,12 @@ def build_distill_data_iterators(cfg: DistillConfig, model_cfg: ModelConfig) -> 
                                         tokenizer=_load_tokenizer(cfg.data.tokenizer))
 
     def make_train(consumed: int) -> Iterator:
-        return ResumableBatchIterator(targets, train.micro_batch_size, dp_rank, dp_size, consumed_samples=consumed)
+        return ResumableBatchIterator(targets, train.micro_batch_size, dp_rank, dp_size, consumed_samples=consumed,
+                                      vocab_size=model_cfg.vocab_size, prefixes=list(cfg.data.prefixes))
 
     def make_valid() -> Iterator:
-        return ResumableBatchIterator(valid_ds, train.micro_batch_size, dp_rank, dp_size, consumed_samples=0)
+        return ResumableBatchIterator(valid_ds, train.micro_batch_size, dp_rank, dp_size, consumed_samples=0,
+                                      vocab_size=model_cfg.vocab_size, prefixes=list(cfg.data.prefixes))
 
     return make_train, (make_valid if valid_ds is not None and train.eval_iters > 0 else None)
 

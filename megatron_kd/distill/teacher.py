@@ -38,6 +38,8 @@ class TeacherSpec:
     """The vocabulary plan (``kd_vocab_size`` etc.)."""
     tokenizer: str | None
     """The teacher's tokenizer reference (resolved path), if known."""
+    meta: dict | None = None
+    """The checkpoint meta read once by :func:`inspect_teacher` (the builders take it from here)."""
 
 
 def check_vocab(teacher_cfg: ModelConfig, student_cfg: ModelConfig, teacher_tokenizer: Any = None,
@@ -84,7 +86,7 @@ def inspect_teacher(load: str, student_cfg: ModelConfig, tensor_parallel: int, p
         plan = check_cross_tokenizer(cfg, student_cfg, tok, student_tokenizer)
     else:
         plan = check_vocab(cfg, student_cfg, tok, student_tokenizer)
-    return TeacherSpec(str(load), int(meta["iteration"]), cfg, padded, plan, tok)
+    return TeacherSpec(str(load), int(meta["iteration"]), cfg, padded, plan, tok, meta)
 
 
 def student_padded_vocab(spec: TeacherSpec, student_cfg: ModelConfig, tensor_parallel: int,
@@ -148,7 +150,8 @@ def load_teacher(spec: TeacherSpec, params_dtype: str | torch.dtype = "fp32") ->
     from megatron_kd.training.checkpoint import load_model_for_inference
 
     with preserved_rng():
-        model, _, _ = load_model_for_inference(spec.path, params_dtype=params_dtype, iteration=spec.iteration)
+        model, _, _ = load_model_for_inference(spec.path, params_dtype=params_dtype, iteration=spec.iteration,
+                                               meta=spec.meta, model_config=spec.model_config)
     dtype = parse_dtype(params_dtype)
     if dtype != torch.float32:
         # build_gpt_model leaves the (torch) norm weights in fp32; a half-precision teacher must be

@@ -2,7 +2,7 @@
 
 No KV cache: every step re-runs the whole (right-padded) batch, which is simple and exactly
 correct with causal attention, and fast enough for evaluation-sized prompts on small models. The
-MiniLLM generator (``megatron_kd.minillm.generation``, KV-cached) can replace it wherever a
+MiniLLM generator (``megatron_kd.posttrain.generation``, KV-cached) can replace it wherever a
 ``generate_fn(prompts) -> completions`` is accepted (:func:`megatron_kd.evaluation.rouge.evaluate_rouge`).
 
 Any TP/PP: the last stage gathers the next-token logits of each row over the TP group (only

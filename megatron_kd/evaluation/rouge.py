@@ -71,7 +71,9 @@ def rouge_l_max(prediction: str, references: Sequence[str], use_stemmer: bool = 
 def load_generation_task(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Read a JSONL generation task: ``{"prompt": str, "output": str | [str, ...]}`` per line.
 
-    ``output`` holds the reference answer(s). Raises one-line errors naming ``file:line``.
+    ``output`` holds the reference answer(s); ``response`` (the key of the post-training
+    instruction JSONL, e.g. MiniLLM's test split) is read when ``output`` is absent. Raises
+    one-line errors naming ``file:line``.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,11 +90,12 @@ def load_generation_task(path: str | Path, limit: int | None = None) -> list[dic
                 ex = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno} is not valid JSON ({exc.msg}): fix the line") from None
-            refs = ex.get("output") if isinstance(ex, dict) else None
+            refs = ex.get("output", ex.get("response")) if isinstance(ex, dict) else None
             refs = [refs] if isinstance(refs, str) else refs
             if not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str) or not refs \
                     or not all(isinstance(r, str) for r in refs):
-                raise ValueError(f'{path}:{lineno} needs a string "prompt" and an "output" string or list of strings')
+                raise ValueError(f'{path}:{lineno} needs a string "prompt" and an "output" (or "response") string or list '
+                                 'of strings')
             examples.append({**ex, "references": refs})
     if not examples:
         raise ValueError(f"generation task {path} holds no examples")

@@ -162,6 +162,9 @@ def check_vocab_compatible(teacher_cfg_or_meta: ModelConfig | Mapping[str, Any] 
     n_tok = int(known.vocab_size)
     for side, v in (("teacher", v_t), ("student", v_s)):
         if n_tok > v:
+            fix = (f"set model.vocab_size=null (the student's vocabulary then comes from data.tokenizer) or >= {n_tok}"
+                   if side == "student" else "use a teacher trained with this tokenizer (or pass teacher.tokenizer if "
+                   "its checkpoint names the wrong one)")
             raise ValueError(f"{side} vocab_size={v} is smaller than the tokenizer's {n_tok} ids: the {side} model "
-                             "cannot score every token (was it built for another tokenizer?)")
+                             f"cannot score every token: {fix}")
     return VocabPlan(n_tok, v_t, v_s, checked)

@@ -162,6 +162,10 @@ def write_byte_key(store: str | Path, prefix: str, tokenizer: str) -> dict[str, 
     store = Path(store)
     man = mf.read_store_manifest(store)
     tok, _ = byte_table(tokenizer, "the store's")
+    recorded = mf.tokenizer_identity((mf.dataset_identity(prefix) or {}).get("tokenizer"))
+    if recorded and recorded != tok.identity:
+        raise ValueError(f"--byte-key-tokenizer {tok.path} is not the tokenizer dataset {prefix} was made with "
+                         f"(its manifest records {recorded[-12:]}): pass that tokenizer")
     old = man.get(KEY)
     if (old and old.get("tokenizer", {}).get("identity") == tok.identity
             and all((store / f).is_file() for f in (BYTE_ENDS, DOC_TEXT))):

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ class PrecomputeConfig:
     """Nucleus mass kept per token (0 < top_p <= 1)."""
     top_k: int = 100
     """Cap on kept ids per token (1..255)."""
-    seq_length: int = 1024
-    """Teacher window in tokens (students may train on any sequence length up to this)."""
+    seq_length: Optional[int] = None
+    """Teacher window in tokens (students may train on any sequence length up to this); None =
+    min(1024, the teacher's max_position_embeddings)."""
     overlap: int = 0
     """Context tokens a window shares with the previous one of the same document."""
     micro_batch_size: int = 4
@@ -112,7 +113,7 @@ class PrecomputeConfig:
             raise ValueError(f"--top-p {self.top_p} must be in (0, 1]")
         if not 1 <= self.top_k <= codec.MAX_COUNT:
             raise ValueError(f"--top-k {self.top_k} must be in 1..{codec.MAX_COUNT}")
-        if self.seq_length < 2 or not 0 <= self.overlap < self.seq_length:
+        if self.seq_length is not None and (self.seq_length < 2 or not 0 <= self.overlap < self.seq_length):
             raise ValueError(f"need --seq-length >= 2 and 0 <= --overlap < --seq-length (got {self.seq_length}, "
                              f"{self.overlap})")
         if not 0.0 < self.value_step <= 1.0:
@@ -167,6 +168,10 @@ def _check_dataset_against_teacher(cfg: PrecomputeConfig, meta: dict, vocab_size
     check_tokenizer(read_dataset_manifest(prefix), tok, what="dataset --data")
 
 
+DEFAULT_SEQ_LENGTH = 1024
+"""Teacher window when ``--seq-length`` is not given (capped at the teacher's positions)."""
+
+
 def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     """Everything that can fail cheaply, before the teacher is loaded."""
     from megatron_kd.models.config import ModelConfig
@@ -177,6 +182,8 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     meta = read_checkpoint_meta(cfg.teacher, cfg.iteration)
     mcfg = ModelConfig.from_dict(meta["model_config"])
     codec.id_bits_for(mcfg.vocab_size)
+    if cfg.seq_length is None:  # the default window never exceeds the teacher's positions
+        cfg.seq_length = min(DEFAULT_SEQ_LENGTH, mcfg.max_position_embeddings)
     cfg.validate(mcfg.vocab_size)
     if cfg.seq_length > mcfg.max_position_embeddings:
         raise ValueError(f"--seq-length {cfg.seq_length} exceeds the teacher's max_position_embeddings "
@@ -201,8 +208,10 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
 class _BatchSource:
     """Builds the input tensors and the target-position index of micro-batches."""
 
-    def __init__(self, dataset, vocab_size: int, device: torch.device, doc_start: np.ndarray):
+    def __init__(self, dataset, vocab_size: int, device: torch.device, doc_start: np.ndarray,
+                 prefix: str | None = None):
         self.ds, self.vocab, self.device, self.doc_start = dataset, vocab_size, device, doc_start
+        self.prefix = prefix
 
     def __call__(self, mb: MicroBatch) -> dict[str, Any]:
         tokens = np.zeros((mb.rows, mb.length), dtype=np.int64)
@@ -212,8 +221,11 @@ class _BatchSource:
             sel.append(r * mb.length + np.arange(w.emit - w.start, w.length))
             positions.append(self.doc_start[w.doc] + np.arange(w.emit, w.end))
         if tokens.max(initial=0) >= self.vocab or tokens.min(initial=0) < 0:
-            raise ValueError(f"dataset token id {int(tokens.max())} is outside the teacher vocabulary "
-                             f"({self.vocab}): the dataset was tokenized with another tokenizer")
+            from megatron_kd.data.manifest import check_batch_token_ids
+
+            # Names the .bin whose sha256 no longer matches its manifest (flipped bytes) before
+            # blaming another tokenizer.
+            check_batch_token_ids(tokens, self.vocab, self.prefix, what="dataset --data")
         pos = torch.arange(mb.length, device=self.device).unsqueeze(0).expand(mb.rows, -1)
         return {"tokens": torch.from_numpy(tokens).to(self.device), "position_ids": pos,
                 "sel": torch.from_numpy(np.concatenate(sel)).to(self.device),
@@ -221,15 +233,32 @@ class _BatchSource:
 
 
 def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, vocab: int, selector: TargetSelector,
-             keep: bool, forward_only: bool):
+             keep: bool, forward_only: bool, head: Any = None):
+    """Select the targets of the emitted positions of one micro-batch.
+
+    ``output``: the teacher's logits [b, s, V/tp], or with ``head = (weight, sequence_parallel)``
+    its final hidden states [b, s, H] (``[b, s/tp, H]`` sequence-parallel, see
+    :mod:`megatron_kd.models.head`): then the LM head runs here, on the emitted positions only and
+    chunk by chunk, and the [tokens, V] logits are never held whole.
+    """
     if forward_only:
         return None
+    if head is not None:
+        weight, sequence_parallel = head
+        if sequence_parallel:
+            from megatron_kd.losses.fused import gather_dim0
+            from megatron_kd.losses.vocab_parallel import resolve_tp
+
+            output = gather_dim0(output.transpose(0, 1), resolve_tp()).transpose(0, 1)
     flat = output.reshape(-1, output.shape[-1])
-    chunk = max(1, (1 << 26) // flat.shape[-1])  # bounds the gathered copy of the logits (~256 MiB fp32)
+    width = weight.shape[0] if head is not None else flat.shape[-1]
+    chunk = max(1, (1 << 26) // width)  # bounds the chunk's logits (~256 MiB fp32)
     parts = []
     for c0 in range(0, len(batch["sel"]), chunk):
-        part = selector(flat.index_select(0, batch["sel"][c0:c0 + chunk]), vocab,
-                        batch["positions"][c0:c0 + chunk], keep=keep)
+        rows = flat.index_select(0, batch["sel"][c0:c0 + chunk])
+        if head is not None:
+            rows = torch.matmul(rows.to(weight.dtype), weight.t())
+        part = selector(rows, vocab, batch["positions"][c0:c0 + chunk], keep=keep)
         if keep:
             parts.append(part)
     if not keep:
@@ -237,19 +266,33 @@ def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, v
     return Selection.concat(parts)
 
 
-def _forward_calls(model, calls, source: _BatchSource, collect, pp: int):
-    """Yield ``(micro_batch, result)`` for every micro-batch (results only on the last stage)."""
+def _forward_calls(model, calls, source: _BatchSource, collect, pp: int, fused_head: bool = True):
+    """Yield ``(micro_batch, result)`` for every micro-batch (results only on the last stage).
+
+    ``fused_head``: the last stage's output layer is captured (:mod:`megatron_kd.models.head`) and
+    :func:`_collect` runs it on the emitted positions only (off for the ``forward_only`` baseline:
+    a plain teacher forward with full logits).
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_kd.models.head import capture_for
+
     fb = get_forward_backward_func()
+    cap = capture_for(model) if fused_head else None
     for mbs in calls:
         batches = [source(mb) for mb in mbs]
         it = iter(batches)
 
         def step(data_iterator, model_):
             b = next(data_iterator)
-            out = model_(b["tokens"], b["position_ids"], None)
-            return out, partial(collect, b)
+            if cap is None:
+                return model_(b["tokens"], b["position_ids"], None), partial(collect, b)
+            cap.active = True
+            try:
+                out = model_(b["tokens"], b["position_ids"], None)
+            finally:
+                cap.active = False
+            return out, partial(collect, b, head=(cap.pop_weight(), cap.sequence_parallel))
 
         with torch.no_grad():
             res = fb(forward_step_func=step, data_iterator=it, model=[model], num_microbatches=len(mbs),
@@ -307,7 +350,7 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
     vocab = mcfg.vocab_size
     layout = store_layout(header["settings"])
     collect = partial(_collect, vocab=vocab, selector=cfg.selector(), keep=writer_rank, forward_only=forward_only)
-    source = _BatchSource(ds, vocab, device(), doc_start)
+    source = _BatchSource(ds, vocab, device(), doc_start, mf.strip_dataset_prefix(cfg.data))
     plans = {i: [w for d in range(*shards[i]) for w in document_windows(d, int(lengths[d]), cfg.seq_length,
                                                                           cfg.overlap)] for i in mine}
     total = sum(w.end - w.emit for i in mine for w in plans[i])
@@ -326,7 +369,8 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
             calls = plan_micro_batches(plans[i], cfg.seq_length, cfg.micro_batch_size,
                                        fixed_rows=cfg.pipeline_parallel > 1)
             token_lo = doc_start - doc_start[lo]
-            for mb, result in _forward_calls(model, calls, source, collect, cfg.pipeline_parallel):
+            for mb, result in _forward_calls(model, calls, source, collect, cfg.pipeline_parallel,
+                                             fused_head=not forward_only):
                 if writer is not None:
                     pending.append(pool.submit(_write_chunk, writer, result, mb, token_lo, layout, audit))
                     while len(pending) > 4:

@@ -99,7 +99,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the temp file (on error)."""
         if not self._fh.closed:
-            self._fh.close()
+            try:  # closing flushes, which fails again on a full disk: the temp file must still go
+                self._fh.close()
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
 

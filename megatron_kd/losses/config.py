@@ -58,7 +58,20 @@ class KDLossConfig:
     lm_inplace: bool = False
     """Let megatron's vocab_parallel_cross_entropy overwrite fp32 student logits in place (saves one
     logits-sized fp32 copy; the logits tensor is garbage after the call). bf16/fp16 logits are
-    never modified either way."""
+    never modified either way. Only the two-pass path uses it (kd.one_pass is skipped when true)."""
+    one_pass: bool = True
+    """Compute the LM cross-entropy and the KD divergence in one pass over each logits chunk
+    (shared log-sum-exp, one combined analytic gradient; :func:`megatron_kd.losses.fused_kd_lm_loss`).
+    Same values and gradients as the two-pass path (false: KD kernel, then megatron's CE)."""
+    fused_linear: bool = True
+    """Fuse the student's output layer into the loss (:func:`megatron_kd.losses.fused_linear_kd`):
+    logits are produced chunk by chunk from the final hidden states and never held whole; online,
+    the teacher's too. Distillation runs only (kd.mode online/offline, not with kd.cross_tokenizer,
+    which falls back to the unfused head)."""
+    fused_chunk_tokens: Optional[int] = None
+    """Tokens per chunk of the fused output layer; None = about 4M logits per CPU thread (max 4),
+    32M on GPUs (the budget of kd.chunk_size), but at least 64 tokens on CPU and 1024 on GPUs
+    (each chunk streams the whole output weight: fewer tokens would be memory-bound)."""
 
     def __post_init__(self) -> None:
         validate_choices(self, "kd.")
@@ -80,5 +93,7 @@ class KDLossConfig:
             raise ValueError(f"kd.target_kind={self.target_kind!r} is not one of auto, logprobs, weights")
         if self.target_kind == "weights" and (self.temperature != 1.0 or self.residual):
             raise ValueError("kd.target_kind=weights (sampled store) needs kd.temperature=1 and kd.residual=false")
+        if self.fused_chunk_tokens is not None and self.fused_chunk_tokens < 1:
+            raise ValueError(f"kd.fused_chunk_tokens={self.fused_chunk_tokens} must be >= 1 or null")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"kd.chunk_size={self.chunk_size} must be >= 1 or null")

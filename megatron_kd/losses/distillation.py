@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from megatron_kd.losses.config import KDLossConfig
 from megatron_kd.losses.divergences import kd_loss
+from megatron_kd.losses.fused import fused_kd_lm_loss, fused_linear_kd
 from megatron_kd.losses.schedules import alpha_at
 from megatron_kd.losses.sparse import sparse_kd_loss
 
@@ -141,6 +142,9 @@ class DistillationLoss:
             )
         mask, safe_labels = _token_mask(labels, loss_mask, cfg.ignore_index)
         count = mask.sum()
+        if have_teacher and cfg.one_pass and not cfg.lm_inplace:
+            return self._one_pass(student_logits, safe_labels, mask, count, alpha, teacher_logits,
+                                  target_ids, target_logprobs)
         report = {}
         total = None
         scale = cfg.temperature ** 2 if cfg.t2_scale else 1.0
@@ -170,3 +174,69 @@ class DistillationLoss:
         report["total"] = _pair(total, count)
         report["alpha"] = torch.tensor([alpha, 1.0], dtype=torch.float32, device=lm_sum.device)
         return total, count.to(torch.int), report
+
+    def _weights(self, alpha: float) -> tuple[float, float]:
+        cfg = self.cfg
+        return alpha * (cfg.temperature ** 2 if cfg.t2_scale else 1.0), 1.0 - alpha
+
+    def _sparse_kind(self) -> str:
+        return "logprobs" if self.cfg.target_kind == "auto" else self.cfg.target_kind
+
+    def _finish(self, total, kd_sum, lm_sum, count, alpha, have_teacher=True):
+        report = {"lm": _pair(lm_sum, count)}
+        if have_teacher:
+            report["kd"] = _pair(kd_sum, count)
+        report["total"] = _pair(total, count)
+        report["alpha"] = torch.tensor([alpha, 1.0], dtype=torch.float32, device=lm_sum.device)
+        return total, count.to(torch.int), report
+
+    def _one_pass(self, student_logits, safe_labels, mask, count, alpha, teacher_logits, target_ids,
+                  target_logprobs):
+        """LM + KD in one pass per logits chunk (kd.one_pass; :func:`fused_kd_lm_loss`)."""
+        cfg = self.cfg
+        w_kd, w_lm = self._weights(alpha)
+        total, kd, lm = fused_kd_lm_loss(
+            student_logits, safe_labels, mask, teacher_logits=teacher_logits, target_ids=target_ids,
+            target_logprobs=target_logprobs, kind=cfg.kind, temperature=cfg.temperature, skew=cfg.skew,
+            beta=cfg.beta, residual=cfg.residual, target_kind=self._sparse_kind(), w_kd=w_kd, w_lm=w_lm,
+            chunk_size=cfg.chunk_size,
+        )
+        return self._finish(total.sum(), kd.sum(), lm.sum(), count, alpha)
+
+    def fused_linear(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor,
+        teacher_hidden: Optional[torch.Tensor] = None,
+        teacher_weight: Optional[torch.Tensor] = None,
+        target_ids: Optional[torch.Tensor] = None,
+        target_logprobs: Optional[torch.Tensor] = None,
+        step: int = 0,
+        total_steps: int = 1,
+        vocab_size: Optional[int] = None,
+        sequence_parallel: bool = False,
+    ):
+        """The same 3-tuple as :meth:`__call__`, from the student's final hidden states and output
+        weight (:func:`fused_linear_kd`: no [tokens, V] logits). ``hidden`` [b, s, H] (sequence
+        parallel: this rank's [b, s/tp, H]); ``weight`` [V/tp, H]; a teacher as ``teacher_hidden``
+        + ``teacher_weight`` or sparse targets, or neither (LM only: the report has no ``kd``)."""
+        cfg = self.cfg
+        sparse = target_ids is not None or target_logprobs is not None
+        have_teacher = sparse or teacher_hidden is not None
+        alpha = alpha_at(cfg, step, total_steps) if have_teacher else 0.0
+        mask, safe = _token_mask(labels, loss_mask, cfg.ignore_index)
+        count = mask.sum()
+        w_kd, w_lm = self._weights(alpha)
+        total, kd_sum, lm_sum = fused_linear_kd(
+            hidden, weight, safe, mask, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+            target_ids=target_ids, target_logprobs=target_logprobs, kind=cfg.kind,
+            temperature=cfg.temperature, skew=cfg.skew, beta=cfg.beta, residual=cfg.residual,
+            target_kind=self._sparse_kind(), w_kd=w_kd, w_lm=w_lm, vocab_size=vocab_size,
+            sequence_parallel=sequence_parallel, chunk_tokens=cfg.fused_chunk_tokens,
+        )
+        out = self._finish(total, kd_sum, lm_sum, count, alpha, have_teacher)
+        if not have_teacher:  # the report of lm_loss_func
+            out[2].pop("alpha")
+        return out

@@ -66,7 +66,8 @@ def plan_steps(window_lengths: np.ndarray, tokens_per_microbatch: int, num_micro
 
 
 def build_microbatch(dataset, windows: np.ndarray, rows: np.ndarray, seq_length: int,
-                     device: torch.device) -> dict[str, torch.Tensor]:
+                     device: torch.device, vocab_size: int | None = None,
+                     prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch: tokens/labels/mask/position_ids, all [rows, seq_length].
 
     Row r holds window ``rows[r]``: inputs = its first L-1 tokens, labels = tokens 1..L-1,
@@ -86,6 +87,11 @@ def build_microbatch(dataset, windows: np.ndarray, rows: np.ndarray, seq_length:
         tokens[r, :n] = ids[:-1]
         labels[r, :n] = ids[1:]
         mask[r, :n] = True
+    if vocab_size is not None:  # a corrupt .bin is a one-line error naming it, not an IndexError
+        from megatron_kd.data.manifest import check_batch_token_ids
+
+        check_batch_token_ids(tokens, vocab_size, prefix, what="dataset --data")
+        check_batch_token_ids(labels[mask], vocab_size, prefix, what="dataset --data")
     pos = torch.arange(seq_length, dtype=torch.long).unsqueeze(0).expand(b, -1)
     return {
         "tokens": torch.from_numpy(tokens).to(device, non_blocking=True),

@@ -205,11 +205,12 @@ class IndexedDatasetWriter:
 
     def abort(self) -> None:
         """Remove the temp files (after an error)."""
-        self._meta_fh.close()
-        try:
-            self._builder.data_file.close()
-        except Exception:  # noqa: BLE001 - best effort clean-up
-            pass
+        for fh in (self._meta_fh, getattr(self._builder, "data_file", None)):
+            try:  # closing flushes: on a full disk that raises too, and the temp files must still go
+                if fh is not None:
+                    fh.close()
+            except Exception:  # noqa: BLE001 - best effort clean-up
+                pass
         for suffix in (".bin", ".idx", META_SUFFIX):
             Path(str(self._tmp) + suffix).unlink(missing_ok=True)
 

@@ -167,3 +167,31 @@ def row_nll_sums(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     flat_labels = torch.where(mask, labels, torch.full_like(labels, -1)).reshape(-1)
     nll = masked_token_nll(logits.reshape(b * s, v), flat_labels, vocab_size, chunk_tokens, kernel)
     return nll.view(b, s).double().sum(dim=1), mask.sum(dim=1).to(torch.int64)
+
+
+def hidden_nll_sbv(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                   chunk_tokens: int = 2048, kernel: str = "eager",
+                   sequence_parallel: bool = False) -> torch.Tensor:
+    """Per-token NLL [b, s] from the final hidden states, the LM head run here chunk by chunk.
+
+    ``hidden``: [s, b, H] (``[s/tp, b, H]`` with ``sequence_parallel``), what a captured output
+    layer hands over (:mod:`megatron_kd.models.head`); ``weight``: the output weight shard
+    [V/tp, H]; ``labels``: [b, s] (< 0 = padding, NLL 0, never computed). Only the positions that
+    predict a real token get logits, ``chunk_tokens`` at a time: no [tokens, V] tensor is held.
+    Collective over TP (every TP rank holds the same labels).
+    """
+    if sequence_parallel:
+        from megatron_kd.losses.fused import gather_dim0
+        from megatron_kd.losses.vocab_parallel import resolve_tp
+
+        hidden = gather_dim0(hidden, resolve_tp())
+    s, b, h = hidden.shape
+    flat_labels = labels.transpose(0, 1).reshape(-1)
+    flat = hidden.reshape(s * b, h)
+    out = torch.zeros(s * b, dtype=torch.float32, device=hidden.device)
+    rows = torch.nonzero(flat_labels >= 0, as_tuple=False).reshape(-1)
+    for lo in range(0, rows.numel(), chunk_tokens):
+        idx = rows[lo:lo + chunk_tokens]
+        logits = torch.matmul(flat.index_select(0, idx).to(weight.dtype), weight.t())
+        out.index_copy_(0, idx, vocab_parallel_nll(logits, flat_labels.index_select(0, idx), vocab_size, kernel))
+    return out.view(s, b).transpose(0, 1)

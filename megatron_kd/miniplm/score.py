@@ -13,7 +13,7 @@ import time
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ import torch
 from megatron_kd.miniplm import dataset_io
 from megatron_kd.miniplm.batching import Step, build_microbatch, plan_steps
 from megatron_kd.miniplm.instances import scoring_windows, skipped_tokens, split_instances, validate_instance_args
-from megatron_kd.miniplm.nll import resolve_kernel, token_nll_sbv
+from megatron_kd.miniplm.nll import hidden_nll_sbv, resolve_kernel, token_nll_sbv
 from megatron_kd.miniplm.store import SCORE_DTYPE, ScoreStore, config_hash, shard_bounds
 from megatron_kd.utils.progress import JsonlWriter, progress
 from megatron_kd.utils.artifacts import relative_ref
@@ -39,8 +39,9 @@ class ScoreConfig:
     """Indexed-dataset prefix (path without ``.bin``/``.idx``)."""
     out: str
     """Scores directory to create or resume."""
-    chunk_length: int = 1024
-    """Tokens per instance (chunk mode) / per scoring window (document mode)."""
+    chunk_length: Optional[int] = None
+    """Tokens per instance (chunk mode) / per scoring window (document mode); None = min(1024, the
+    models' max_position_embeddings + 1)."""
     mode: str = "chunk"
     """``chunk``: fixed-length chunks that do not cross documents; ``document``: whole documents."""
     min_length: int = 2
@@ -100,6 +101,10 @@ def _tokenizer_identity(ref: str | None) -> str | None:
         return ref
 
 
+DEFAULT_CHUNK_LENGTH = 1024
+"""``--chunk-length`` when not given (capped at the models' positions + 1)."""
+
+
 def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     """Validate flags, checkpoints and dataset before any model is built.
 
@@ -109,7 +114,8 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     from megatron_kd.training.checkpoint import read_checkpoint_meta
     import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
-    validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
+    if cfg.chunk_length is not None:
+        validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
     resolve_kernel(cfg.nll_kernel)
     if cfg.pad_multiple < 0:
         raise ValueError(f"--pad-multiple {cfg.pad_multiple} must be >= 0 (0 = auto)")
@@ -135,10 +141,17 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
         raise ValueError(f"teacher tokenizer {tt!r} differs from reference tokenizer {rt!r}: "
                          "train the reference model with the teacher's tokenizer")
     ds = dataset_io.open_dataset(cfg.data)
+    from megatron_kd.data.manifest import check_token_ids
+
+    check_token_ids(cfg.data, tv, what="dataset --data")  # sizes, header, sampled ids (before any model)
     dt = dataset_io.dataset_tokenizer(dataset_io.read_dataset_manifest(cfg.data))
     model_tok = tt or rt
     if dt and model_tok and dt != model_tok and _tokenizer_identity(dt) != _tokenizer_identity(model_tok):
         raise ValueError(f"dataset {cfg.data} was tokenized with {dt!r} but the models use {model_tok!r}: pass the dataset tokenized with the models' tokenizer (or --tokenizer if the checkpoints name the wrong one)")
+    if cfg.chunk_length is None:  # the default never exceeds the models' positions
+        positions = [m["model_config"].get("max_position_embeddings") for m in (t_meta, r_meta)]
+        cfg.chunk_length = min([DEFAULT_CHUNK_LENGTH] + [p + 1 for p in positions if p])
+        validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
     for meta, who in ((t_meta, "teacher"), (r_meta, "reference")):
         max_pos = meta["model_config"].get("max_position_embeddings") or cfg.chunk_length
         if cfg.chunk_length - 1 > max_pos:
@@ -168,16 +181,29 @@ def _on_rank0_raise_everywhere(fn) -> None:
         raise kind(err[0][1])
 
 
-def install_nll_head(model, vocab_size: int, ce_chunk: int, kernel: str = "auto") -> None:
+def install_nll_head(model, vocab_size: int, ce_chunk: int, kernel: str = "auto", fused: bool = True) -> None:
     """Make ``model(tokens, pos, None, labels=labels)`` return per-token NLL [b, s] (fp32).
 
-    Binds :func:`token_nll_sbv` as this model instance's ``compute_language_model_loss`` (the
-    hook GPTModel calls with its [s, b, V/tp] logits when labels are given): padded vocabulary
-    excluded, padding positions (label -1) skipped, and no [b, s, V] transposed copy of the
-    logits is made. Only models the scorer loads itself are changed.
+    Binds this model instance's ``compute_language_model_loss`` (the hook GPTModel calls with
+    the output of its output layer when labels are given): padded vocabulary excluded, padding
+    positions (label -1) skipped, and no [b, s, V] transposed copy of the logits is made. With
+    ``fused`` (default) the output layer is captured for good (:mod:`megatron_kd.models.head`):
+    it hands over the final hidden states and :func:`hidden_nll_sbv` runs the LM head chunk by
+    chunk on the real positions only, so no [tokens, V] logits exist. Only models the scorer
+    loads itself are changed.
     """
+    cap = None
+    if fused:
+        from megatron_kd.models.head import capture_for
+
+        cap = capture_for(model)
+        if cap is not None:
+            cap.active = True
 
     def compute_language_model_loss(self, labels, logits):
+        if cap is not None:
+            return hidden_nll_sbv(logits, cap.pop_weight(), labels, vocab_size, ce_chunk, kernel,
+                                  cap.sequence_parallel)
         return token_nll_sbv(logits, labels, vocab_size, ce_chunk, kernel)
 
     model.compute_language_model_loss = types.MethodType(compute_language_model_loss, model)
@@ -208,7 +234,8 @@ def _run_model(model, microbatches: list[dict], seq_length: int):
 
 
 def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
-                 num_microbatches: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+                 num_microbatches: int, device: torch.device,
+                 vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Score one shard's instances with each model. Returns (nll_sums [n_models, n], n_pred [n], tokens)."""
     windows, owner = scoring_windows(instances, cfg.chunk_length)
     pad = cfg.pad_multiple or (8 if device.type == "cuda" else 1)
@@ -217,7 +244,8 @@ def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
     sums = [torch.zeros(len(windows), dtype=torch.float64, device=device) for _ in models]
     counts = torch.zeros(len(windows), dtype=torch.int64, device=device)
     for step in steps:
-        mbs = [build_microbatch(dataset, windows, rows, step.seq_length, device) for rows in step.rows]
+        mbs = [build_microbatch(dataset, windows, rows, step.seq_length, device, vocab_size, cfg.data)
+               for rows in step.rows]
         for m, model in enumerate(models):
             results = _run_model(model, mbs, step.seq_length)
             for rows, (s, c) in zip(step.rows, results):
@@ -289,7 +317,7 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
             start, end = shard_bounds(k, cfg.shard_size, len(instances))
             t0, c0 = time.perf_counter(), time.process_time()
             sums, n_pred, tokens = _score_shard([teacher, reference], ds, instances[start:end], cfg,
-                                                n_mb, dev)
+                                                n_mb, dev, vocab)
             if writer:
                 rows = np.empty(end - start, dtype=SCORE_DTYPE)
                 rows["instance"] = np.arange(start, end)

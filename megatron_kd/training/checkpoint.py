@@ -20,6 +20,8 @@ previous ``latest`` intact and loadable.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import re
 import shutil
@@ -36,7 +38,7 @@ from megatron_kd.models.sharding import local_padded_vocab_size
 from megatron_kd.runtime.distributed import barrier, is_main_process, rank
 from megatron_kd.runtime.parallel import unwrap
 from megatron_kd.utils.artifacts import bundle_tokenizer, resolve_ref
-from megatron_kd.utils.exits import FilesystemError
+from megatron_kd.utils.exits import FilesystemError, filesystem_cause
 from megatron_kd.utils.io import atomic_write, read_json, replace_dir_atomic, write_json_atomic
 
 LATEST = "latest"
@@ -276,16 +278,37 @@ def _state_bytes(sharded: dict[str, Any]) -> int:
     return total
 
 
+class _DropFilesystemErrors(logging.Filter):
+    """Drops megatron-core's writer log line for a filesystem error that save_checkpoint re-raises
+    as its own one-line message (full disk, read-only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(t in text for t in ("No space left", "Read-only file system", "Disk quota", "Permission denied"))
+
+
+@contextlib.contextmanager
+def _quiet_writer_errors():
+    log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    drop = _DropFilesystemErrors()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], model_config: ModelConfig,
                     iteration: int, optimizer=None, scheduler=None, extra: dict[str, Any] | None = None,
                     tokenizer: str | None = None, keep_last: int | None = None,
-                    seq_length: int | None = None) -> Path:
+                    seq_length: int | None = None, rank_state: dict[str, Any] | None = None) -> Path:
     """Save model (+ optimizer, scheduler, RNG, ``extra`` state) as iteration ``iteration``.
 
     Collective: every rank must call it. ``extra`` is JSON-serialisable run state (e.g. the data
     position ``consumed_samples``, KD schedule step). Returns the final iteration directory.
     ``keep_last`` keeps the N most recently written iteration directories (see
-    :func:`rotate_checkpoints`). A failed save (e.g. disk full) removes its temporary directory and
+    :func:`rotate_checkpoints`). ``rank_state`` is this rank's own state (any torch-picklable
+    object, e.g. a rollout buffer), saved per rank and read back by :func:`load_rank_state`. A failed save (e.g. disk full) removes its temporary directory and
     leaves ``latest`` and every earlier checkpoint untouched; filesystem errors are re-raised as an
     ``OSError`` whose message names the path and the space needed/free. ``tokenizer`` (a path) is
     copied into ``CKPT/tokenizer/`` and recorded relative to ``CKPT``; ``seq_length`` (the training
@@ -310,10 +333,14 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
         sharded = _model_sharded_state_dict(model_chunks)
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded.get("model") or sharded)
-        dist_checkpointing.save(sharded, str(tmp))
+        with _quiet_writer_errors():  # a filesystem error is reported once, as one line (below)
+            dist_checkpointing.save(sharded, str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "tracker": _rng_tracker_states()}, tmp / "rng" / f"rank_{rank():05d}.pt")
+        if rank_state is not None:
+            (tmp / "rank_state").mkdir(exist_ok=True)
+            torch.save(rank_state, tmp / "rank_state" / f"rank_{rank():05d}.pt")
         padded = _padded_vocab(model_chunks)
         barrier()
         if is_main_process():
@@ -342,9 +369,22 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise FilesystemError(exc, "checkpoint save failed", _state_bytes(sharded) or None) from None
+        # megatron-core / torch.save may wrap the OSError (or lose its errno: "unexpected pos ...").
+        # (torch's CheckpointException derives from BaseException, not Exception.)
+        cause = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else filesystem_cause(exc, tmp)
+        if cause is not None:
+            if not cause.filename:
+                cause.filename = str(tmp)
+            raise FilesystemError(cause, "checkpoint save failed", _state_bytes(sharded) or None) from None
         raise
     barrier()
     return final
+
+
+def load_rank_state(path: str | Path) -> dict[str, Any] | None:
+    """This rank's ``rank_state`` saved in the iteration directory ``path`` (None when there is none)."""
+    f = Path(path) / "rank_state" / f"rank_{rank():05d}.pt"
+    return torch.load(f, weights_only=False) if f.is_file() else None
 
 
 def _rng_tracker_states() -> dict[str, Any]:
@@ -354,13 +394,15 @@ def _rng_tracker_states() -> dict[str, Any]:
 
 
 def load_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], optimizer=None, scheduler=None,
-                    iteration: int | None = None, load_rng: bool = True) -> dict[str, Any]:
+                    iteration: int | None = None, load_rng: bool = True,
+                    meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load model (+ optimizer, scheduler, RNG) in place; return the checkpoint's ``meta``.
 
     Works with any data-parallel size. RNG states are restored only when this rank's file exists
-    (same world size); otherwise the caller's seeding stands.
+    (same world size); otherwise the caller's seeding stands. ``meta``: the iteration's meta as
+    :func:`read_checkpoint_meta` returned it earlier (a resolved plan), so it is not read again.
     """
-    meta = read_checkpoint_meta(ckpt_dir, iteration)
+    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir, iteration)
     source = checkpoint_source(ckpt_dir)
     if source is not None:
         if optimizer is not None:
@@ -397,17 +439,20 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], o
 
 
 def load_model_for_inference(ckpt_dir: str | Path, params_dtype: str | torch.dtype = "fp32",
-                             iteration: int | None = None) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+                             iteration: int | None = None, meta: dict[str, Any] | None = None,
+                             model_config: ModelConfig | None = None
+                             ) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
     """Build this rank's model stage from a checkpoint's own config and load its weights (eval mode).
 
     Any TP/PP (parallel_state must be initialised); returns ``(model, model_config, meta)``.
-    The model is frozen (``requires_grad=False``) — the form a teacher or scorer needs.
+    The model is frozen (``requires_grad=False``) — the form a teacher or scorer needs. ``meta`` /
+    ``model_config``: already resolved (e.g. a distill plan's TeacherSpec), not read again.
     """
-    meta = read_checkpoint_meta(ckpt_dir, iteration)
-    cfg = ModelConfig.from_dict(meta["model_config"])
+    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir, iteration)
+    cfg = model_config if model_config is not None else ModelConfig.from_dict(meta["model_config"])
     model = build_gpt_model(cfg, params_dtype=params_dtype, padded_vocab_size=meta["padded_vocab_size"])
-    load_checkpoint(ckpt_dir, [model], iteration=iteration if checkpoint_source(ckpt_dir) else meta["iteration"],
-                    load_rng=False)
+    load_checkpoint(ckpt_dir, [model], iteration=None if checkpoint_source(ckpt_dir) else meta["iteration"],
+                    load_rng=False, meta=meta)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

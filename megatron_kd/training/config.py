@@ -73,8 +73,8 @@ class OptimConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient L2 norm to this value (0 = no clipping)."""
-    lr_schedule: Literal["constant", "cosine", "wsd"] = "cosine"
-    """constant | cosine | wsd (warmup-stable-decay), all after a linear warmup."""
+    lr_schedule: Literal["constant", "cosine", "linear", "wsd"] = "cosine"
+    """constant | cosine | linear | wsd (warmup-stable-decay), all after a linear warmup."""
     warmup_fraction: float = 0.0
     """Linear warmup length as a fraction of train_iters (used when warmup_iters is 0)."""
     warmup_iters: int = 0
@@ -187,6 +187,7 @@ class ModelSpec:
     two field lists agree: add a field to both."""
 
     _field_docs_from = ModelConfig  # --help-config: undocumented fields take ModelConfig's docstrings
+    _scalar_key = "preset"  # `model: tiny` in YAML = `model: {preset: tiny}`
 
     preset: Optional[str] = None
     """Preset name (megatron_kd.models.presets, e.g. tiny, qwen2.5-0.5b); None = ModelConfig defaults."""

@@ -6,6 +6,13 @@ pipelining, or 1F1B when PP > 1) with the given ``forward_step_func`` (see
 logs every reported metric, evaluates, checkpoints and resumes. Distillation plugs in its own
 forward step, ``adjust_tensor_shapes_fn`` (teacher activations through the pipeline), an
 ``on_step_end`` hook and ``extra_state``/``load_extra_state`` (its schedule state in checkpoints).
+
+Algorithms whose iteration is not one megatron schedule pass (post-training: PPO on rollouts,
+GKD on generated responses) plug in a :class:`TrainStep` instead of a forward step: it runs the
+forward/backward passes of one iteration on the batch its batch source yields and returns the
+step's metrics; the Trainer still owns zeroing, the LR schedule, the non-finite check, the
+optimizer step, evaluation (an ``evaluator`` callable), checkpoints (``rank_state`` /
+``load_rank_state``: per-rank state such as a rollout or replay buffer) and metrics.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import inspect
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.moe import router_loss_metrics
 from megatron_kd.runtime.distributed import device, is_main_process
-from megatron_kd.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from megatron_kd.training.checkpoint import has_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from megatron_kd.training.config import CheckpointConfig, LoggingConfig, TrainConfig
 from megatron_kd.training.metrics import (MetricsLogger, check_metrics_owner, claim_metrics_path,
                                           default_metrics_path, main_loss, reduce_reports)
@@ -34,6 +41,18 @@ from megatron_kd.utils.processes import StopSignals, children_die_with_parent
 from megatron_kd.utils.progress import read_jsonl
 
 ForwardStep = Callable[[Iterator, torch.nn.Module], tuple[torch.Tensor, Callable]]
+
+
+class TrainStep(Protocol):
+    """The work of one iteration for algorithms that are not one schedule pass (see the module docstring).
+
+    ``step(batch)`` receives the next item of the train iterator, runs forward and backward into the
+    model's (zeroed) gradient buffers, reduces them over data parallel (``finalize_model_grads``),
+    and returns the step's metrics (the first of ``total``/``lm``/the first key is the loss). The
+    Trainer then checks finiteness, steps the LR schedule and the optimizer.
+    """
+
+    def __call__(self, batch: Any) -> dict[str, float]: ...
 
 
 def data_parallel_size() -> int:
@@ -100,7 +119,11 @@ class Trainer:
                  on_step_end: Callable[..., None] | None = None,
                  extra_state: Callable[[], dict[str, Any]] | None = None,
                  load_extra_state: Callable[[dict[str, Any]], None] | None = None,
-                 tokenizer: str | None = None, desc: str = "train"):
+                 tokenizer: str | None = None, desc: str = "train", step: TrainStep | None = None,
+                 evaluator: Callable[[], dict[str, float]] | None = None,
+                 rank_state: Callable[[], dict[str, Any]] | None = None,
+                 load_rank_state: Callable[[dict[str, Any]], None] | None = None,
+                 config_to_save: Any = None):
         self.model_chunks, self.optimizer, self.scheduler = model_chunks, optimizer, scheduler
         self.forward_step_func = forward_step_func
         self.valid_forward_step_func = valid_forward_step_func or forward_step_func
@@ -110,6 +133,9 @@ class Trainer:
         self.adjust_tensor_shapes_fn = adjust_tensor_shapes_fn
         self.on_step_end, self.extra_state, self.load_extra_state = on_step_end, extra_state, load_extra_state
         self.tokenizer, self.desc = tokenizer, desc
+        self.step_fn, self.evaluator = step, evaluator
+        self.rank_state, self.load_rank_state = rank_state, load_rank_state
+        self.config_to_save = config_to_save
         self.iteration = 0
         self.consumed_samples = 0
         self.num_microbatches = num_microbatches(train)
@@ -146,6 +172,8 @@ class Trainer:
             self._saved_iteration = self.iteration
         if self.load_extra_state is not None:
             self.load_extra_state(extra.get("hooks") or {})
+        if self.load_rank_state is not None:
+            self.load_rank_state(load_rank_state(meta["path"]) or {})
         self._print(f"resumed from {meta['path']} at iteration {self.iteration} "
                     f"({self.consumed_samples} samples consumed)")
         return True
@@ -160,7 +188,12 @@ class Trainer:
                                optimizer=self.optimizer, scheduler=self.scheduler, extra=extra,
                                tokenizer=self.ckpt_cfg.tokenizer or self.tokenizer,
                                keep_last=self.ckpt_cfg.keep_last or None,
-                               seq_length=self.train_cfg.seq_length)
+                               seq_length=self.train_cfg.seq_length,
+                               rank_state=self.rank_state() if self.rank_state is not None else None)
+        if self.config_to_save is not None and is_main_process():
+            from megatron_kd.config import save_config
+
+            save_config(self.config_to_save, Path(self.ckpt_cfg.save) / "config.yaml")
         self._saved_iteration = self.iteration
         self._print(f"saved checkpoint {path}")
         return path
@@ -183,12 +216,15 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self._schedule(data_iterator, self.forward_step_func, forward_only=False)
+        if self.step_fn is not None:
+            metrics = dict(self.step_fn(next(data_iterator)))
+        else:
+            reports = self._schedule(data_iterator, self.forward_step_func, forward_only=False)
+            metrics = reduce_reports(reports)
+            metrics.update(router_loss_metrics(self.num_microbatches))  # MoE students with an aux loss; else {}
         # Step k (1-based) uses the schedule's lr(k): warmup reaches the peak at step W exactly.
         self.scheduler.step(1)
         lr = current_lr(self.optimizer)
-        metrics = reduce_reports(reports)
-        metrics.update(router_loss_metrics(self.num_microbatches))  # MoE students with an aux loss; else {}
         loss = main_loss(metrics)
         finite = math.isfinite(loss) and self._grads_finite()
         ok, grad_norm = False, None
@@ -299,7 +335,7 @@ class Trainer:
         logger = MetricsLogger(self.log_cfg, metrics_path, train_cfg.train_iters, self.iteration,
                                train_cfg.global_batch_size * train_cfg.seq_length, train_cfg.log_interval, self.desc)
         last: dict[str, Any] = {"iteration": self.iteration, "train": {}, "valid": {}}
-        do_eval = make_valid_iterator is not None and train_cfg.eval_iters > 0
+        do_eval = self.evaluator is not None or (make_valid_iterator is not None and train_cfg.eval_iters > 0)
         try:
             with StopSignals() as self._signals:
                 while self.iteration < train_cfg.train_iters:
@@ -310,7 +346,7 @@ class Trainer:
                     if self.on_step_end is not None:
                         _call_step_hook(self.on_step_end, self.iteration, step_metrics)
                     if do_eval and train_cfg.eval_interval and self.iteration % train_cfg.eval_interval == 0:
-                        last["valid"] = self.evaluate(make_valid_iterator())
+                        last["valid"] = self._run_eval(make_valid_iterator)
                         logger.log_eval(self.iteration, last["valid"])
                     interval = self.ckpt_cfg.save_interval
                     if interval and self.iteration % interval == 0:
@@ -322,7 +358,7 @@ class Trainer:
                 # metrics equal those of an uninterrupted run.
                 if finished and do_eval and not (train_cfg.eval_interval
                                                  and self.iteration % train_cfg.eval_interval == 0):
-                    last["valid"] = self.evaluate(make_valid_iterator())
+                    last["valid"] = self._run_eval(make_valid_iterator)
                     logger.log_eval(self.iteration, last["valid"])
                 if self._saved_iteration != self.iteration:
                     self.save()
@@ -337,6 +373,12 @@ class Trainer:
             raise RunInterrupted(f"interrupted by {signal_name} after step {self.iteration}/{train_cfg.train_iters}: "
                                  f"{where} (exit code 75 = requeue)")
         return last
+
+    def _run_eval(self, make_valid_iterator: Callable[[], Iterator] | None) -> dict[str, float]:
+        """The ``evaluator`` hook if given, else :meth:`evaluate` on a fresh validation iterator."""
+        if self.evaluator is not None:
+            return self.evaluator()
+        return self.evaluate(make_valid_iterator())
 
     def _handle_nonfinite_logged(self, logger: MetricsLogger, metrics: dict[str, Any], step_time: float) -> None:
         """Count a dropped update, log the step, then apply ``train.nonfinite`` (may raise)."""

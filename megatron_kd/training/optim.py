@@ -2,7 +2,7 @@
 
 The schedule is megatron-core's ``OptimizerParamScheduler``, stepped so that optimizer step
 ``k`` (1-based) uses ``lr_at(k)``: linear warmup from 0 over ``W`` steps (step W reaches the
-peak), then constant, cosine down to ``min_lr`` at ``train_iters``, or WSD (stable at the peak
+peak), then constant, cosine or linear down to ``min_lr`` at ``train_iters``, or WSD (stable at the peak
 until the last ``D`` steps, then decay to ``min_lr``). The config, not the checkpoint, defines the
 schedule; a resumed run only restores the step count.
 """
@@ -40,7 +40,7 @@ def build_optimizer(model_chunks: list[torch.nn.Module], optim: OptimConfig):
 def build_scheduler(optimizer, optim: OptimConfig, train_iters: int) -> OptimizerParamScheduler:
     """LR / weight-decay scheduler for ``train_iters`` optimizer steps (see the module docstring)."""
     warmup = warmup_iters(optim, train_iters)
-    style = {"constant": "constant", "cosine": "cosine", "wsd": "WSD"}[optim.lr_schedule]
+    style = {"constant": "constant", "cosine": "cosine", "linear": "linear", "wsd": "WSD"}[optim.lr_schedule]
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=train_iters, lr_decay_style=style,

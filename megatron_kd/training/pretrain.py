@@ -6,6 +6,7 @@ or deterministic synthetic tokens (``data.synthetic: true``, for tests and bench
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -129,7 +130,8 @@ def build_data_iterators(cfg: PretrainConfig, model_cfg: ModelConfig) -> Iterato
         train_ds, valid_ds, _ = build_gpt_datasets(
             _data_config(cfg), _load_tokenizer(cfg.data.tokenizer), train.train_iters * train.global_batch_size,
             evals * train.eval_iters * train.global_batch_size, 0)
-        batch_iter = ResumableBatchIterator
+        batch_iter = functools.partial(ResumableBatchIterator, vocab_size=model_cfg.vocab_size,
+                                       prefixes=list(cfg.data.prefixes))
 
     def make_train(consumed: int) -> Iterator:
         return batch_iter(train_ds, train.micro_batch_size, dp_rank, dp_size, consumed_samples=consumed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,65 @@ _FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 def is_filesystem_error(exc: OSError) -> bool:
     """True for the errors a user fixes on the filesystem (path, permissions, space)."""
     return isinstance(exc, (FilesystemError, FileNotFoundError, FileExistsError)) or exc.errno in _FILESYSTEM_ERRNOS
+
+
+# What torch's zip writer (``torch.save``) and megatron-core's writers say when a write fails
+# without an errno: a full disk or an unwritable file shows up only as these texts.
+_WRITE_FAILURE_TEXTS = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed",
+                        "No space left on device", "Read-only file system", "Disk quota exceeded")
+
+
+def _chain(exc: BaseException):
+    """``exc``, its causes/contexts, and the per-rank failures of torch's ``CheckpointException``."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack.extend([e.__cause__, e.__context__])
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+        stack.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
+
+
+def filesystem_cause(exc: BaseException, path: str | os.PathLike | None = None) -> OSError | None:
+    """The filesystem error behind ``exc`` (read-only, full disk, permissions), or None.
+
+    Looks through the exception chain (a library may wrap the ``OSError``) and recognises the
+    errno-less texts of ``torch.save``'s writer (``unexpected pos 704 vs 598``); for those, the
+    errno is inferred from ``path`` (the output being written): ENOSPC when its filesystem has
+    (almost) no space left, EROFS when it is mounted read-only."""
+    for e in _chain(exc):
+        if isinstance(e, FilesystemError):
+            return e
+        if isinstance(e, OSError) and e.errno in _FILESYSTEM_ERRNOS - {errno.ENOENT, errno.EEXIST}:
+            return e
+    text = " ".join(str(e) for e in _chain(exc))
+    short_write = re.search(r"\d+ requested and \d+ written", text)  # numpy's tofile/fromfile on a full disk
+    if not short_write and not any(t in text for t in _WRITE_FAILURE_TEXTS):
+        return None
+    code = errno.EIO
+    if "No space left" in text or "Disk quota" in text:
+        code = errno.ENOSPC
+    elif "Read-only" in text:
+        code = errno.EROFS
+    elif path is not None:
+        free = _free_bytes(path)
+        probe = Path(path)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            if os.statvfs(probe).f_flag & os.ST_RDONLY:
+                code = errno.EROFS
+            elif free is not None and free < (1 << 20):
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    return OSError(code, os.strerror(code), str(path) if path is not None else None)
 
 
 def one_line(exc: BaseException) -> str:

@@ -33,6 +33,9 @@ _BENIGN: tuple[tuple[str, type[Warning] | None, re.Pattern, re.Pattern | None], 
     ("megatron FutureWarning", FutureWarning, re.compile(""), re.compile(r"[/\\]megatron[/\\]")),
     ("megatron deprecation", DeprecationWarning, re.compile(""), re.compile(r"[/\\]megatron[/\\]")),
     ("megatron deprecation", UserWarning, re.compile(r"deprecat", re.I), re.compile(r"[/\\]megatron[/\\]")),
+    # torch deprecates ShardedTensor, which megatron-core's dist_checkpointing uses (the warning is
+    # attributed to whichever frame calls into it, e.g. the CPU shims)
+    ("ShardedTensor deprecation", FutureWarning, re.compile(r"deprecating ShardedTensor"), None),
 )
 
 _hidden: Counter = Counter()

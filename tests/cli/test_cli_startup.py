@@ -96,6 +96,8 @@ def test_benign_label_rules():
     assert benign_label("x", FutureWarning, mfile) == "megatron FutureWarning"
     assert benign_label("x", FutureWarning, "/my/code.py") is None
     assert benign_label("loss is nan", UserWarning, mfile) is None
+    assert benign_label("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning,
+                        "/repo/megatron_kd/runtime/cpu.py") == "ShardedTensor deprecation"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from megatron_kd.utils import quiet  # noqa: F401  (stdlib only: nothing to warn about)

@@ -29,7 +29,7 @@ def test_model_spec_is_a_real_dataclass_mirroring_model_config():
 
 
 @pytest.mark.parametrize("cls_path, override, key, choices", [
-    ("megatron_kd.training.config:PretrainConfig", "optim.lr_schedule=linear", "optim.lr_schedule", "constant, cosine, wsd"),
+    ("megatron_kd.training.config:PretrainConfig", "optim.lr_schedule=step", "optim.lr_schedule", "constant, cosine, linear, wsd"),
     ("megatron_kd.training.config:PretrainConfig", "optim.precision=fp8", "optim.precision", "fp32, bf16, fp16"),
     ("megatron_kd.distill.config:DistillConfig", "kd.kind=kl", "kd.kind", "forward_kl"),
     ("megatron_kd.distill.config:DistillConfig", "kd.mode=live", "kd.mode", "online, offline, none"),
@@ -61,7 +61,7 @@ def test_help_config_lists_every_key_with_type_default_doc():
 
     rows = {key: (tp, default, doc) for key, tp, default, doc in describe_config(DistillConfig)}
     assert rows["kd.alpha"][1] == 0.5 and rows["kd.alpha"][0] == "float" and "KD weight" in rows["kd.alpha"][2]
-    assert "forward_kl" in rows["kd.kind"][0] and rows["optim.lr_schedule"][0] == "constant | cosine | wsd"
+    assert "forward_kl" in rows["kd.kind"][0] and rows["optim.lr_schedule"][0] == "constant | cosine | linear | wsd"
     assert rows["data.eod_mask_loss"][1] is False and rows["data.weights"][2]
     undocumented = [k for k, (_, _, doc) in rows.items() if not doc]
     assert not undocumented, f"config keys without a docstring: {undocumented}"
@@ -77,3 +77,27 @@ def test_help_config_flag(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "train.micro_batch_size: int = 4" in out and "model.preset: str | None = None" in out
+
+
+def test_post_training_configs_document_every_key_and_share_optim_names():
+    from megatron_kd.posttrain.run import MiniLLMRunConfig, OnPolicyRunConfig, SFTRunConfig
+
+    for cls, optim in ((SFTRunConfig, "sft.optim"), (MiniLLMRunConfig, "optim"), (OnPolicyRunConfig, "onpolicy.optim")):
+        rows = {key: doc for key, _, _, doc in describe_config(cls)}
+        assert not [k for k, doc in rows.items() if not doc], cls
+        for name in ("lr", "min_lr", "warmup_iters", "lr_schedule", "precision", "clip_grad"):
+            assert f"{optim}.{name}" in rows, (cls, name)
+        for name in ("save", "save_interval", "eval_interval", "keep_last", "exit_interval", "logging.metrics_path"):
+            assert name in rows, (cls, name)
+
+
+def test_post_training_old_key_names_are_aliases(capsys):
+    from megatron_kd.config import load_config
+    from megatron_kd.posttrain.run import SFTRunConfig
+
+    cfg = load_config(SFTRunConfig, None, ["model=tiny", "model_overrides.num_layers=1", "sft.optim.warmup_steps=3",
+                                           "sft.optim.schedule=linear"])
+    assert cfg.model.preset == "tiny" and cfg.model.num_layers == 1
+    assert cfg.sft.optim.warmup_iters == 3 and cfg.sft.optim.lr_schedule == "linear"
+    err = capsys.readouterr().err
+    assert "'sft.optim.warmup_steps' is deprecated: use 'sft.optim.warmup_iters'" in err

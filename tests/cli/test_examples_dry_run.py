@@ -25,6 +25,9 @@ def command_of(path: str) -> str:
             return command
     if path.startswith("examples/miniplm/reference"):
         return "pretrain"  # the MiniPLM reference LM is a pretrain run
+    walkthrough = {"teacher": "pretrain", "reference": "pretrain", "student": "distill"}  # README's walkthrough
+    if path.startswith("examples/walkthrough/") and Path(path).stem in walkthrough:
+        return walkthrough[Path(path).stem]
     raise AssertionError(f"{path}: which command is it for? Name it <command>_*.yaml or extend command_of()")
 
 

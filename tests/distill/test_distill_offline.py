@@ -67,7 +67,8 @@ def test_offline_full_targets_equal_online_forward_kl(dist1, temperature, t2):
     out, on_loss, on_n, on_rep, on_grads = _loss_and_grads(DistillForwardStep("online", kd, V), batch, wrapper,
                                                            student)
     # float64 reference: (1 - a) CE + a [T^2] KL(softmax(t/T) || softmax(s/T)), summed over unmasked tokens
-    s64 = out[..., :V].double()
+    with torch.no_grad():  # (out holds hidden states when kd.fused_linear is on)
+        s64 = student(batch["tokens"], batch["position_ids"], None)[..., :V].double()
     with torch.no_grad():
         t64 = teacher(batch["tokens"], batch["position_ids"], None)[..., :V].double()
     p = F.softmax(t64 / temperature, -1)

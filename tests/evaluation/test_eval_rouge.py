@@ -72,3 +72,14 @@ def test_bad_generation_task_fails_in_one_line(tmp_path):
     assert len(load_generation_task(path, limit=1)) == 1
     with pytest.raises(FileNotFoundError):
         load_generation_task(tmp_path / "missing.jsonl")
+
+
+def test_post_training_response_key_is_the_reference(tmp_path):
+    """Post-training instruction JSONL ({"prompt", "response"}, what MiniLLM's data and its synthetic
+    task write) is a ROUGE task as it is (issue 13)."""
+    records = [{"prompt": "rev a c b =", "response": "b c a"}, {"prompt": "sort c a =", "response": "a c"}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [e["references"] for e in load_generation_task(path)] == [["b c a"], ["a c"]]
+    out = evaluate_rouge(None, None, path, generate_fn=lambda ps: ["b c a", "a c"], use_stemmer=False)
+    assert out["rougeL"] == pytest.approx(100.0)

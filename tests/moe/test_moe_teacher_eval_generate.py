@@ -23,8 +23,8 @@ def _convert(rank, world_size, hf_dir, ckpt):
 
 def _tp2(rank, world_size, ckpt):
     from megatron_kd.evaluation.lm_loss import evaluate_lm_loss
-    from megatron_kd.minillm.generation import GenerationConfig, generate
-    from megatron_kd.minillm.sampling import SamplingConfig
+    from megatron_kd.posttrain.generation import GenerationConfig, generate
+    from megatron_kd.posttrain.sampling import SamplingConfig
     from megatron_kd.runtime import ParallelConfig, init_distributed
     from megatron_kd.training.checkpoint import load_model_for_inference
 

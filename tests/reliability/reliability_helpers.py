@@ -86,12 +86,12 @@ def _cmdline(p: psutil.Process) -> str:
 
 def stale_files(root: str | Path) -> list[str]:
     """Temporary files/directories a killed run could leave under ``root``."""
-    out = []
-    for path in Path(root).rglob("*"):
-        name = path.name
-        if name.endswith((".tmp", ".old")) or ".tmp." in name or name.startswith(".staging"):
-            out.append(str(path.relative_to(root)))
-    return sorted(out)
+    return sorted(str(path.relative_to(root)) for path in Path(root).rglob("*") if is_stale_name(path.name))
+
+
+def is_stale_name(name: str) -> bool:
+    """A temp/staging name a killed or failed writer leaves (``iter_N.tmp``, ``.x.tmp-<pid>-…``, ``.old``)."""
+    return name.endswith((".tmp", ".old")) or ".tmp." in name or ".tmp-" in name or name.startswith(".staging")
 
 
 def records(metrics: str | Path) -> list[dict]:
@@ -111,3 +111,24 @@ def assert_unique_steps(metrics: str | Path) -> None:
 
 def losses(metrics: str | Path, split: str = "train", key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in records(metrics) if r["split"] == split}
+
+
+def kill_at_random(proc: subprocess.Popen, ready: Callable[[], bool], sig: int, group: bool, seed: int,
+                   max_delay: float = 1.5) -> list[psutil.Process] | None:
+    """Once ``ready()`` holds, wait a seeded random 0..max_delay s, then send ``sig``; returns the
+    descendants seen just before (None when the process finished first)."""
+    import random
+
+    if not wait_until(ready, proc):
+        return None
+    time.sleep(random.Random(seed).uniform(0, max_delay))
+    if proc.poll() is not None:
+        return None
+    return kill(proc, sig, group)
+
+
+def tree_bytes(root: str | Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes), minus names containing one of ``skip``."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(s in p.name for s in skip)}

@@ -115,3 +115,202 @@ def test_unwritable_output_directory_is_one_line_exit_74(tmp_path):
     lines = [ln for ln in out.stderr.splitlines() if "error:" in ln]
     assert out.returncode == 74 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert len(lines) == 1 and "/sys/megatron_kd_reliability" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The issue's whole list, as a user meets it through the commands (issue 19): a tiny "world"
+# (SentencePiece tokenizer, a preprocessed dataset, a teacher checkpoint) is built once; each
+# case damages a copy and runs the command in-process.
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import json
+
+    from megatron_kd.data.demo_corpus import build_demo_corpus
+    from megatron_kd.data.preprocess import preprocess
+    from megatron_kd.data.tokenizers import train_sentencepiece
+    try:  # post-training moves minillm/ to posttrain/
+        from megatron_kd.posttrain.synthetic import WordTokenizer
+    except ImportError:
+        from megatron_kd.posttrain.synthetic import WordTokenizer
+
+    w = tmp_path_factory.mktemp("world")
+    build_demo_corpus(str(w / "demo.jsonl"), max_docs=40)
+    docs = [json.loads(line)["text"] for line in open(w / "demo.jsonl", encoding="utf-8")]
+    train_sentencepiece(docs, 500, str(w / "spm"))
+    preprocess([str(w / "demo.jsonl")], str(w / "train"), str(w / "spm.model"), workers=1, overwrite=True,
+               progress=False)
+    WordTokenizer([f"w{i}" for i in range(20)] + ["say", "ok"]).save(w / "words.json")
+    (w / "inst.jsonl").write_text('{"prompt": "say w1", "response": "ok w2"}\n' * 4)
+    out = run(["pretrain", "--config", TINY, "model.vocab_size=500", "data.synthetic=false",
+               f"data.prefixes=[{w}/train_text_document]", f"data.tokenizer={w}/spm.model", "data.split=100,0,0",
+               "train.train_iters=1", "train.eval_iters=0", "train.seq_length=32", "train.micro_batch_size=2",
+               "train.global_batch_size=2", "optim.warmup_iters=0", f"checkpoint.save={w}/teacher",
+               "logging.quiet=true"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    return w
+
+
+def _copy_dataset(world, tmp_path, damage):
+    import shutil
+
+    for ext in ("bin", "idx", "manifest.json", "meta.jsonl"):
+        src = world / f"train_text_document.{ext}"
+        if src.exists():
+            shutil.copy(src, tmp_path / f"ds.{ext}")
+    damage(tmp_path / "ds.bin", tmp_path / "ds.idx")
+    return str(tmp_path / "ds")
+
+
+def _flip(bin_path, idx_path):  # noqa: ARG001 - same size, 16 bytes inverted mid-file
+    data = bytearray(bin_path.read_bytes())
+    for k in range(16):
+        data[len(data) // 2 + k] ^= 0xFF
+    bin_path.write_bytes(bytes(data))
+
+
+def _truncate_idx(bin_path, idx_path):  # noqa: ARG001
+    idx_path.write_bytes(idx_path.read_bytes()[:-7])
+
+
+def _empty_idx(bin_path, idx_path):  # noqa: ARG001
+    idx_path.write_bytes(b"")
+
+
+def _truncated_teacher(world, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(world / "teacher", teacher)
+    shard = sorted(teacher.glob("iter_*/*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return teacher, shard.name
+
+
+def _logits(world, data, out, teacher=None):
+    return ["logits", "--teacher", str(teacher or world / "teacher"), "--data", str(data), "--output", str(out),
+            "--seq-length", "32"]
+
+
+def _score(world, data, out, teacher=None):
+    return ["miniplm", "score", "--teacher", str(teacher or world / "teacher"), "--reference",
+            str(world / "teacher"), "--data", str(data), "--output", str(out), "--chunk-length", "32"]
+
+
+def _pretrain(world, data, save):
+    return ["pretrain", "--config", TINY, "model.vocab_size=500", "data.synthetic=false", f"data.prefixes=[{data}]",
+            f"data.tokenizer={world}/spm.model", "data.split=100,0,0", "train.seq_length=32", f"checkpoint.save={save}"]
+
+
+@pytest.mark.parametrize("damage,message", [(_flip, "is corrupt"), (_truncate_idx, "truncated or corrupt"),
+                                            (_empty_idx, "bad header")])
+@pytest.mark.parametrize("command", ["pretrain", "logits", "miniplm score"])
+def test_damaged_dataset_is_one_line_in_every_reader(world, capsys, tmp_path, command, damage, message):
+    data = _copy_dataset(world, tmp_path, damage)
+    out = tmp_path / "out"
+    args = {"pretrain": _pretrain, "logits": _logits, "miniplm score": _score}[command](world, data, out)
+    rc, line = _cli(capsys, tmp_path, *args)
+    assert rc == 2 and message in line, line
+    if damage is _flip:  # the corrupt file is named, not "another tokenizer"
+        assert "ds.bin does not match the sha256" in line and "another tokenizer" not in line
+
+
+def test_logits_refuses_a_dataset_of_another_tokenizer(world, capsys, tmp_path):
+    import json
+
+    data = _copy_dataset(world, tmp_path, lambda b, i: None)
+    man = json.loads((tmp_path / "ds.manifest.json").read_text())
+    man["tokenizer"]["identity"] = "sentencepiece:sha256:" + "0" * 64
+    (tmp_path / "ds.manifest.json").write_text(json.dumps(man))
+    rc, line = _cli(capsys, tmp_path, *_logits(world, data, tmp_path / "out"))
+    assert rc == 2 and "was tokenized with" in line
+
+
+def test_logits_refuses_a_word_list_teacher_tokenizer(world, capsys, tmp_path):
+    import json
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(world / "teacher", teacher)
+    meta_path = next(teacher.glob("iter_*/meta.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer"] = str(world / "words.json")
+    meta_path.write_text(json.dumps(meta))
+    rc, line = _cli(capsys, tmp_path, *_logits(world, f"{world}/train_text_document", tmp_path / "out", teacher))
+    assert rc == 2 and "does not load" in line and "ModelProto" not in line
+
+
+@pytest.mark.parametrize("command", ["logits", "miniplm score", "distill", "distill --dry-run", "convert"])
+def test_truncated_teacher_checkpoint_is_one_line(world, capsys, tmp_path, command):
+    teacher, shard = _truncated_teacher(world, tmp_path)
+    data = f"{world}/train_text_document"
+    out = tmp_path / "out"
+    if command == "logits":
+        args = _logits(world, data, out, teacher)
+    elif command == "miniplm score":
+        args = _score(world, data, out, teacher)
+    elif command == "convert":
+        args = ["convert", "mcore-to-hf", "--checkpoint", str(teacher), "--output", str(out)]
+    else:
+        args = ["distill", *(["--dry-run"] if "dry" in command else []), "--config",
+                str(REPO / "examples/cpu/distill_tiny.yaml"), f"teacher.load={teacher}", "model.vocab_size=500",
+                "data.synthetic=false", f"data.prefixes=[{data}]", f"data.tokenizer={world}/spm.model",
+                "data.split=100,0,0", "train.seq_length=32", f"checkpoint.save={out}"]
+    rc, line = _cli(capsys, tmp_path, *args)
+    assert rc == 2 and "is incomplete" in line and shard in line, line
+
+
+INSTRUCTION_CASES = [
+    ('{"prompt": "say w1"}\n', "has no 'response' field"),
+    ('{"prompt": "say w1", \n', "is not valid JSON"),
+    (b'{"prompt": "say \xff\xfe", "response": "ok"}\n', "is not valid UTF-8"),
+    ('{"prompt": "say zebra", "response": "ok"}\n', "word 'zebra' is not in the tokenizer vocabulary"),
+]
+
+
+@pytest.mark.parametrize("bad,message", INSTRUCTION_CASES)
+def test_instruction_data_errors_name_file_and_line(world, capsys, tmp_path, bad, message):
+    src = tmp_path / "data.jsonl"
+    good = b'{"prompt": "say w1", "response": "ok w2"}\n'
+    src.write_bytes(good + (bad if isinstance(bad, bytes) else bad.encode()))
+    rc, line = _cli(capsys, tmp_path, "preprocess-instructions", "--input", str(src), "--tokenizer",
+                    str(world / "words.json"), "--output-prefix", str(tmp_path / "out" / "inst"), "--template", "raw")
+    assert rc == 2 and f"{src}:2" in line and message in line, line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_corrupt_batch_met_while_training_is_named_not_an_index_error(world, tmp_path):
+    """The per-batch guard behind the sampled pre-check: a flipped .bin met mid-run names the file."""
+    import torch
+
+    from megatron_kd.data.iterator import ResumableBatchIterator
+    from megatron_kd.data.manifest import check_batch_token_ids
+
+    data = _copy_dataset(world, tmp_path, _flip)
+    with pytest.raises(ValueError, match="ds.bin does not match the sha256"):
+        check_batch_token_ids(torch.tensor([[1, 2, 70000]]), 500, [data])
+    (tmp_path / "c").mkdir()
+    clean = _copy_dataset(world, tmp_path / "c", lambda b, i: None)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        check_batch_token_ids(torch.tensor([[1, 2, 70000]]), 500, [clean])
+    samples = [{"tokens": torch.tensor([1, 2, 3]), "labels": torch.tensor([2, 3, 4])},
+               {"tokens": torch.tensor([1, 999, 3]), "labels": torch.tensor([999, 3, 4])}]
+    it = ResumableBatchIterator(samples, 1, 0, 1, vocab_size=500, prefixes=[data])
+    next(it)
+    with pytest.raises(ValueError, match="is corrupt"):
+        next(it)
+
+
+def test_miniplm_microbatch_guard_names_the_corrupt_file(world, tmp_path):
+    import numpy as np
+    import torch
+
+    from megatron_kd.data.manifest import open_indexed_dataset
+    from megatron_kd.miniplm.batching import build_microbatch
+
+    data = _copy_dataset(world, tmp_path, lambda b, i: None)
+    ds = open_indexed_dataset(data)
+    windows = np.array([(0, 0, 8)], dtype=[("doc", "i8"), ("offset", "i8"), ("length", "i8")])
+    build_microbatch(ds, windows, np.array([0]), 8, torch.device("cpu"), 500, data)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        build_microbatch(ds, windows, np.array([0]), 8, torch.device("cpu"), 3, data)

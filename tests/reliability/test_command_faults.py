@@ -109,3 +109,117 @@ def test_distill_online_interrupted_resumes_identically(inputs, tmp_path, sig, g
             records(ref / "metrics.jsonl")]
     assert strip == want
     assert stale_files(save) == []
+
+
+# --------------------------------------------------------------------------------------------
+# miniplm score, preprocess, convert: killed at a seeded random point (SIGKILL / SIGTERM, to the
+# process group or the main pid), rerun with the same command: the result is byte-identical to
+# an uninterrupted run, nothing stale is left, no process outlives the killed one.
+
+FAULTS = [(signal.SIGKILL, True), (signal.SIGKILL, False), (signal.SIGTERM, True), (signal.SIGTERM, False)]
+
+
+def _kill_then_rerun(args, out_ready, sig, group, seed, cwd=None):
+    from reliability_helpers import kill_at_random
+
+    proc = start(args, cwd=cwd)
+    try:
+        children = kill_at_random(proc, out_ready, sig, group, seed)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if children is not None:
+        assert "Traceback" not in err, err[-3000:]
+        assert_no_orphans(children)
+    again = run(args, cwd=cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    return children is not None
+
+
+def _score_args(inputs, out):
+    return ["miniplm", "score", "--teacher", str(inputs / "teacher"), "--reference", str(inputs / "teacher"),
+            "--data", str(inputs / "data"), "--output", str(out), "--chunk-length", "32", "--shard-size", "16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,group", FAULTS)
+def test_miniplm_score_killed_resumes_identically(inputs, tmp_path, sig, group):
+    from reliability_helpers import tree_bytes
+
+    ref = tmp_path / "ref"
+    out = run(_score_args(inputs, ref))
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = tmp_path / "killed"
+    _kill_then_rerun(_score_args(inputs, got), lambda: any(got.glob("shard_*")), sig, group, seed=sig * 2 + group)
+    assert stale_files(got) == []
+    skip = ("metrics.jsonl",)  # timings
+    assert tree_bytes(got, skip) == tree_bytes(ref, skip)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from megatron_kd.data.demo_corpus import build_demo_corpus
+    from megatron_kd.data.tokenizers import train_sentencepiece
+
+    base = tmp_path_factory.mktemp("corpus")
+    build_demo_corpus(str(base / "demo.jsonl"), max_docs=400)
+    texts = [json.loads(line)["text"] for line in open(base / "demo.jsonl", encoding="utf-8")]
+    train_sentencepiece(texts[:60], 500, str(base / "spm"))
+    return base
+
+
+def _preprocess_args(corpus, prefix):
+    return ["preprocess", "--input", str(corpus / "demo.jsonl"), "--tokenizer", str(corpus / "spm.model"),
+            "--output", str(prefix), "--workers", "2", "--no-progress"]
+
+
+def _preprocess_fault(corpus, tmp_path, sig, group):
+    from reliability_helpers import tree_bytes
+
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "killed").mkdir()
+    out = run(_preprocess_args(corpus, tmp_path / "ref/ds"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    killed = tmp_path / "killed"
+    _kill_then_rerun(_preprocess_args(corpus, killed / "ds"), lambda: any(killed.glob(".*tmp-*")), sig, group,
+                     seed=sig * 3 + group)
+    assert stale_files(killed) == []
+    ref = tree_bytes(tmp_path / "ref")
+    got = tree_bytes(killed)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        if name.endswith(".manifest.json"):  # records its own output path and time
+            continue
+        assert got[name] == ref[name], name
+
+
+def test_preprocess_sigkill_to_the_group_resumes_identically(corpus, tmp_path):
+    """The CI subset: the preprocess pool killed with its parent; the rerun writes the same bytes."""
+    _preprocess_fault(corpus, tmp_path, signal.SIGKILL, True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,group", FAULTS[1:])
+def test_preprocess_killed_resumes_identically(corpus, tmp_path, sig, group):
+    _preprocess_fault(corpus, tmp_path, sig, group)
+
+
+def _convert_args(inputs, out):
+    return ["convert", "mcore-to-hf", "--checkpoint", str(inputs / "teacher"), "--output", str(out), "--no-progress"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,group", FAULTS)
+def test_convert_killed_reruns_identically(inputs, tmp_path, sig, group):
+    from reliability_helpers import tree_bytes
+
+    ref = tmp_path / "ref"
+    out = run(_convert_args(inputs, ref))
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = tmp_path / "killed"
+    tmp = tmp_path / "killed.tmp"
+    _kill_then_rerun(_convert_args(inputs, got), lambda: tmp.exists() or got.exists(), sig, group,
+                     seed=sig * 5 + group, )
+    assert stale_files(tmp_path / "killed") == [] and not tmp.exists() and not (tmp_path / "killed.old").exists()
+    assert tree_bytes(got) == tree_bytes(ref)

@@ -111,3 +111,32 @@ def test_stop_signals_set_a_flag_and_restore_handlers():
         time.sleep(0.05)
         assert stop.received == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_wrapped_filesystem_errors_are_recognised(tmp_path):
+    """What torch.save, megatron-core's writers and numpy raise on a full or read-only disk, without
+    (or behind) an errno, is mapped to one filesystem error; anything else is left alone."""
+    import errno
+
+    from megatron_kd.utils.exits import filesystem_cause, one_line
+
+    class CheckpointException(BaseException):  # torch's is a BaseException carrying per-rank failures
+        def __init__(self, failures):
+            super().__init__("CheckpointException ranks")
+            self.failures = failures
+
+    wrapped = CheckpointException({0: RuntimeError("Worker failure: [Errno 28] No space left on device")})
+    assert filesystem_cause(wrapped, tmp_path).errno == errno.ENOSPC
+    try:
+        try:
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as outer:
+        assert filesystem_cause(outer).errno == errno.EROFS
+    torn = filesystem_cause(RuntimeError("unexpected pos 704 vs 598"), tmp_path)  # torch.save's zip writer
+    assert torn is not None and torn.errno in (errno.EIO, errno.ENOSPC)  # ENOSPC only when tmp_path is full
+    short = filesystem_cause(OSError("3026 requested and 250 written"), tmp_path)
+    assert short is not None and str(tmp_path) in one_line(short)
+    assert filesystem_cause(RuntimeError("shape mismatch"), tmp_path) is None
+    assert filesystem_cause(ValueError("bad value")) is None

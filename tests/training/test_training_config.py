@@ -34,7 +34,7 @@ def test_example_yamls_validate():
     (["parallel.pipeline_parallel=4"], 4, "pipeline_parallel=4 does not divide model.num_layers=2"),
     (["parallel.tensor_parallel=2"], 3, "world size 3 is not divisible by"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "not a multiple of train.micro_batch_size"),
-    (["optim.lr_schedule=linear"], 1, "optim.lr_schedule='linear' must be one of"),
+    (["optim.lr_schedule=step"], 1, "optim.lr_schedule='step' must be one of"),
     (["optim.precision=bf16"], 1, "needs a CUDA GPU"),
     (["optim.warmup_iters=10"], 1, "warmup (10 steps) must be shorter"),
     (["data.synthetic=false"], 1, "set exactly one data source"),

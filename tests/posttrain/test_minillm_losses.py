@@ -5,7 +5,7 @@ import torch
 
 from dist_helpers import run_workers
 from minillm_test_utils import plain, tensors
-from megatron_kd.minillm import losses as L
+from megatron_kd.posttrain import losses as L
 
 V, PAD = 40, 35  # real vocab 35, padded to 40
 

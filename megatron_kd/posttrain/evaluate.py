@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_kd.minillm import losses as L
-from megatron_kd.minillm.generation import GenerationConfig, forward_logits, generate
-from megatron_kd.minillm.rollout import response_mask
-from megatron_kd.minillm.sampling import SamplingConfig
+from megatron_kd.posttrain import losses as L
+from megatron_kd.posttrain.generation import GenerationConfig, forward_logits, generate
+from megatron_kd.posttrain.rollout import response_mask
+from megatron_kd.posttrain.sampling import SamplingConfig
 
 
 @dataclass

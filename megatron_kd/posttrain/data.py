@@ -1,6 +1,8 @@
 """Instruction data for MiniLLM and its baselines, and pre-training chunks for the L_PT term.
 
-Instruction JSONL: one ``{"prompt": ..., "response": ..., "input": ...(optional)}`` per line.
+Instruction JSONL: one ``{"prompt": ..., "response": ..., "input": ...(optional)}`` per line, or a chat
+record ``{"messages": [{"role", "content"}, ...]}`` (multi-turn; one example per assistant turn, see
+:mod:`megatron_kd.posttrain.chat`).
 :func:`preprocess_instructions` renders each prompt through an :class:`InstructionTemplate`,
 tokenises prompt and response separately (the response gets ``eod`` appended, so models learn to
 stop) and writes two megatron-core indexed datasets with one manifest::
@@ -22,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from megatron_kd.posttrain.chat import chat_examples, is_chat_record, validate_messages
 from megatron_kd.utils.io import read_json, sha256_file, write_json_atomic
 
 FORMAT = "megatron-kd-instruction-v1"
@@ -54,25 +57,46 @@ class InstructionTemplate:
         return cls(template="{prompt}", template_with_input="{prompt}\n{input}")
 
 
-def read_instruction_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of an instruction JSONL file; one-line ``ValueError`` naming the bad line."""
+def read_instruction_jsonl(path: str | os.PathLike, require_response: bool = False) -> list[dict[str, Any]]:
+    """Records of an instruction JSONL file; one-line ``ValueError`` naming ``file:line`` of a bad
+    line (invalid JSON or UTF-8, a missing or non-string field). ``require_response``: a record
+    without ``response`` is an error (training data), not an empty answer (prompts to generate for)."""
+    return [rec for _, rec in _read_instruction_lines(path, require_response)]
+
+
+def _read_instruction_lines(path: str | os.PathLike, require_response: bool) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every record of an instruction JSONL (see :func:`read_instruction_jsonl`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"instruction data {path} does not exist: pass a JSONL file of "
                                 '{"prompt": ..., "response": ...} records')
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n} is not valid UTF-8 (byte {exc.start}): re-encode the file as UTF-8 "
+                                 "or remove the line") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n} is not valid JSON ({exc.msg}): fix or remove the line") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
-                    or not isinstance(rec.get("response", ""), str):
+            if is_chat_record(rec):
+                validate_messages(rec, f"{path}:{n}")
+                records.append((n, rec))
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ValueError(f"{path}:{n} needs string fields 'prompt' and 'response' (optional 'input'), "
+                                 "or a 'messages' list")
+            if require_response and "response" not in rec:
+                raise ValueError(f"{path}:{n} has no 'response' field: training data needs a response per record "
+                                 "(an empty answer is written as \"response\": \"\")")
+            if not isinstance(rec.get("response", ""), str) or not isinstance(rec.get("input") or "", str):
                 raise ValueError(f"{path}:{n} needs string fields 'prompt' and 'response' (optional 'input')")
-            records.append(rec)
+            records.append((n, rec))
     if not records:
         raise ValueError(f"instruction data {path} holds no records")
     return records
@@ -81,12 +105,17 @@ def read_instruction_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def encode_records(records: list[dict[str, Any]], tokenizer, template: InstructionTemplate,
                    max_prompt_length: int | None = None, max_response_length: int | None = None
                    ) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, response ids + [eod]) per record. Prompts are truncated from the left (the end
-    of a prompt matters most), responses from the right (the eod is kept)."""
-    prompts, responses = [], []
+    """(prompt ids, response ids + [eod]) per record (per assistant turn of a chat record). Prompts are
+    truncated from the left (the end of a prompt matters most), responses from the right (the eod is kept)."""
+    pairs: list[tuple[list[int], list[int], dict[str, Any]]] = []
     for rec in records:
-        p = tokenizer.encode(template.render(rec))
-        r = tokenizer.encode(rec.get("response", "")) + [tokenizer.eod]
+        if is_chat_record(rec):
+            pairs.extend((p, r, {"prompt": "<chat>"}) for p, r in chat_examples(rec["messages"], tokenizer))
+        else:
+            pairs.append((tokenizer.encode(template.render(rec)),
+                          tokenizer.encode(rec.get("response", "")) + [tokenizer.eod], rec))
+    prompts, responses = [], []
+    for p, r, rec in pairs:
         if max_prompt_length and len(p) > max_prompt_length:
             p = p[-max_prompt_length:]
         if max_response_length and len(r) > max_response_length:
@@ -129,19 +158,33 @@ def preprocess_instructions(jsonl: str | os.PathLike, tokenizer, output_prefix: 
         for f in files.values():
             if f.exists():
                 raise FileExistsError(f"{f} already exists: pass --overwrite or choose another output prefix")
-    records = read_instruction_jsonl(jsonl)
-    prompts, responses = encode_records(records, tokenizer, template, max_prompt_length, max_response_length)
+    numbered = _read_instruction_lines(jsonl, require_response=True)
+    records = [rec for _, rec in numbered]
+    prompts, responses = [], []
+    for n, rec in numbered:  # one record at a time: an encoding error names its file:line
+        try:
+            ps, rs = encode_records([rec], tokenizer, template, max_prompt_length, max_response_length)
+        except ValueError as exc:
+            raise ValueError(f"{jsonl}:{n}: {exc}") from None
+        prompts.extend(ps)  # a chat record gives one example per assistant turn
+        responses.extend(rs)
     dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
     files["manifest"].parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{output_prefix}.tmp{os.getpid()}"
     tmp_files = dataset_files(tmp)
-    _write_indexed(f"{tmp}_prompt_document", prompts, dtype)
-    _write_indexed(f"{tmp}_response_document", responses, dtype)
+    try:
+        _write_indexed(f"{tmp}_prompt_document", prompts, dtype)
+        _write_indexed(f"{tmp}_response_document", responses, dtype)
+    except BaseException:  # full disk, read-only, interrupted: leave nothing half-written behind
+        for f in tmp_files.values():
+            f.unlink(missing_ok=True)
+        raise
     manifest = {
         "format": FORMAT, "source": str(jsonl), "source_sha256": sha256_file(jsonl),
         "tokenizer": {"identity": tokenizer.identity, "vocab_size": tokenizer.vocab_size,
                       "eod": tokenizer.eod, "pad": tokenizer.pad, "path": getattr(tokenizer, "path", "")},
-        "template": asdict(template), "num_examples": len(records), "dtype": np.dtype(dtype).name,
+        "template": asdict(template), "num_examples": len(prompts), "num_records": len(records),
+        "dtype": np.dtype(dtype).name,
         "num_prompt_tokens": int(sum(map(len, prompts))), "num_response_tokens": int(sum(map(len, responses))),
         "max_prompt_length": max_prompt_length, "max_response_length": max_response_length,
         "checksums": {k: sha256_file(tmp_files[k]) for k in tmp_files if k != "manifest"},

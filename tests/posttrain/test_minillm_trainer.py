@@ -21,8 +21,8 @@ def _tiny_lm_corpus(prefix, vocab, seed=0):
 
 
 def _setup(tp=1, seed=0):
-    from megatron_kd.minillm.data import InMemoryInstructions, InstructionTemplate, encode_records
-    from megatron_kd.minillm.synthetic import make_records, task_tokenizer
+    from megatron_kd.posttrain.data import InMemoryInstructions, InstructionTemplate, encode_records
+    from megatron_kd.posttrain.synthetic import make_records, task_tokenizer
     from megatron_kd.runtime import ParallelConfig, init_distributed, set_seed
 
     init_distributed(ParallelConfig(tensor_parallel=tp))
@@ -54,28 +54,49 @@ def _freeze(ddp):
     return m
 
 
+def sft_train(model, model_cfg, data, pad, vocab, steps, **optim):
+    """SFT ``model`` (a GPTModel or an earlier stage's DDP) for ``steps`` steps on the shared Trainer."""
+    from megatron_kd.posttrain.config import PostTrainOptimConfig
+    from megatron_kd.posttrain.sft import InstructionBatches, SFTConfig, SFTStep
+    from megatron_kd.posttrain.steps import fit, setup_student
+
+    cfg = SFTConfig(total_steps=steps, batch_size=32, micro_batch_size=32, optim=PostTrainOptimConfig(**optim))
+    ddp, opt, sched = setup_student(model, cfg.optim, steps)
+    batches = InstructionBatches(data, cfg, pad)
+    fit(ddp, opt, sched, model_cfg, step=SFTStep(ddp, cfg, vocab), batch_size=32, total_steps=steps,
+        make_iterator=lambda consumed: batches.iterator(consumed // 32))
+    return ddp
+
+
+def minillm_train(student, teacher, model_cfg, cfg, tok, data, vocab, lm_chunks=None, on_step=None):
+    """MiniLLM (rollout source + PPO step) on the shared Trainer; returns the source."""
+    from megatron_kd.posttrain.minillm import PPOStep, RolloutSource
+    from megatron_kd.posttrain.steps import fit, setup_student
+
+    ddp, opt, sched = setup_student(student, cfg.optim, cfg.total_steps)
+    source = RolloutSource(ddp, teacher, cfg, tok, data, vocab, lm_chunks=lm_chunks)
+    fit(ddp, opt, sched, model_cfg, step=PPOStep(ddp, teacher, cfg, vocab, lm_chunks=lm_chunks),
+        batch_size=cfg.ppo.batch_size, total_steps=cfg.total_steps, make_iterator=lambda consumed: iter(source),
+        on_step_end=on_step)
+    return source
+
+
 def test_minillm_improves_sft_student_on_synthetic_task():
-    from megatron_kd.minillm.baselines import SFTConfig, SFTTrainer
-    from megatron_kd.minillm.evaluate import EvalConfig, evaluate
-    from megatron_kd.minillm.optim import OptimConfig, wrap_model
-    from megatron_kd.minillm.rollout import RolloutConfig
-    from megatron_kd.minillm.trainer import MiniLLMTrainer, PPOConfig, TrainLoopConfig
+    from megatron_kd.posttrain.config import MiniLLMOptimConfig
+    from megatron_kd.posttrain.evaluate import EvalConfig, evaluate
+    from megatron_kd.posttrain.minillm import PPOConfig, TrainLoopConfig
+    from megatron_kd.posttrain.rollout import RolloutConfig
     from megatron_kd.models import build_gpt_model
 
     tok, ds = _setup()
     V = tok.vocab_size
     train, held = ds(2000, 0), ds(64, 1)
     tcfg, scfg = _model_cfgs(V)
-    teacher = wrap_model(build_gpt_model(tcfg))
-    sft = SFTTrainer(teacher, SFTConfig(total_steps=250, batch_size=32, micro_batch_size=32,
-                                        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10, schedule="cosine",
-                                                          weight_decay=0.0)), train, tok.pad, V)
-    sft.train()
+    teacher = sft_train(build_gpt_model(tcfg), tcfg, train, tok.pad, V, 250, lr=3e-3, min_lr=3e-4, warmup_iters=10,
+                        lr_schedule="cosine", weight_decay=0.0)
     teacher = _freeze(teacher)
-    student = wrap_model(build_gpt_model(scfg))
-    SFTTrainer(student, SFTConfig(total_steps=40, batch_size=32, micro_batch_size=32,
-                                  optim=OptimConfig(lr=3e-3, min_lr=3e-3, warmup_steps=0, weight_decay=0.0)),
-               train, tok.pad, V).train()
+    student = sft_train(build_gpt_model(scfg), scfg, train, tok.pad, V, 40, lr=3e-3, min_lr=3e-3, warmup_iters=0,
+                        weight_decay=0.0)
     ev = EvalConfig(num_prompts=64, max_new_tokens=10, batch_size=64, seed=5)
     t_eval = evaluate(teacher, teacher, held, tok, ev, V)
     before = evaluate(student, teacher, held, tok, ev, V)
@@ -83,11 +104,10 @@ def test_minillm_improves_sft_student_on_synthetic_task():
     cfg = TrainLoopConfig(total_steps=64, seed=3,
                           rollout=RolloutConfig(num_rollouts=64, chunk_size=64, max_prompt_length=16, max_new_tokens=10),
                           ppo=PPOConfig(epochs=4, batch_size=32, micro_batch_size=32),
-                          optim=OptimConfig(lr=1e-3, min_lr=1e-3, warmup_steps=0, weight_decay=0.0), eval=ev)
-    trainer = MiniLLMTrainer(student, teacher, cfg, tok, train, V, eval_data=held)
+                          optim=MiniLLMOptimConfig(lr=1e-3, min_lr=1e-3, warmup_iters=0, weight_decay=0.0), eval=ev)
     history = []
-    trainer.train(on_step=lambda s, st: history.append(st))
-    after = trainer.evaluate()
+    minillm_train(student, teacher, scfg, cfg, tok, train, V, on_step=lambda s, st: history.append(st))
+    after = evaluate(student, teacher, held, tok, ev, V)
     assert len(history) == 64 and all(np.isfinite(h["pg_loss"]) for h in history)
     assert 0.0 < np.mean([h["clip_frac"] for h in history]) < 0.6
     assert after["reverse_kl"] < 0.85 * before["reverse_kl"], (before, after)
@@ -96,13 +116,13 @@ def test_minillm_improves_sft_student_on_synthetic_task():
 
 
 def _train_worker(rank, world_size, tp, states, lm_prefix):
-    from megatron_kd.minillm.data import LMChunks
-    from megatron_kd.minillm.optim import OptimConfig, wrap_model
-    from megatron_kd.minillm.rollout import RolloutConfig
-    from megatron_kd.minillm.trainer import LMTermConfig, MiniLLMTrainer, PPOConfig, TrainLoopConfig
+    from megatron_kd.posttrain.config import MiniLLMOptimConfig
+    from megatron_kd.posttrain.data import LMChunks
+    from megatron_kd.posttrain.minillm import LMTermConfig, PPOConfig, RolloutSource, TrainLoopConfig
+    from megatron_kd.posttrain.rollout import RolloutConfig
     from megatron_kd.models import build_gpt_model
     from megatron_kd.models.sharding import gather_full_state, load_full_state
-    from megatron_kd.minillm.steps import dp_info
+    from megatron_kd.posttrain.steps import dp_info
 
     tok, ds = _setup(tp, seed=1)
     V = tok.vocab_size
@@ -111,28 +131,29 @@ def _train_worker(rank, world_size, tp, states, lm_prefix):
     load_full_state(teacher, states[0], tcfg)
     load_full_state(student, states[1], scfg)
     teacher.eval()
-    student = wrap_model(student)
     dp_rank, dp_size, _ = dp_info()
     cfg = TrainLoopConfig(total_steps=2, seed=4,
                           rollout=RolloutConfig(num_rollouts=8, chunk_size=4 // dp_size, max_prompt_length=16,
                                                 max_new_tokens=6),
                           ppo=PPOConfig(epochs=2, batch_size=8, micro_batch_size=4 // dp_size),
                           lm=LMTermConfig(data=lm_prefix, micro_batch_size=2 // dp_size, seq_length=12, kd_ratio=0.5),
-                          optim=OptimConfig(lr=1e-3, min_lr=1e-3, warmup_steps=0, adam_eps=1e-4, weight_decay=0.0))
+                          optim=MiniLLMOptimConfig(lr=1e-3, min_lr=1e-3, warmup_iters=0, adam_eps=1e-4,
+                                                   weight_decay=0.0))
     chunks = LMChunks(lm_prefix, 12, seed=2, dp_rank=0)
     if dp_size > 1:  # both DP ranks draw the same LM chunks here; give each its half
         orig = chunks.next_batch
         chunks.next_batch = lambda n: {k: v[dp_rank * n:(dp_rank + 1) * n] for k, v in orig(n * dp_size).items()}
-    trainer = MiniLLMTrainer(student, teacher, cfg, tok, ds(40, 0), V, lm_chunks=chunks)
-    r = trainer.collect_round()
+    data = ds(40, 0)
+    r = RolloutSource(student, teacher, cfg, tok, data, V).collect_round()  # round 0, as training sees it
     stats = []
-    trainer.train(on_step=lambda s, st: stats.append(st))
-    full = gather_full_state(student.module, scfg)
+    source = minillm_train(student, teacher, scfg, cfg, tok, data, V, lm_chunks=chunks,
+                           on_step=lambda s, st: stats.append(st))
+    full = gather_full_state(source.student.module, scfg)
     return plain({"tokens": r.tokens, "adv": r.advantages, "state": full, "stats": stats})
 
 
 def _initial_states():
-    from megatron_kd.minillm.synthetic import task_tokenizer
+    from megatron_kd.posttrain.synthetic import task_tokenizer
     from megatron_kd.models import build_gpt_model
     from megatron_kd.models.sharding import gather_full_state
     from megatron_kd.runtime import ParallelConfig, init_distributed, set_seed
@@ -145,7 +166,7 @@ def _initial_states():
 
 @pytest.mark.slow
 def test_trainer_tp2_and_dp2_equal_tp1(tmp_path):
-    from megatron_kd.minillm.synthetic import task_tokenizer
+    from megatron_kd.posttrain.synthetic import task_tokenizer
 
     prefix = str(tmp_path / "lm")
     _tiny_lm_corpus(prefix, task_tokenizer().vocab_size)

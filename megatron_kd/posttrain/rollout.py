@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
-from megatron_kd.minillm import losses as L
-from megatron_kd.minillm.generation import GenerationConfig, forward_logits, generate
-from megatron_kd.minillm.sampling import SamplingConfig
+from megatron_kd.posttrain import losses as L
+from megatron_kd.posttrain.generation import GenerationConfig, forward_logits, generate
+from megatron_kd.posttrain.sampling import SamplingConfig
 
 
 @dataclass

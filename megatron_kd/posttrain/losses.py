@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_kd.minillm import vocab as vp
+from megatron_kd.posttrain import vocab as vp
 
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@
 * Per-sequence stop at EOS or ``max_new_tokens``; finished sequences are dropped from the batch
   (and from the KV cache) once at most half of the cached rows are still running.
 * Sampling is vocab-parallel Gumbel-max keyed by (seed, sequence id, position): the same seed gives
-  the same samples at TP=1 and TP=2 (see :mod:`megatron_kd.minillm.sampling`).
+  the same samples at TP=1 and TP=2 (see :mod:`megatron_kd.posttrain.sampling`).
 * Teacher-mixed sampling: a teacher stepped in lockstep with its own KV cache, next token drawn
   from (1 - alpha) q + alpha p.
 * Pipeline parallel: hidden states go stage to stage with point-to-point sends; the last stage
@@ -26,7 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_kd.models.builder import mask_padded_vocab
-from megatron_kd.minillm.sampling import SamplingConfig, sample_next
+from megatron_kd.posttrain.sampling import SamplingConfig, sample_next
 
 
 @dataclass

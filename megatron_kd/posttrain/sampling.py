@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_kd.minillm import vocab as vp
+from megatron_kd.posttrain import vocab as vp
 
 _M32 = 0xFFFFFFFF
 # Odd multipliers below 2**31 so that (x < 2**32) * c never overflows int64.

@@ -1,6 +1,8 @@
 """Word-level KD, GKD and DistiLLM on the rollout machinery: source schedules (lambda, adaptive threshold, replay
 buffer), the per-token losses against float64 references, and a few training steps that lower the
 divergence to the teacher on a fixed batch."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,8 @@ V, PAD = 24, 18
 
 @pytest.fixture(scope="module")
 def setup():
-    from megatron_kd.minillm.data import InMemoryInstructions, InstructionTemplate, encode_records
-    from megatron_kd.minillm.optim import wrap_model
-    from megatron_kd.minillm.synthetic import make_records, task_tokenizer
+    from megatron_kd.posttrain.data import InMemoryInstructions, InstructionTemplate, encode_records
+    from megatron_kd.posttrain.synthetic import make_records, task_tokenizer
     from megatron_kd.models import ModelConfig, build_gpt_model
     from megatron_kd.runtime import ParallelConfig, init_distributed, set_seed
 
@@ -24,21 +25,57 @@ def setup():
     teacher = build_gpt_model(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2, **common))
     teacher.eval()
     student_cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, **common)
-    return tok, InMemoryInstructions(p, r), teacher, lambda: wrap_model(build_gpt_model(student_cfg))
+    return tok, InMemoryInstructions(p, r), teacher, lambda: build_gpt_model(student_cfg)
+
+
+class _Distiller:
+    """A GKD / DistiLLM run in memory: the response source (its attributes are reachable here), the
+    divergence step, and ``train`` on the shared Trainer."""
+
+    def __init__(self, setup, **kw):
+        from megatron_kd.posttrain.config import PostTrainOptimConfig
+        from megatron_kd.posttrain.onpolicy import DivergenceStep, OnPolicyConfig, ResponseSource
+        from megatron_kd.posttrain.steps import setup_student
+
+        tok, data, teacher, make_student = setup
+        cfg = OnPolicyConfig(total_steps=kw.pop("total_steps", 100), batch_size=8, micro_batch_size=4,
+                             max_new_tokens=6, optim=PostTrainOptimConfig(lr=3e-3, warmup_iters=0, weight_decay=0.0),
+                             **kw)
+        self.model = make_student()
+        self.ddp, self.opt, self.sched = setup_student(self.model, cfg.optim, cfg.total_steps)
+        self.source = ResponseSource(self.ddp, teacher, cfg, data, tok, tok.vocab_size)
+        self.step_fn = DivergenceStep(self.ddp, teacher, cfg, tok.pad, tok.eod, tok.vocab_size)
+        self._loss = self.step_fn.loss
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["source"], name)
+
+    def __setattr__(self, name, value):
+        if name == "step":
+            self.source.step = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def train(self, on_step=None):
+        from megatron_kd.posttrain.steps import fit
+
+        c = self.source.cfg
+        fit(self.ddp, self.opt, self.sched, self.model.config, step=self.step_fn, batch_size=c.batch_size,
+            total_steps=c.total_steps, make_iterator=lambda consumed: self.source.iterator(consumed // c.batch_size),
+            on_step_end=on_step)
 
 
 def _distiller(setup, **kw):
-    from megatron_kd.minillm.onpolicy import OnPolicyConfig, OnPolicyDistiller
-    from megatron_kd.minillm.optim import OptimConfig
-
-    tok, data, teacher, make_student = setup
-    cfg = OnPolicyConfig(total_steps=kw.pop("total_steps", 100), batch_size=8, micro_batch_size=4, max_new_tokens=6,
-                         optim=OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.0), **kw)
-    return OnPolicyDistiller(make_student(), teacher, cfg, data, tok, tok.vocab_size)
+    return _Distiller(setup, **kw)
 
 
 def _ref_jsd(s, t, beta, temp):
+    """TRL's generalised JSD: beta=0 is KL(teacher || student), beta=1 is KL(student || teacher)."""
     lq, lp = torch.log_softmax(s.double() / temp, -1), torch.log_softmax(t.double() / temp, -1)
+    if beta == 0:
+        return (lp.exp() * (lp - lq)).sum(-1)
+    if beta == 1:
+        return (lq.exp() * (lq - lp)).sum(-1)
     lm = torch.logsumexp(torch.stack([lp + np.log(beta), lq + np.log(1 - beta)]), 0)
     return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
 
@@ -52,9 +89,11 @@ def _ref_skew(s, t, a, reverse):
     return (lp.exp() * (lp - mix)).sum(-1)
 
 
-@pytest.mark.parametrize("method,loss", [("gkd", None), ("distillm", "skl"), ("distillm", "srkl")])
-def test_losses_equal_float64_reference(setup, method, loss):
-    d = _distiller(setup, method=method, **({"loss": loss} if loss else {}))
+@pytest.mark.parametrize("method,loss,beta", [("gkd", None, 0.0), ("gkd", None, 0.5), ("gkd", None, 1.0),
+                                              ("distillm", "skl", None), ("distillm", "srkl", None)])
+def test_losses_equal_float64_reference(setup, method, loss, beta):
+    kw = {"loss": loss} if loss else {"beta": beta}
+    d = _distiller(setup, method=method, **kw)
     g = torch.Generator().manual_seed(0)
     s = torch.randn(2, 5, V, generator=g) * 2
     t = torch.randn(2, 5, V, generator=g) * 2
@@ -74,6 +113,7 @@ def test_losses_equal_float64_reference(setup, method, loss):
     ref.backward()
     torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), ref_in.grad, atol=1e-6, rtol=1e-5)
+    assert out.item() > 1e-3  # GKD at beta 0 / 1 trains on something (the endpoints were once exactly 0)
 
 
 def test_sources_gkd_lambda_and_distillm_threshold(setup):
@@ -106,8 +146,8 @@ def test_sources_gkd_lambda_and_distillm_threshold(setup):
 
 @pytest.mark.parametrize("method", ["gkd", "distillm"])
 def test_training_lowers_divergence_on_fixed_batch(setup, method):
-    from megatron_kd.minillm.data import sft_batch
-    from megatron_kd.minillm.generation import forward_logits
+    from megatron_kd.posttrain.data import sft_batch
+    from megatron_kd.posttrain.generation import forward_logits
 
     tok, data, teacher, _ = setup
     d = _distiller(setup, method=method, lmbda=1.0, init_threshold=1.0, total_steps=12)
@@ -129,7 +169,7 @@ def test_training_lowers_divergence_on_fixed_batch(setup, method):
 
 def test_cli_onpolicy_gkd_and_distillm(tmp_path, setup):
     from megatron_kd.cli import main
-    from megatron_kd.minillm.synthetic import make_records, task_tokenizer, write_jsonl
+    from megatron_kd.posttrain.synthetic import make_records, task_tokenizer, write_jsonl
     from megatron_kd.models import ModelConfig, build_gpt_model
     from megatron_kd.training.checkpoint import read_checkpoint_meta, save_checkpoint
 
@@ -152,17 +192,20 @@ def test_cli_onpolicy_gkd_and_distillm(tmp_path, setup):
                      "onpolicy.max_new_tokens=4", "onpolicy.init_threshold=0.5", "eval_interval=2",
                      "eval.num_prompts=4", "eval.max_new_tokens=4"]) == 0
         assert read_checkpoint_meta(out)["iteration"] == 3
-        assert "rouge_l" in read_checkpoint_meta(out)["extra"]["eval"]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
+        valid = [r for r in records if r["split"] == "valid"]
+        assert [r["step"] for r in valid] == [2, 3] and all("rouge_l" in r and "valid_loss" in r for r in valid)
     assert main(["onpolicy", f"student={tmp_path / 'student'}", "onpolicy.method=ppo"]) == 2
 
 
 def test_word_level_kd_loss_equals_float64_reference(setup):
     """SFT baseline with word-level KD: (1 - r) CE + r KL(p || q) on response tokens."""
-    from megatron_kd.minillm.baselines import SFTConfig, SFTTrainer
+    from megatron_kd.posttrain.sft import SFTConfig, SFTStep
 
     tok, data, teacher, make_student = setup
-    tr = SFTTrainer(make_student(), SFTConfig(total_steps=1, batch_size=8, micro_batch_size=8, kd_ratio=0.5,
-                                              kd_temperature=2.0), data, tok.pad, V, teacher=teacher)
+    tr = SFTStep(make_student(), SFTConfig(total_steps=1, batch_size=8, micro_batch_size=8, kd_ratio=0.5,
+                                           kd_temperature=2.0), V, teacher=teacher)
     g = torch.Generator().manual_seed(1)
     s = torch.randn(2, 5, V, generator=g) * 2
     t = torch.randn(2, 5, V, generator=g) * 2
@@ -170,7 +213,7 @@ def test_word_level_kd_loss_equals_float64_reference(setup):
     labels = torch.randint(0, PAD, (2, 5), generator=g)
     mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.float32)
     x = s.clone().requires_grad_(True)
-    out, _, _ = tr._loss({"loss_mask": mask, "labels": labels}, t, x, mask.sum())
+    out, _, _ = tr.loss({"loss_mask": mask, "labels": labels}, t, x, mask.sum())
     out.backward()
     ref_in = s.double().requires_grad_(True)
     lq = torch.log_softmax(ref_in[..., :PAD], -1)

@@ -36,8 +36,8 @@ def _build(tp=1, pp=1, states=None):
 
 
 def _cases(student, teacher):
-    from megatron_kd.minillm.generation import GenerationConfig, generate
-    from megatron_kd.minillm.sampling import SamplingConfig
+    from megatron_kd.posttrain.generation import GenerationConfig, generate
+    from megatron_kd.posttrain.sampling import SamplingConfig
 
     out = {}
     cases = {"greedy": (SamplingConfig(greedy=True), 0.0), "sample": (SamplingConfig(top_p=0.9, top_k=50), 0.0),
@@ -55,8 +55,8 @@ def _worker(rank, world_size, tp, pp, states):
 
 
 def test_cache_equals_recompute_and_naive_decoding():
-    from megatron_kd.minillm.generation import GenerationConfig, forward_logits, generate
-    from megatron_kd.minillm.sampling import SamplingConfig, sample_next
+    from megatron_kd.posttrain.generation import GenerationConfig, forward_logits, generate
+    from megatron_kd.posttrain.sampling import SamplingConfig, sample_next
 
     (student, teacher), _ = _build()
     prompts = _prompts()
@@ -88,8 +88,8 @@ def test_cache_equals_recompute_and_naive_decoding():
 
 
 def test_eos_and_length_stop():
-    from megatron_kd.minillm.generation import GenerationConfig, generate
-    from megatron_kd.minillm.sampling import SamplingConfig
+    from megatron_kd.posttrain.generation import GenerationConfig, generate
+    from megatron_kd.posttrain.sampling import SamplingConfig
 
     (student, _), _ = _build()
     # A model whose output is always EOS: bias the output layer.

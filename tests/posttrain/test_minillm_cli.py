@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from megatron_kd.minillm.data import InstructionDataset, InstructionTemplate, encode_records, preprocess_instructions, sft_batch
-from megatron_kd.minillm.synthetic import WordTokenizer, make_records, task_tokenizer, write_jsonl
+from megatron_kd.posttrain.data import InstructionDataset, InstructionTemplate, encode_records, preprocess_instructions, sft_batch
+from megatron_kd.posttrain.synthetic import WordTokenizer, make_records, task_tokenizer, write_jsonl
 
 
 def test_preprocess_roundtrip_and_masks(tmp_path):
@@ -25,7 +25,7 @@ def test_preprocess_roundtrip_and_masks(tmp_path):
         preprocess_instructions(tmp_path / "d.jsonl", tok, tmp_path / "out/d", tpl)
     with pytest.raises(ValueError, match="tokenised with"):
         InstructionDataset(tmp_path / "out/d", WordTokenizer(["x", "y"]))
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "copy a ="}\n{"response": 3}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "copy a =", "response": "a"}\n{"response": 3}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         preprocess_instructions(tmp_path / "bad.jsonl", tok, tmp_path / "out/bad", tpl)
     b = sft_batch([[5, 6, 7], [8]], [[9, 1], [10, 11, 1]], pad_id=0)
@@ -62,8 +62,11 @@ def test_cli_sft_generate_minillm(tmp_path):
     common = [f"train_data={tmp_path / 'train'}", "parallel.tensor_parallel=1"]
     assert main(["sft", f"student={tmp_path / 'teacher0'}", f"save={tmp_path / 'teacher'}", f"valid_data={tmp_path / 'valid'}",
                  "sft.total_steps=6", "sft.batch_size=16", "sft.micro_batch_size=8", "eval_interval=3", *common]) == 0
-    meta = read_checkpoint_meta(tmp_path / "teacher")
-    assert meta["iteration"] in (3, 6) and "valid_loss" in meta["extra"]
+    assert read_checkpoint_meta(tmp_path / "teacher")["iteration"] == 6
+    records = [json.loads(line) for line in (tmp_path / "teacher/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 7))
+    assert [r["step"] for r in records if r["split"] == "valid"] == [3, 6]
+    assert all(r["lm"] > 0 for r in records) and (tmp_path / "teacher/config.yaml").is_file()
     # SeqKD data from the teacher.
     assert main(["generate", "--checkpoint", str(tmp_path / "teacher"), "--input", str(tmp_path / "valid.jsonl"),
                  "--output", str(tmp_path / "seqkd.jsonl"), "--template", "raw", "--max-new-tokens", "5"]) == 0
@@ -79,10 +82,12 @@ def test_cli_sft_generate_minillm(tmp_path):
                     "optim: {lr: 1.0e-3, warmup_steps: 0}\neval: {num_prompts: 8, max_new_tokens: 5}\n")
     assert main(["minillm", "--config", str(mcfg), *common]) == 0
     assert read_checkpoint_meta(tmp_path / "mini")["iteration"] == 4
-    evals = [json.loads(line) for line in (tmp_path / "mini/eval.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "mini/metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "valid"]
     assert [e["step"] for e in evals] == [2, 4] and all(e["num_prompts"] == 8 for e in evals)
-    # Resume: a longer run continues from step 4.
+    # Resume: a longer run continues from step 4 (each step recorded once).
     assert main(["minillm", "--config", str(mcfg), "total_steps=6", *common]) == 0
-    steps = [json.loads(line).get("step") for line in (tmp_path / "mini/metrics.jsonl").read_text().splitlines()]
-    assert read_checkpoint_meta(tmp_path / "mini")["iteration"] == 6 and 5 in steps
+    records = [json.loads(line) for line in (tmp_path / "mini/metrics.jsonl").read_text().splitlines()]
+    assert read_checkpoint_meta(tmp_path / "mini")["iteration"] == 6
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 7))
     assert main(["minillm", "--config", str(mcfg), "ppo.batch_size=16"]) == 2  # bad layout: one-line error

@@ -6,7 +6,7 @@ import torch
 
 from dist_helpers import run_workers
 from minillm_test_utils import plain, tensors
-from megatron_kd.minillm.sampling import SamplingConfig, apply_top_k, apply_top_p, hash_uniform, sample_next
+from megatron_kd.posttrain.sampling import SamplingConfig, apply_top_k, apply_top_p, hash_uniform, sample_next
 
 
 def _chi2_crit(df: int, z: float = 3.09) -> float:
@@ -109,7 +109,7 @@ def test_greedy_is_argmax():
 
 
 def _tp_sampling_worker(rank, world_size, logits, teacher):
-    from megatron_kd.minillm.vocab import shard_offset
+    from megatron_kd.posttrain.vocab import shard_offset
     from megatron_kd.runtime import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(tensor_parallel=world_size))

@@ -1,0 +1,533 @@
+"""Fused distillation losses: LM + KD in one pass per logits chunk, and the output layer fused in.
+
+Two entry points, both vocab-parallel (TP shards of the vocabulary, reductions per chunk):
+
+* :func:`fused_kd_lm_loss` - given the student logits (and the teacher's logits or sparse
+  targets), one pass over each token chunk computes the LM cross-entropy and the KD divergence
+  with a shared row max / log-sum-exp, and one combined analytic gradient
+  ``w_kd * dKD/ds + w_lm * dLM/ds`` (at T = 1, forward KL: ``(w_kd + w_lm) q - w_kd p - w_lm onehot``,
+  i.e. ``q - (1 - a) onehot - a p`` for ``w = (a, 1 - a)``). Every divergence of
+  :func:`megatron_kd.losses.kd_loss` and both sparse-target modes are supported; forward KL and
+  soft CE at T = 1 (dense) and renormalised sparse targets at T = 1 share the student's exp, the
+  other cases run the divergence kernel and the LM on the same chunk.
+* :func:`fused_linear_kd` - the student's output layer and the loss, chunk by chunk over tokens:
+  ``[tokens, V]`` logits are never materialised; the gradients of the final hidden states and of
+  the output weight are accumulated per chunk in forward (so backward is two scalings). Online,
+  the teacher's logits are produced per chunk from its final hidden states and output weight.
+  Under TP the hidden states enter through an identity whose backward all-reduces over the TP
+  group (sequence parallel: all-gather / reduce-scatter), like megatron's column-parallel layer.
+
+Weights ``w_kd`` / ``w_lm`` are plain numbers fixed at forward time (the alpha schedule and the
+T^2 factor); the returned per-token KD and LM values are detached, for the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_kd.losses.divergences import KINDS, _dense_kernel, check_temperature
+from megatron_kd.losses.sparse import TARGET_KINDS, _sparse_kernel
+from megatron_kd.losses.vocab_ops import global_row_max, gather_owned, owned_ids, sub_onehot_
+from megatron_kd.losses.vocab_parallel import (
+    ChunkedLoss,
+    TPContext,
+    Workspace,
+    all_reduce_,
+    auto_chunk,
+    compute_dtype,
+    flat_mask,
+    resolve_tp,
+    take_rows,
+)
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    """Which divergence the fused kernels compute (already normalised by :func:`kd_spec`)."""
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    skew: float = 0.1
+    beta: float = 0.5
+    residual: bool = False
+    sparse: bool = False
+
+    @property
+    def dense_fast(self) -> bool:
+        """Dense kinds whose KD shares the student's exp with the LM term."""
+        return not self.sparse and self.kind in ("forward_kl", "soft_ce") and self.temperature == 1.0
+
+    @property
+    def sparse_fast(self) -> bool:
+        """Sparse targets whose KD shares the student's exp with the LM term."""
+        return self.sparse and not self.residual and self.temperature == 1.0
+
+
+def kd_spec(kind: str = "forward_kl", temperature: float = 1.0, skew: float = 0.1, beta: float = 0.5,
+            residual: bool = False, sparse: bool = False, target_kind: str = "logprobs") -> KDSpec:
+    """Validate the KD settings (one-line errors, as :func:`kd_loss` / :func:`sparse_kd_loss`)."""
+    check_temperature(temperature)
+    if sparse:
+        if target_kind not in TARGET_KINDS:
+            raise ValueError(f"target_kind={target_kind!r} is not one of {', '.join(TARGET_KINDS)}")
+        if (residual or target_kind == "weights") and temperature != 1.0:
+            raise ValueError(f"residual / weighted sparse targets need temperature=1 (got {temperature})")
+        if target_kind == "weights" and residual:
+            raise ValueError("weighted (sampled) sparse targets need residual=False")
+        return KDSpec("forward_kl", float(temperature), residual=bool(residual), sparse=True)
+    if kind not in KINDS:
+        raise ValueError(f"unknown KD loss kind {kind!r}; choose one of {', '.join(KINDS)}")
+    for name, val in (("skew", skew), ("beta", beta)):
+        if not 0.0 <= float(val) <= 1.0:
+            raise ValueError(f"{name}={val!r} must lie in [0, 1]")
+    if kind == "skew_forward_kl" and skew == 0.0:
+        kind = "forward_kl"
+    elif kind == "skew_reverse_kl" and skew == 0.0:
+        kind = "reverse_kl"
+    elif kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    return KDSpec(kind, float(temperature), float(skew), float(beta))
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _lm_part(S: torch.Tensor, labels: torch.Tensor, tp: TPContext, need_grad: bool, w_lm: float,
+             offset: Optional[int] = None):
+    """LM cross-entropy of one chunk (S is overwritten); grad = w_lm (softmax - onehot) or None."""
+    li, own = owned_ids(labels, S.shape[-1], tp, offset)
+    mx = global_row_max(S, tp=tp)[0]
+    sl = gather_owned(S, li, own)
+    S.sub_(mx.unsqueeze(-1))
+    E = S.exp_()
+    red = all_reduce_(torch.stack((E.sum(-1), sl)), tp)
+    lm = mx + red[0].log() - red[1]
+    if not need_grad:
+        return lm, None
+    E.mul_((w_lm / red[0]).unsqueeze(-1))
+    return lm, sub_onehot_(E, li, own, w_lm)
+
+
+def _dense_fast(S, Tt, labels, tp, need_grad, out, w_kd, w_lm, soft_ce, offset):
+    """Forward KL / soft CE at T = 1 plus LM on one clean chunk (no -inf); S and Tt are overwritten."""
+    li, own = owned_ids(labels, S.shape[-1], tp, offset)
+    mx = global_row_max(S, Tt, tp=tp)
+    sl = gather_owned(S, li, own)
+    S.sub_(mx[0].unsqueeze(-1))
+    Tt.sub_(mx[1].unsqueeze(-1))
+    Es = torch.exp(S) if out is None else torch.exp(S, out=out)
+    D = S if soft_ce else torch.sub(Tt, S, out=S)
+    Et = Tt.exp_()
+    red = all_reduce_(torch.stack((Es.sum(-1), Et.sum(-1), D.mul_(Et).sum(-1), sl)), tp)
+    zs, zt = red[0], red[1]
+    lzs, lzt = zs.log(), zt.log()
+    part = red[2] / zt
+    kd = lzs - part if soft_ce else part - lzt + lzs
+    lm = mx[0] + lzs - red[3]
+    if not need_grad:
+        return kd, lm, None
+    Es.mul_(((w_kd + w_lm) / zs).unsqueeze(-1))
+    if w_kd != 0.0:
+        Es.addcmul_(Et, (-w_kd / zt).unsqueeze(-1))
+    return kd, lm, sub_onehot_(Es, li, own, w_lm)
+
+
+def _sparse_fast(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offset, vocab_limit):
+    """Renormalised sparse targets at T = 1 plus LM on one chunk (S is overwritten).
+
+    Same maths as :func:`megatron_kd.losses.sparse_kd_loss` (non-residual, T = 1).
+    """
+    v_local = S.shape[-1]
+    lidx, owned = owned_ids(ids, v_local, tp, offset)
+    li, own = owned_ids(labels, v_local, tp, offset)
+    valid = (ids >= 0) & (ids < vocab_limit)
+    mx = global_row_max(S, tp=tp)[0]
+    S.sub_(mx.unsqueeze(-1))
+    sv = gather_owned(S, lidx, owned)
+    sl = gather_owned(S, li, own)
+    E = S.exp_() if out is None else torch.exp(S, out=out)
+    red = all_reduce_(torch.cat((E.sum(-1, keepdim=True), sl.unsqueeze(-1), sv), dim=-1), tp)
+    zs, sl, sv = red[:, 0], red[:, 1], red[:, 2:]
+    present = valid & (sv > float("-inf"))
+    zs = torch.where(zs > 0, zs, 1.0)
+    lzs = zs.log()
+    lm = lzs - sl
+    lq = torch.where(present, sv - lzs.unsqueeze(-1), 0.0)
+    a = torch.where(present, lp, float("-inf"))
+    amax = a.amax(-1)
+    amax = torch.where(torch.isfinite(amax), amax, 0.0)
+    e = torch.exp(a - amax.unsqueeze(-1))
+    z = e.sum(-1)
+    has = z > 0
+    z = torch.where(has, z, 1.0)
+    p = e / z.unsqueeze(-1)
+    lp_hat = a - (amax + z.log()).unsqueeze(-1)
+    kd = torch.where(p > 0, p * (lp_hat - lq), 0.0).sum(-1)
+    if not need_grad:
+        return kd, lm, None
+    E.mul_(((w_kd * has.to(E.dtype) + w_lm) / zs).unsqueeze(-1))
+    if w_kd != 0.0:
+        E.scatter_add_(-1, lidx, torch.where(owned & present, -w_kd * p, 0.0))
+    return kd, lm, sub_onehot_(E, li, own, w_lm)
+
+
+def kd_lm_chunk(spec: KDSpec, S: torch.Tensor, labels: torch.Tensor, tp: TPContext, need_grad: bool,
+                w_kd: float, w_lm: float, *, teacher: Optional[torch.Tensor] = None,
+                ids: Optional[torch.Tensor] = None, lp: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None, clean: bool = True, kd_kernel=None,
+                width: Optional[int] = None, vocab_limit: Optional[int] = None):
+    """``(kd[n], lm[n], grad[n, V_local] or None)`` of one chunk of student logits ``S`` (overwritten).
+
+    ``grad = w_kd dKD/dS + w_lm dLM/dS``. ``teacher`` [n, V_local] (dense, overwritten) or
+    ``ids``/``lp`` [n, k] (sparse). ``clean``: no -inf anywhere in S or the teacher (required by
+    the dense fast path). ``kd_kernel(need_grad) -> (kd, grad)``: the divergence of this chunk for
+    the general path (default: built from the chunk itself; call it before S is modified).
+    ``out``: optional buffer for the gradient. ``width``: the shard's full width when ``S`` holds
+    only its first (real-vocabulary) columns; ``vocab_limit``: ids from it on are not real (default
+    ``width * tp_size``). ``spec.kind == "none"``: LM only (kd = 0).
+    """
+    valid_cols = S.shape[-1]
+    width = valid_cols if width is None else width
+    offset = tp.vocab_offset(width)
+    vocab_limit = width * tp.world_size if vocab_limit is None else vocab_limit
+    if spec.kind == "none":
+        lm, glm = _lm_part(S, labels, tp, need_grad, w_lm, offset)
+        return torch.zeros_like(lm), lm, glm
+    if spec.dense_fast and clean:
+        return _dense_fast(S, teacher, labels, tp, need_grad, out, w_kd, w_lm, spec.kind == "soft_ce", offset)
+    if spec.sparse_fast:
+        return _sparse_fast(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offset, vocab_limit)
+    if valid_cols < width:  # the general kernels expect the full shard: pad with absent columns
+        S = F.pad(S, (0, width - valid_cols), value=float("-inf"))
+        if teacher is not None:
+            teacher = F.pad(teacher, (0, width - valid_cols), value=float("-inf"))
+    if kd_kernel is None:
+        n = S.shape[0]
+        if spec.sparse:
+            k = _sparse_kernel(S, ids, lp, spec.temperature, spec.residual, tp, S.dtype)
+        else:
+            k = _dense_kernel(S, teacher, spec.kind, spec.temperature, spec.skew, spec.beta, tp, S.dtype)
+        kd_kernel = lambda g: k(slice(0, n), g, None)  # noqa: E731
+    kd, gkd = kd_kernel(need_grad and w_kd != 0.0)
+    lm, glm = _lm_part(S, labels, tp, need_grad, w_lm, offset)
+    if not need_grad:
+        return kd, lm, None
+    if gkd is not None:
+        glm.add_(gkd, alpha=w_kd)
+    return kd, lm, glm[:, :valid_cols]
+
+
+def fused_kd_lm_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: Optional[torch.Tensor] = None,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    target_ids: Optional[torch.Tensor] = None,
+    target_logprobs: Optional[torch.Tensor] = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    skew: float = 0.1,
+    beta: float = 0.5,
+    residual: bool = False,
+    target_kind: str = "logprobs",
+    w_kd: float = 0.5,
+    w_lm: float = 0.5,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    chunk_size: Optional[int] = None,
+    retain_graph: bool = False,
+):
+    """LM cross-entropy and KD divergence of vocab-parallel logits in one pass per token chunk.
+
+    Args:
+        student_logits: [..., V_local] this TP rank's shard (padded columns may be -inf).
+        labels: [...] valid global next-token ids (mask the others to any valid id first).
+        loss_mask: optional [...]; 0 = token skipped (all three outputs 0 there, no gradient).
+        teacher_logits: [..., V_local] dense teacher (constant), or
+        target_ids / target_logprobs: [..., k] sparse targets (as :func:`sparse_kd_loss`).
+        kind, temperature, skew, beta, residual, target_kind: as :func:`kd_loss` /
+            :func:`sparse_kd_loss` (the LM term is always at T = 1).
+        w_kd, w_lm: weights of the two terms in ``total``.
+        tp_group, chunk_size, retain_graph: as :func:`kd_loss`.
+
+    Returns:
+        ``(total, kd, lm)``, each [...] float32 (float64 for float64 logits): ``total = w_kd * kd
+        + w_lm * lm`` differentiable w.r.t. ``student_logits``; ``kd`` and ``lm`` detached.
+    """
+    sparse = target_ids is not None or target_logprobs is not None
+    if sparse == (teacher_logits is not None):
+        raise ValueError("fused_kd_lm_loss needs either teacher_logits or target_ids+target_logprobs")
+    if sparse and (target_ids is None or target_logprobs is None):
+        raise ValueError("sparse KD needs both target_ids and target_logprobs")
+    lead = student_logits.shape[:-1]
+    if labels.shape != lead:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the logits' leading shape {tuple(lead)}")
+    if not sparse and teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: both must be the same vocab shard")
+    if sparse and (target_ids.shape[:-1] != lead or target_logprobs.shape != target_ids.shape):
+        raise ValueError(f"sparse targets must be [..., k] with the logits' leading shape {tuple(lead)}")
+    spec = kd_spec(kind, temperature, skew, beta, residual, sparse, target_kind)
+    tp = resolve_tp(tp_group)
+    vocab = student_logits.shape[-1]
+    cdtype = compute_dtype(student_logits, teacher_logits if not sparse else target_logprobs)
+    s2d = student_logits.detach().reshape(-1, vocab)
+    lab = labels.reshape(-1).long()
+    if sparse:
+        k = target_ids.shape[-1]
+        ids2d, lp2d, t2d = target_ids.reshape(-1, k).long(), target_logprobs.detach().reshape(-1, k), None
+        kdk = None if spec.sparse_fast else _sparse_kernel(
+            s2d, ids2d, lp2d, spec.temperature, spec.residual, tp, cdtype)
+        clean = True
+    else:
+        ids2d = lp2d = None
+        t2d = teacher_logits.detach().reshape(-1, vocab)
+        clean = s2d.numel() == 0 or (bool(s2d.amin() > float("-inf")) and bool(t2d.amin() > float("-inf")))
+        kdk = None if (spec.dense_fast and clean) else _dense_kernel(
+            s2d, t2d, spec.kind, spec.temperature, spec.skew, spec.beta, tp, cdtype)
+    n_rows = s2d.shape[0]
+    kd_all = torch.zeros(n_rows, dtype=cdtype, device=s2d.device)
+    lm_all = torch.zeros(n_rows, dtype=cdtype, device=s2d.device)
+    ws = Workspace(vocab, s2d.device)
+    w_kd, w_lm = float(w_kd), float(w_lm)
+
+    def kernel(rows, need_grad: bool, out):
+        n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+        S = take_rows(s2d, rows, cdtype, ws.get("S", n, cdtype))
+        teacher = take_rows(t2d, rows, cdtype, ws.get("T", n, cdtype)) if t2d is not None else None
+        ids = take_rows(ids2d, rows, torch.int64) if sparse else None
+        lp = take_rows(lp2d, rows, cdtype) if sparse else None
+        kd_fn = None if kdk is None else (lambda g: kdk(rows, g, None))
+        kd, lm, grad = kd_lm_chunk(spec, S, take_rows(lab, rows, torch.int64), tp, need_grad, w_kd, w_lm,
+                                   teacher=teacher, ids=ids, lp=lp, out=out, clean=clean, kd_kernel=kd_fn)
+        if isinstance(rows, slice):
+            kd_all[rows], lm_all[rows] = kd, lm
+        else:
+            kd_all.index_copy_(0, rows, kd.to(cdtype))
+            lm_all.index_copy_(0, rows, lm.to(cdtype))
+        return w_kd * kd + w_lm * lm, grad
+
+    chunk = auto_chunk(vocab, chunk_size, student_logits.device)
+    mask = flat_mask(loss_mask, lead)
+    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    total = ChunkedLoss.apply(s2d if not want_grad else student_logits.reshape(-1, vocab), kernel, chunk,
+                              mask, cdtype, bool(retain_graph), want_grad)
+    return total.view(lead), kd_all.view(lead), lm_all.view(lead)
+
+
+# ---------------------------------------------------------------------- fused output layer + loss
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the TP group (contiguous buffer)."""
+
+    @staticmethod
+    def forward(ctx, x, tp):  # noqa: D102
+        ctx.tp = tp
+        return x
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        g = g.contiguous()  # an all-reduce of a non-contiguous view's copy would be lost
+        return all_reduce_(g, ctx.tp), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along dim 0 over the TP group; backward reduce-scatters (sequence parallel)."""
+
+    @staticmethod
+    def forward(ctx, x, tp):  # noqa: D102
+        ctx.tp = tp
+        return gather_dim0(x, tp)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        tp = ctx.tp
+        g = g.contiguous()
+        if tp.group is None:
+            return g, None
+        out = g.new_empty((g.shape[0] // tp.world_size, *g.shape[1:]))
+        dist.reduce_scatter_tensor(out, g, group=tp.group)
+        return out, None
+
+
+def gather_dim0(x: torch.Tensor, tp: TPContext) -> torch.Tensor:
+    """All-gather ``x`` along dim 0 over ``tp`` (no autograd); identity on one process."""
+    if tp.group is None:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] * tp.world_size, *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=tp.group)
+    return out
+
+
+LINEAR_MIN_TOKENS = {"cpu": 64, "cuda": 1024}
+"""Smallest automatic fused-linear chunk: every chunk streams the whole output weight (and its fp32
+gradient) through memory, so a chunk needs enough tokens for the matmuls to stay compute-bound
+(about 6 x tokens flops per 12 bytes moved per weight element; GPUs need ~500+ tokens)."""
+
+
+def linear_chunk_tokens(valid_cols: int, chunk_tokens: Optional[int], device: torch.device) -> int:
+    """Tokens per fused-linear chunk: ``chunk_tokens``, else the KD kernels' element budget but at
+    least :data:`LINEAR_MIN_TOKENS` (scratch: about three fp32 [chunk, V_local] buffers)."""
+    if chunk_tokens is not None:
+        return auto_chunk(max(valid_cols, 1), chunk_tokens, device)
+    floor = LINEAR_MIN_TOKENS["cuda" if device.type == "cuda" else "cpu"]
+    return max(floor, auto_chunk(max(valid_cols, 1), None, device))
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """``sum_tokens w_kd KD + w_lm LM`` of ``hidden @ weight[:valid].T`` chunk by chunk (module doc).
+
+    forward(hidden2d [N, H], weight [V_local, H], labels [N], rows (active token indices), spec,
+    w_kd, w_lm, valid_cols, chunk, tp, teacher_hidden2d, teacher_weight, ids2d, lp2d, want_grad)
+    -> (total, kd_sum, lm_sum) scalars (cdtype); only ``total`` carries a gradient. Columns from
+    ``valid_cols`` on (padded vocabulary) take no part (as -inf logits would). The gradients of
+    ``hidden2d`` and ``weight`` are computed in forward, chunk by chunk; the weight's gradient is
+    accumulated in float32 (float64 for float64 weights).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, labels, rows, spec, w_kd, w_lm, valid_cols, chunk, tp,
+                teacher_hidden2d, teacher_weight, ids2d, lp2d, want_grad, vocab_limit):  # noqa: D102
+        need_h = bool(want_grad and ctx.needs_input_grad[0])
+        need_w = bool(want_grad and ctx.needs_input_grad[1])
+        need_grad = need_h or need_w
+        cdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        W = weight[:valid_cols]
+        Wt = teacher_weight[:valid_cols] if teacher_weight is not None else None
+        gh = torch.zeros_like(hidden2d) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if need_w else None
+        sums = torch.zeros(3, dtype=cdtype, device=hidden2d.device)
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start:start + chunk]
+            h = hidden2d.index_select(0, idx).to(weight.dtype)  # Float16Module hands fp32 hidden states over
+            S = torch.matmul(h, W.t()).to(cdtype)
+            teacher = ids = lp = None
+            if Wt is not None:
+                th = teacher_hidden2d.index_select(0, idx).to(Wt.dtype)
+                teacher = torch.matmul(th, Wt.t()).to(cdtype)
+            elif ids2d is not None:
+                ids, lp = ids2d.index_select(0, idx), lp2d.index_select(0, idx).to(cdtype)
+            kd, lm, G = kd_lm_chunk(spec, S, labels.index_select(0, idx), tp, need_grad, w_kd, w_lm,
+                                    teacher=teacher, ids=ids, lp=lp, width=weight.shape[0],
+                                    vocab_limit=vocab_limit)
+            sums += torch.stack((w_kd * kd.sum() + w_lm * lm.sum(), kd.sum(), lm.sum()))
+            if need_grad:
+                Gw = G.to(weight.dtype)
+                if need_h:
+                    gh.index_copy_(0, idx, torch.matmul(Gw, W).to(gh.dtype))
+                if need_w:
+                    if gw.dtype == Gw.dtype:
+                        gw[:valid_cols].addmm_(Gw.t(), h.to(gw.dtype))
+                    else:
+                        gw[:valid_cols].add_(torch.matmul(Gw.t(), h.to(Gw.dtype)))
+        ctx.grads = (gh, gw)
+        ctx.weight_dtype = weight.dtype
+        return sums[0].clone(), sums[1].clone(), sums[2].clone()
+
+    @staticmethod
+    def backward(ctx, g_total, _g_kd, _g_lm):  # noqa: D102
+        gh, gw = ctx.grads
+        if gh is None and gw is None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            raise RuntimeError("fused linear KD backward ran twice on one graph (or under no_grad)")
+        ctx.grads = (None, None)
+        if gh is not None:
+            gh = gh.mul_(g_total.to(gh.dtype))
+        if gw is not None:
+            gw = gw.mul_(g_total.to(gw.dtype)).to(ctx.weight_dtype)
+        return (gh, gw) + (None,) * 14
+
+
+def fused_linear_kd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: Optional[torch.Tensor] = None,
+    *,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    target_ids: Optional[torch.Tensor] = None,
+    target_logprobs: Optional[torch.Tensor] = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    skew: float = 0.1,
+    beta: float = 0.5,
+    residual: bool = False,
+    target_kind: str = "logprobs",
+    w_kd: float = 0.5,
+    w_lm: float = 0.5,
+    vocab_size: Optional[int] = None,
+    sequence_parallel: bool = False,
+    chunk_tokens: Optional[int] = None,
+    tp_group: Optional[dist.ProcessGroup] = None,
+):
+    """Student output layer + LM/KD loss without materialising the [tokens, V] logits.
+
+    Args:
+        hidden: [b, s, H] the student's final hidden states (after the final norm), tokens in the
+            labels' order; with ``sequence_parallel`` this rank's [b, s/tp, H] sequence shard.
+        weight: [V_local, H] the student's output weight shard (tied: the embedding's).
+        labels: [b, s] global next-token ids; loss_mask: [b, s] (0 / ignored tokens skipped).
+        teacher_hidden / teacher_weight: the online teacher's final hidden states (same layout as
+            ``hidden``) and output weight shard [V_t_local, H_t] (constants), or
+        target_ids / target_logprobs: [b, s, k] sparse targets, or neither (LM only, w_kd ignored).
+        kind ... target_kind: as :func:`fused_kd_lm_loss`.
+        w_kd, w_lm: weights of the summed terms.
+        vocab_size: real vocabulary (global ids); columns from it on are padding and take no part.
+        sequence_parallel: ``hidden``/``teacher_hidden`` are sequence shards (all-gathered here).
+        chunk_tokens: tokens per chunk (None: about 4M logits per CPU thread, 32M on GPUs).
+        tp_group: as :func:`kd_loss`.
+
+    Returns:
+        ``(total, kd_sum, lm_sum)`` scalars over the unmasked tokens: ``total = w_kd kd_sum + w_lm
+        lm_sum`` differentiable w.r.t. ``hidden`` and ``weight``; the other two detached.
+    """
+    tp = resolve_tp(tp_group)
+    sparse = target_ids is not None or target_logprobs is not None
+    dense = teacher_hidden is not None or teacher_weight is not None
+    if sparse and dense:
+        raise ValueError("give either a teacher (hidden + weight) or sparse targets, not both")
+    if dense and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("the online teacher needs both teacher_hidden and teacher_weight")
+    if sparse and (target_ids is None or target_logprobs is None):
+        raise ValueError("sparse KD needs both target_ids and target_logprobs")
+    if not (sparse or dense):
+        w_kd = 0.0
+    spec = kd_spec(kind, temperature, skew, beta, residual, sparse, target_kind) if (sparse or dense) else \
+        KDSpec("none")
+    v_local = weight.shape[0]
+    if vocab_size is None:
+        vocab_size = v_local * tp.world_size
+    valid = max(0, min(v_local, vocab_size - tp.vocab_offset(v_local)))
+    if valid == 0:
+        raise ValueError(f"vocab shard {tp.rank} holds only padded columns (vocab_size={vocab_size}, "
+                         f"V_local={v_local}): use a smaller tensor-parallel size")
+    if dense and teacher_weight.shape[0] < valid:
+        raise ValueError(f"teacher output shard has {teacher_weight.shape[0]} rows, fewer than the "
+                         f"{valid} real vocabulary columns of the student's shard")
+    if sequence_parallel and tp.group is not None:
+        hidden = _GatherSeq.apply(hidden.transpose(0, 1), tp).transpose(0, 1)
+        if dense:
+            teacher_hidden = gather_dim0(teacher_hidden.detach().transpose(0, 1), tp).transpose(0, 1)
+    elif tp.group is not None:
+        hidden = _CopyToTP.apply(hidden, tp)
+    lead = labels.shape
+    if tuple(hidden.shape[:-1]) != tuple(lead):
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(lead)}")
+    h2d = hidden.reshape(-1, hidden.shape[-1])
+    mask = flat_mask(loss_mask, lead)
+    rows = (torch.nonzero(mask, as_tuple=False).reshape(-1) if mask is not None
+            else torch.arange(labels.numel(), device=labels.device))
+    th2d = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]) if dense else None
+    ids2d = target_ids.reshape(-1, target_ids.shape[-1]).long() if sparse else None
+    lp2d = target_logprobs.detach().reshape(-1, target_ids.shape[-1]) if sparse else None
+    chunk = linear_chunk_tokens(valid, chunk_tokens, weight.device)
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total, kd_sum, lm_sum = FusedLinearLoss.apply(
+        h2d, weight, labels.reshape(-1).long(), rows, spec, float(w_kd), float(w_lm), valid, chunk, tp,
+        th2d, teacher_weight.detach() if dense else None, ids2d, lp2d, want_grad, int(vocab_size))
+    return total, kd_sum.detach(), lm_sum.detach()
