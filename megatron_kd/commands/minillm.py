@@ -35,11 +35,38 @@ def _preprocess(args) -> int:
     return 0
 
 
+def _checked(cfg):
+    """Before any work: a hyper-parameter given as null (or not a number) and a non-positive or
+    inverted learning rate are one-line errors naming the key (issue 19), not a TypeError later."""
+    import dataclasses
+    import typing
+
+    from megatron_kd.training.config import OptimConfig
+
+    def walk(obj, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                walk(value, key + ".")
+            elif hints.get(f.name) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                shown = "null" if value is None else repr(value)
+                raise ValueError(f"{key}={shown} must be a number: set it or remove it to use the default")
+        if isinstance(obj, OptimConfig):
+            if obj.lr <= 0:
+                raise ValueError(f"{prefix}lr={obj.lr} must be > 0")
+            if not 0 <= obj.min_lr <= obj.lr:
+                raise ValueError(f"{prefix}min_lr={obj.min_lr} must be between 0 and {prefix}lr={obj.lr}")
+
+    walk(cfg, "")
+    return cfg
+
+
 def _sft(args) -> int:
     from megatron_kd.config import load_config
     from megatron_kd.posttrain.run import SFTRunConfig, run_sft
 
-    run_sft(load_config(SFTRunConfig, args.config, args.overrides))
+    run_sft(_checked(load_config(SFTRunConfig, args.config, args.overrides)))
     return 0
 
 
@@ -47,7 +74,7 @@ def _minillm(args) -> int:
     from megatron_kd.config import load_config
     from megatron_kd.posttrain.run import MiniLLMRunConfig, run_minillm
 
-    run_minillm(load_config(MiniLLMRunConfig, args.config, args.overrides))
+    run_minillm(_checked(load_config(MiniLLMRunConfig, args.config, args.overrides)))
     return 0
 
 
@@ -55,7 +82,7 @@ def _onpolicy(args) -> int:
     from megatron_kd.config import load_config
     from megatron_kd.posttrain.run import OnPolicyRunConfig, run_onpolicy
 
-    run_onpolicy(load_config(OnPolicyRunConfig, args.config, args.overrides))
+    run_onpolicy(_checked(load_config(OnPolicyRunConfig, args.config, args.overrides)))
     return 0
 
 

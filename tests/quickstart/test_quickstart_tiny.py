@@ -34,6 +34,7 @@ def test_quickstart_tiny_report(tmp_path):
     sampled = report["logits_stores"]["sample"]
     assert sampled["method"] == "sample" and sampled["target_kind"] == "weights" and sampled["num_samples"] == 12
     assert students["offline_sampled_kd"]["kd"]["target_kind"] == "weights"
+    assert students["offline_kd"]["kd"]["target_kind"] == "logprobs" and students["offline_kd"]["kd"]["residual"]
     # the own-tokenizer student is compared with its own no-KD twin, in bits per byte
     assert students["xtok_kd"]["vs_no_kd"]["baseline"] == "xtok_no_kd"
     assert students["xtok_kd"]["vs_no_kd"]["metric"] == "bits_per_byte"

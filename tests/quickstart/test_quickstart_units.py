@@ -112,3 +112,27 @@ def test_score_documents_matches_a_float64_reference(dist1, tmp_path):
     assert got["ece"] == pytest.approx(ece / len(conf), abs=1e-6)
     assert got["mean_confidence"] == pytest.approx(conf.mean(), rel=1e-6)
     assert got["top1_accuracy"] == pytest.approx(ok.mean())
+
+
+def test_offline_students_read_their_store_with_the_right_target_kind(tmp_path, monkeypatch):
+    """offline_kd reads the top-k store as log-probs with the remainder bucket (sizes.kd_residual);
+    offline_sampled_kd reads the sampled store as weights (T = 1, no bucket); online KD has neither."""
+    import megatron_kd.distill.run as run_mod
+    from megatron_kd.quickstart.pipeline import Quickstart
+    from megatron_kd.quickstart.sizes import SIZES
+
+    seen = {}
+    monkeypatch.setattr(run_mod, "run_distill", lambda cfg: seen.setdefault("cfg", cfg) and {"iteration": 0})
+    qs = Quickstart(tmp_path, SIZES["tiny"], log=lambda s: None)
+    qs.results = {"tokenizer": {"path": str(tmp_path / "spm.model"), "vocab_size": 1024},
+                  "teacher": {"checkpoint": str(tmp_path / "teacher")},
+                  "logits": {"store": str(tmp_path / "topk")}, "logits_sampled": {"store": str(tmp_path / "sample")}}
+    want = {"offline_kd": ("topk", "logprobs", True), "offline_sampled_kd": ("sample", "weights", False),
+            "online_kd": (None, "auto", False)}
+    for name, (store, kind, residual) in want.items():
+        seen.clear()
+        qs.student(name)
+        kd = seen["cfg"].kd
+        assert (kd.logits_store, kd.target_kind, kd.residual, kd.temperature) == (
+            str(tmp_path / store) if store else None, kind, residual, 1.0), name
+        assert kd.kind == "forward_kl" and kd.alpha == SIZES["tiny"].kd_alpha
