@@ -52,6 +52,11 @@ def _checked(cfg):
             elif hints.get(f.name) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 shown = "null" if value is None else repr(value)
                 raise ValueError(f"{key}={shown} must be a number: set it or remove it to use the default")
+        names = {f.name for f in dataclasses.fields(obj)}
+        optim, total = getattr(obj, "optim", None), getattr(obj, "total_steps", 0)
+        if {"optim", "total_steps"} <= names and isinstance(optim, OptimConfig) and total > 0 \
+                and optim.warmup_iters >= total:  # megatron's scheduler would assert
+            raise ValueError(f"{prefix}optim.warmup_iters={optim.warmup_iters} must be < {prefix}total_steps={total}")
         if isinstance(obj, OptimConfig):
             if obj.lr <= 0:
                 raise ValueError(f"{prefix}lr={obj.lr} must be > 0")

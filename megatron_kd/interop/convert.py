@@ -330,26 +330,30 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    with single_process():
-        model = build_gpt_model(cfg, params_dtype=stored, padded_vocab_size=meta["padded_vocab_size"], use_te=False,
-                                perform_initialization=False)
-        loader = _GroupLoader(model, Path(meta["path"]))
-        del model
-        specs = hf_tensor_specs(loader.get, cfg, out_dtype, family=hf_family(hf_cfg))
-        order = {g: i for i, g in enumerate(dict.fromkeys(_group(s.source) for s in specs))}
-        specs.sort(key=lambda s: order[_group(s.source)])  # group-major: each group loaded once
-        total = sum(s.nbytes for s in specs)
-        bar = progress(total, "mcore-to-hf: write", unit="B", disable=not show_progress)
-        files = write_hf_weights(tmp, specs, max_bytes, on_tensor=lambda s: bar.update(s.nbytes))
-        bar.close()
-        loader.release()
-        del specs, loader
-    write_json_atomic(tmp / "config.json", hf_cfg)
-    if (ckpt_dir / HF_GENERATION_CONFIG).is_file():
-        shutil.copyfile(ckpt_dir / HF_GENERATION_CONFIG, tmp / "generation_config.json")
-    if tok_src is None or not _copy_tokenizer(tok_src, tmp):
-        _warn("no tokenizer files to copy: add them to the output directory before using it with transformers")
-    replace_dir_atomic(tmp, out_dir)
+    try:
+        with single_process():
+            model = build_gpt_model(cfg, params_dtype=stored, padded_vocab_size=meta["padded_vocab_size"], use_te=False,
+                                    perform_initialization=False)
+            loader = _GroupLoader(model, Path(meta["path"]))
+            del model
+            specs = hf_tensor_specs(loader.get, cfg, out_dtype, family=hf_family(hf_cfg))
+            order = {g: i for i, g in enumerate(dict.fromkeys(_group(s.source) for s in specs))}
+            specs.sort(key=lambda s: order[_group(s.source)])  # group-major: each group loaded once
+            total = sum(s.nbytes for s in specs)
+            bar = progress(total, "mcore-to-hf: write", unit="B", disable=not show_progress)
+            files = write_hf_weights(tmp, specs, max_bytes, on_tensor=lambda s: bar.update(s.nbytes))
+            bar.close()
+            loader.release()
+            del specs, loader
+        write_json_atomic(tmp / "config.json", hf_cfg)
+        if (ckpt_dir / HF_GENERATION_CONFIG).is_file():
+            shutil.copyfile(ckpt_dir / HF_GENERATION_CONFIG, tmp / "generation_config.json")
+        if tok_src is None or not _copy_tokenizer(tok_src, tmp):
+            _warn("no tokenizer files to copy: add them to the output directory before using it with transformers")
+        replace_dir_atomic(tmp, out_dir)
+    except BaseException:  # full disk, read-only, Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {"seconds": time.perf_counter() - start, "bytes": total, "files": files,
             "architecture": hf_cfg["architectures"][0], "dtype": _SHORT[out_dtype]}
 

@@ -169,8 +169,10 @@ class Quickstart:
         if mode == "offline":  # store: the stage that wrote it (logits = top-k, logits_sampled = draws)
             data["kd"]["logits_store"] = self.results[store]["store"]
             data["kd"]["target_kind"] = "weights" if store == "logits_sampled" else "logprobs"
-            if store == "logits" and s.kd_residual and s.kd_temperature == 1.0:  # top-k: + remainder bucket
-                data["kd"]["residual"] = True
+            if store == "logits":  # top-k: its own α (sizes.topk_alpha), + remainder bucket (sizes.kd_residual)
+                data["kd"]["alpha"] = s.topk_alpha
+                if s.kd_residual and s.kd_temperature == 1.0:
+                    data["kd"]["residual"] = True
         cfg = build_config(DistillConfig, data)
         t0 = time.perf_counter()
         result = run_distill(cfg)

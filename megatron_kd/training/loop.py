@@ -188,10 +188,14 @@ class Trainer:
                                tokenizer=self.ckpt_cfg.tokenizer or self.tokenizer,
                                keep_last=self.ckpt_cfg.keep_last or None,
                                rank_state=self.rank_state() if self.rank_state is not None else None)
-        if self.config_to_save is not None and is_main_process():
-            from megatron_kd.config import save_config
+        if self.config_to_save is not None and is_main_process():  # the run's resolved config, atomically
+            import yaml
 
-            save_config(self.config_to_save, Path(self.ckpt_cfg.save) / "config.yaml")
+            from megatron_kd.config import to_dict
+            from megatron_kd.utils.io import atomic_write
+
+            with atomic_write(Path(self.ckpt_cfg.save) / "config.yaml", "w", encoding="utf-8") as fh:
+                fh.write(yaml.safe_dump(to_dict(self.config_to_save), sort_keys=False))
         self._saved_iteration = self.iteration
         self._print(f"saved checkpoint {path}")
         return path

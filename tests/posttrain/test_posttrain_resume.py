@@ -136,3 +136,55 @@ def test_sigterm_and_kill9_resume_equal_uninterrupted(inputs, tmp_path, name):
     assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in expected]
     for a, b in zip(got, expected):
         assert a == b, (a, b)
+
+
+def _minillm_run(tmp, teacher, student_state, exit_interval):
+    """MiniLLM in memory on the shared Trainer, checkpointing every step into ``tmp``."""
+    from megatron_kd.models import ModelConfig, build_gpt_model
+    from megatron_kd.posttrain.config import MiniLLMOptimConfig, RunControl
+    from megatron_kd.posttrain.data import InMemoryInstructions, InstructionTemplate, encode_records
+    from megatron_kd.posttrain.minillm import PPOConfig, PPOStep, RolloutSource, TrainLoopConfig
+    from megatron_kd.posttrain.rollout import RolloutConfig
+    from megatron_kd.posttrain.steps import fit, setup_student
+    from megatron_kd.posttrain.synthetic import make_records, task_tokenizer
+    from megatron_kd.training.config import LoggingConfig
+
+    tok = task_tokenizer()
+    data = InMemoryInstructions(*encode_records(make_records(32, 0), tok, InstructionTemplate.raw()))
+    scfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
+                       vocab_size=tok.vocab_size, make_vocab_size_divisible_by=8, max_position_embeddings=64)
+    student = build_gpt_model(scfg)
+    student.load_state_dict(student_state)
+    cfg = TrainLoopConfig(total_steps=6, seed=3, rollout=RolloutConfig(num_rollouts=8, chunk_size=8, max_new_tokens=5,
+                                                                       max_prompt_length=16),
+                          ppo=PPOConfig(epochs=2, batch_size=4, micro_batch_size=2),
+                          optim=MiniLLMOptimConfig(lr=1e-3, min_lr=1e-3, warmup_iters=2))
+    ddp, opt, sched = setup_student(student, cfg.optim, cfg.total_steps)
+    source = RolloutSource(ddp, teacher, cfg, tok, data, tok.vocab_size)
+    run = RunControl(save=str(tmp), save_interval=1, eval_interval=0, log_interval=0, exit_interval=exit_interval,
+                     logging=LoggingConfig(quiet=True))
+    trainer, _ = fit(ddp, opt, sched, scfg, step=PPOStep(ddp, teacher, cfg, tok.vocab_size), run=run,
+                     batch_size=4, total_steps=cfg.total_steps, make_iterator=lambda consumed: iter(source),
+                     rank_state=source.state, load_rank_state=source.load_state)
+    return trainer.iteration
+
+
+def test_minillm_resume_mid_round_in_process(tmp_path):
+    """A MiniLLM run stopped mid-round (exit_interval) and resumed records the same per-step metrics
+    as an uninterrupted one: the round's rollouts and position come back from rank_state."""
+    from megatron_kd.models import ModelConfig, build_gpt_model
+    from megatron_kd.posttrain.synthetic import task_tokenizer
+    from megatron_kd.runtime import ParallelConfig, init_distributed, set_seed
+
+    init_distributed(ParallelConfig())
+    set_seed(5)
+    common = dict(vocab_size=task_tokenizer().vocab_size, make_vocab_size_divisible_by=8, max_position_embeddings=64)
+    teacher = build_gpt_model(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2, **common)).eval()
+    state = build_gpt_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
+                                        **common)).state_dict()
+    assert _minillm_run(tmp_path / "ref", teacher, state, 0) == 6
+    assert _minillm_run(tmp_path / "run", teacher, state, 3) == 3  # 4 steps per round: stops mid-round 0
+    assert _minillm_run(tmp_path / "run", teacher, state, 0) == 6
+    got, want = _comparable(tmp_path / "run/metrics.jsonl"), _comparable(tmp_path / "ref/metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert got == want

@@ -127,12 +127,15 @@ def test_offline_students_read_their_store_with_the_right_target_kind(tmp_path, 
     qs.results = {"tokenizer": {"path": str(tmp_path / "spm.model"), "vocab_size": 1024},
                   "teacher": {"checkpoint": str(tmp_path / "teacher")},
                   "logits": {"store": str(tmp_path / "topk")}, "logits_sampled": {"store": str(tmp_path / "sample")}}
-    want = {"offline_kd": ("topk", "logprobs", True), "offline_sampled_kd": ("sample", "weights", False),
-            "online_kd": (None, "auto", False)}
-    for name, (store, kind, residual) in want.items():
+    size = SIZES["tiny"]
+    want = {"offline_kd": ("topk", "logprobs", True, size.topk_alpha),
+            "offline_sampled_kd": ("sample", "weights", False, size.kd_alpha),
+            "online_kd": (None, "auto", False, size.kd_alpha), "miniplm_kd": (None, "auto", False, size.kd_alpha)}
+    qs.results["miniplm"] = {"prefix": str(tmp_path / "miniplm")}
+    for name, (store, kind, residual, alpha) in want.items():
         seen.clear()
         qs.student(name)
         kd = seen["cfg"].kd
         assert (kd.logits_store, kd.target_kind, kd.residual, kd.temperature) == (
             str(tmp_path / store) if store else None, kind, residual, 1.0), name
-        assert kd.kind == "forward_kl" and kd.alpha == SIZES["tiny"].kd_alpha
+        assert kd.kind == "forward_kl" and kd.alpha == alpha, name

@@ -321,6 +321,7 @@ POSTTRAIN_CASES = [
     ("sft", "sft.optim.lr=null", "sft.optim.lr=null must be a number"),
     ("sft", "sft.optim.min_lr=null", "sft.optim.min_lr=null must be a number"),
     ("sft", "sft.total_steps=null", "sft.total_steps=null must be a number"),
+    ("sft", "sft.total_steps=2", "sft.optim.warmup_iters=10 must be < sft.total_steps=2"),
     ("minillm", "optim.lr=-3e-3", "optim.lr=-0.003 must be > 0"),
     ("minillm", "optim.lr=null", "optim.lr=null must be a number"),
     ("minillm", "total_steps=null", "total_steps=null must be a number"),
