@@ -40,7 +40,8 @@ def register(subparsers) -> None:
                    help="tokenizer path; None = the one recorded in the checkpoint")
     p.add_argument("--data", type=_csv, default=[], help="comma-separated indexed-dataset prefixes for LM loss")
     p.add_argument("--seq-length", type=int, default=d.seq_length,
-                   help="context tokens per LM-loss window; None = min(1024, max_position_embeddings)")
+                   help="context tokens per LM-loss window; default: the checkpoint's training seq length "
+                        "(else min(1024, max_position_embeddings)); stored as context_length")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="LM-loss windows per forward")
     p.add_argument("--max-documents", type=int, default=d.max_documents, help="LM loss on the first N documents only")
     p.add_argument("--tasks", type=_csv, default=[], help="comma-separated JSONL multiple-choice task files")
@@ -108,5 +109,6 @@ def run(args: argparse.Namespace) -> int:
                                        for k, v in results["multiple_choice"].items()},
                    "rouge": {k: {m: v[m] for m in ("rougeL", "n")} for k, v in results["rouge"].items()},
                    "harness": (results["harness"] or {}).get("headline")}
+        summary["context_length"] = results.get("context_length")
         print(json.dumps({k: v for k, v in summary.items() if v}, indent=2), file=sys.stdout)
     return 0

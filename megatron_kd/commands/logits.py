@@ -50,6 +50,8 @@ def register(subparsers) -> None:
     flag(p, "--tensor-parallel", type=int, default=1, help="teacher tensor-parallel size (default 1)")
     flag(p, "--pipeline-parallel", type=int, default=1, help="teacher pipeline-parallel size (default 1)")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: latest)")
+    p.add_argument("--tokenizer", default=None,
+                   help="teacher tokenizer (default: the one the checkpoint carries, CKPT/tokenizer)")
     p.add_argument("--max-shards", type=int, default=None,
                    help="stop after this many shards per data-parallel rank (resume later; default: all)")
     p.add_argument("--byte-key-tokenizer", default=None, metavar="TOKENIZER",
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         iteration=args.iteration, max_shards=args.max_shards, method=args.method, num_samples=args.num_samples,
         proposal_temperature=args.proposal_temperature, seed=args.seed, audit_fraction=args.audit_fraction,
-        byte_key_tokenizer=args.byte_key_tokenizer)
+        tokenizer=args.tokenizer, byte_key_tokenizer=args.byte_key_tokenizer)
     cfg.validate()  # bad --num-samples / --proposal-temperature fail here, before any work
     try:
         summary = precompute_logits(cfg)

@@ -18,6 +18,7 @@ def _score(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, tensor_parallel=args.tensor_parallel,
         pipeline_parallel=args.pipeline_parallel, dtype=args.dtype, pad_multiple=args.pad_multiple,
         ce_chunk_tokens=args.ce_chunk_tokens, nll_kernel=args.nll_kernel, overwrite=args.overwrite, max_shards=args.max_shards,
+        tokenizer=args.tokenizer,
     )
     try:
         man = score_corpus(cfg)
@@ -89,6 +90,8 @@ def register(subparsers) -> None:
                    help="shard NLL kernel: auto = compiled (torch.compile) on GPU, eager on CPU")
     s.add_argument("--max-shards", type=int, default=None, help="stop after N shards per DP rank (resume later)")
     s.add_argument("--overwrite", action="store_true", help="replace a scores directory of another run")
+    s.add_argument("--tokenizer", default=None,
+                   help="tokenizer of both models (default: the one each checkpoint carries)")
     s.set_defaults(func=_score)
 
     c = sub.add_parser("select", help="keep the top-alpha instances by r = nll_ref - nll_teacher")

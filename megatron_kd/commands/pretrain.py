@@ -13,6 +13,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_kd.config import load_config, to_dict
     from megatron_kd.training.config import PretrainConfig
     from megatron_kd.training.pretrain import prepare_config, run_pretrain
+    import megatron_kd.interop.source  # noqa: F401 - checkpoint.load may name a Hugging Face model directory
 
     overrides = list(args.overrides) + (["logging.quiet=true"] if args.no_progress else [])
     overrides += ["data.verify_data=true"] if args.verify_data else []

@@ -128,6 +128,27 @@ def read_dataset_manifest(dataset_prefix: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def manifest_tokenizer_path(dataset_prefix: str | os.PathLike) -> str | None:
+    """The tokenizer a dataset was written with, as a path that exists here (the manifest records it
+    relative to the dataset's directory; older manifests, relative to the launch directory), else
+    None (no manifest, or the tokenizer is not where it recorded)."""
+    from megatron_kd.utils.artifacts import resolve_ref
+
+    prefix = _strip_ext(dataset_prefix)
+    path = dataset_paths(prefix)["manifest"]
+    if not path.is_file():
+        return None
+    from megatron_kd.utils.io import read_json
+
+    try:
+        tok = read_json(path, "dataset manifest").get("tokenizer")
+    except (OSError, ValueError):
+        return None
+    ref = tok.get("path") if isinstance(tok, dict) else None
+    found = resolve_ref(ref, Path(prefix).parent)
+    return found if found and Path(found).exists() else None
+
+
 def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, what: str = "dataset") -> None:
     """Raise a one-line ``ValueError`` if ``tokenizer`` (a :class:`Tokenizer`, or its identity
     string) is not the tokenizer that wrote ``manifest``."""

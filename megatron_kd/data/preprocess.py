@@ -254,13 +254,14 @@ def _manifest(prefix, key, tok, dtype, counts, final, sources, error_examples, s
     import megatron.core
 
     from megatron_kd import __version__
+    from megatron_kd.utils.artifacts import relative_ref
 
     paths = {k: Path(prefix + ext).name for k, ext in
              (("bin", ".bin"), ("idx", ".idx"), ("meta", ".meta.jsonl")) if k in final["checksums"]}
     total_bytes = max(counts["bytes"], 1)
     return {
         "format": MANIFEST_FORMAT, "version": 1, "name": Path(prefix).name, "json_key": key,
-        "tokenizer": tok.describe(),
+        "tokenizer": {**tok.describe(), "path": relative_ref(tok.path, Path(prefix).parent)},
         "num_documents": counts["documents"], "num_sequences": counts["sequences"][prefix],
         "num_tokens": counts["tokens"][prefix], "dtype": dtype.__name__,
         "files": paths, "sizes": final["sizes"], "checksums": final["checksums"],

@@ -123,10 +123,6 @@ class DistillConfig(PretrainConfig):
     """Distillation mode and loss."""
 
 
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "latest").is_file()
-
-
 def validate_kd_settings(cfg: DistillConfig) -> None:
     """One-line ``ValueError``/``FileNotFoundError`` for inconsistent teacher/kd settings (no I/O
     beyond checking that the named paths exist)."""
@@ -137,12 +133,12 @@ def validate_kd_settings(cfg: DistillConfig) -> None:
             raise ValueError("kd.mode=online needs teacher.load=<teacher checkpoint dir> "
                              "(or use kd.mode=offline with a logits store, or kd.mode=none)")
         path = Path(teacher.load)
-        if _is_hf_dir(path):
-            raise ValueError(f"teacher.load={path} is a Hugging Face model directory: convert it first with "
-                             f"`megatron-kd convert hf-to-mcore {path} <out_dir>` and pass <out_dir>")
-        if not (path / "latest").is_file():
-            raise FileNotFoundError(f"teacher.load={path} holds no megatron-kd checkpoint (no 'latest' file): "
-                                    "pass a directory written by megatron-kd pretrain/distill/convert")
+        from megatron_kd.interop.source import is_hf_model_dir  # a HF model directory serves as is
+
+        if not (path / "latest").is_file() and not is_hf_model_dir(path):
+            raise FileNotFoundError(f"teacher.load={path} holds no megatron-kd checkpoint (no 'latest' file) and is "
+                                    "no Hugging Face model directory (config.json + *.safetensors): pass a directory "
+                                    "written by megatron-kd pretrain/distill/convert, or a HF model directory")
     elif kd.intermediate:
         raise ValueError(f"kd.intermediate needs kd.mode=online (got kd.mode={kd.mode}): intermediate layers "
                          "come from a live teacher")

@@ -13,7 +13,7 @@ report of :class:`megatron_kd.losses.DistillationLoss` (``lm``, ``kd``, ``total`
 Padded vocabulary columns (>= the KD vocabulary) are set to -inf on both sides before any
 softmax.
 
-With ``kd.fused_linear`` (online/offline, not cross-tokenizer) the last stage's output layers are
+With ``kd.fused_linear`` (every mode, not cross-tokenizer) the last stage's output layers are
 captured (:mod:`megatron_kd.distill.head`): the model returns the final hidden states and the loss
 runs the student's (and online the teacher's) output layer chunk by chunk
 (:meth:`DistillationLoss.fused_linear`), so no [tokens, V] logits are held.
@@ -75,8 +75,8 @@ class DistillForwardStep:
         self.mode, self.kd_vocab_size, self.evaluation = mode, kd_vocab_size, evaluation
         self.state = state or KDState()
         self.loss = DistillationLoss(kd)
-        self.fused = bool(getattr(kd, "fused_linear", False)) and mode in ("online", "offline") \
-            and getattr(kd, "cross_tokenizer", None) is None
+        # mode "none" fuses too (LM loss only), so a plain step costs what a KD step's LM part costs.
+        self.fused = bool(getattr(kd, "fused_linear", False)) and getattr(kd, "cross_tokenizer", None) is None
         self._heads: dict[int, Optional[FusedHead]] = {}
 
     def _head(self, model: torch.nn.Module) -> Optional[FusedHead]:
@@ -150,7 +150,7 @@ class DistillForwardStep:
                 raise RuntimeError("online KD: no teacher hidden states for this micro-batch (the model is not a "
                                    "DistillationModel?)")
             kwargs = {"teacher_hidden": teacher_hidden, "teacher_weight": weights.teacher}
-        elif not self.evaluation:
+        elif self.mode == "offline" and not self.evaluation:
             if "target_ids" not in batch:
                 raise ValueError("offline KD: the batch has no target_ids/target_logprobs: wrap the training "
                                  "dataset with megatron_kd.logits.TeacherTargetsDataset")
@@ -158,7 +158,7 @@ class DistillForwardStep:
         loss_sum, num_tokens, report = self.loss.fused_linear(
             hidden, weights.student, labels, loss_mask, step=self.state.step, total_steps=self.state.total_steps,
             vocab_size=self.kd_vocab_size, sequence_parallel=weights.sequence_parallel, **kwargs)
-        if not kwargs:  # offline evaluation: the plain LM report
+        if not kwargs:  # mode none, or offline evaluation: the plain LM report
             return loss_sum, num_tokens, report
         if aux_loss is not None:
             loss_sum = loss_sum + aux_loss

@@ -88,6 +88,10 @@ def prepare_distill_config(cfg: DistillConfig) -> tuple[ModelConfig, TeacherSpec
     checkpoint meta checked against the student: layout, sequence length, vocabulary).
     """
     validate_kd_settings(cfg)
+    if cfg.data.prefixes and not cfg.data.tokenizer and not cfg.data.synthetic:
+        # The tokenizer the teacher checkpoint carries (offline: the store's teacher, found relative to the store).
+        tok = _teacher_tokenizer(cfg) if cfg.kd.mode == "online" else _store_teacher_tokenizer(cfg)
+        cfg.data.tokenizer = tok if tok and Path(tok).exists() else None
     model_cfg = prepare_config(cfg)
     spec = None
     if cfg.kd.mode == "online":
@@ -127,6 +131,29 @@ def _teacher_tokenizer(cfg: DistillConfig) -> str | None:
     from megatron_kd.interop.convert import checkpoint_tokenizer
 
     return checkpoint_tokenizer(cfg.teacher.load)
+
+
+def _store_teacher_tokenizer(cfg: DistillConfig) -> str | None:
+    """kd.mode=offline: the tokenizer of the teacher that wrote the logits store (its checkpoint is
+    found relative to the store first, so store + checkpoint copied together still resolve)."""
+    if cfg.kd.mode != "offline" or not cfg.kd.logits_store:
+        return None
+    from megatron_kd.interop.convert import checkpoint_tokenizer
+    from megatron_kd.training.checkpoint import has_checkpoint
+    from megatron_kd.utils.artifacts import resolve_ref
+    from megatron_kd.utils.io import read_json
+
+    man_path = Path(cfg.kd.logits_store) / "manifest.json"
+    if not man_path.is_file():
+        return None
+    teacher = read_json(man_path, "logits store manifest").get("teacher") or {}
+    for ref in (resolve_ref(teacher.get("checkpoint_relative"), cfg.kd.logits_store), teacher.get("checkpoint")):
+        if ref and has_checkpoint(ref):
+            try:
+                return checkpoint_tokenizer(ref)
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 def _open_store(cfg: DistillConfig):

@@ -36,10 +36,21 @@ class EvalTarget:
         """Longest sequence the model is built for."""
         return self.config.max_position_embeddings
 
+    @property
+    def training_seq_length(self) -> int | None:
+        """The sequence length the checkpoint was trained at (None when it does not record one)."""
+        from megatron_kd.training.checkpoint import training_seq_length
+
+        if not self.meta.get("path"):
+            return self.meta.get("seq_length")
+        return training_seq_length(Path(self.meta["path"]).parent, self.meta)
+
     def resolve_seq_length(self, seq_length: int | None) -> int:
-        """``seq_length`` or min(1024, max_position_embeddings); one-line error if too long."""
+        """``seq_length``, else the checkpoint's training sequence length, else min(1024,
+        max_position_embeddings); one-line error if too long."""
         if seq_length is None:
-            return min(1024, self.max_length)
+            trained = self.training_seq_length
+            return min(trained, self.max_length) if trained else min(1024, self.max_length)
         if not 1 <= seq_length <= self.max_length:
             raise ValueError(f"--seq-length {seq_length} must be in [1, {self.max_length}] "
                              "(the checkpoint's max_position_embeddings)")
@@ -64,7 +75,9 @@ def checkpoint_identity(ckpt_dir: str | Path, meta: dict[str, Any]) -> dict[str,
     """What identifies the evaluated weights: path, iteration directory, sha256 of its meta.json."""
     path = Path(meta["path"])
     return {"checkpoint": str(Path(ckpt_dir).resolve()), "iteration": meta.get("iteration"),
-            "iteration_dir": path.name, "meta_sha256": sha256_file(path / "meta.json"),
+            "iteration_dir": path.name,
+            # a Hugging Face model directory (no meta.json): its config.json identifies it
+            "meta_sha256": sha256_file(path / "meta.json" if (path / "meta.json").is_file() else path / "config.json"),
             "tokenizer": meta.get("tokenizer"), "model_config": meta.get("model_config")}
 
 
@@ -91,17 +104,25 @@ def load_eval_target(ckpt_dir: str | Path, tokenizer: Any = None, tokenizer_requ
     from megatron.core import parallel_state
 
     from megatron_kd.runtime import ParallelConfig, init_distributed
-    from megatron_kd.training.checkpoint import load_model_for_inference, read_checkpoint_meta
+    from megatron_kd.training.checkpoint import checkpoint_tokenizer, load_model_for_inference, read_checkpoint_meta
+    import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
     meta = read_checkpoint_meta(ckpt_dir, iteration)  # validates the directory first
-    ref = tokenizer if tokenizer is not None else meta.get("tokenizer")
+    ref = tokenizer if tokenizer is not None else checkpoint_tokenizer(ckpt_dir, meta)
     if ref is None and tokenizer_required:
         raise ValueError(f"checkpoint {ckpt_dir} records no tokenizer: pass --tokenizer PATH")
     tok = None
     if ref is not None:
         try:
             tok = load_tokenizer_from(ref)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            if tokenizer is not None:
+                raise
+            if tokenizer_required:
+                raise FileNotFoundError(f"checkpoint {ckpt_dir} names tokenizer {ref}, which does not exist here "
+                                        "(a checkpoint saved before tokenizers were bundled, then moved): pass "
+                                        "--tokenizer PATH") from None
+        except ValueError:
             if tokenizer_required or tokenizer is not None:
                 raise
     vocab = ModelConfig.from_dict(meta["model_config"]).vocab_size

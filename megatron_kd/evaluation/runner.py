@@ -31,7 +31,8 @@ class EvalConfig:
     data: list[str] = field(default_factory=list)
     """Indexed-dataset prefixes for held-out LM loss / perplexity."""
     seq_length: int | None = None
-    """Tokens of context per LM-loss window; default min(1024, max_position_embeddings)."""
+    """Tokens of context per LM-loss window; default the checkpoint's training sequence length
+    (else min(1024, max_position_embeddings)). The value used is stored as ``context_length``."""
     micro_batch_size: int = 4
     """Windows per forward pass (LM loss)."""
     max_documents: int | None = None
@@ -89,6 +90,7 @@ def validate(cfg: EvalConfig) -> None:
     from megatron_kd.evaluation.multiple_choice import load_mc_task
     from megatron_kd.evaluation.rouge import load_generation_task
     from megatron_kd.training.checkpoint import read_checkpoint_meta
+    import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
     if not cfg.ckpt:
         raise ValueError("no checkpoint given: pass --ckpt CKPT_DIR")
@@ -145,8 +147,17 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
                               tensor_parallel=cfg.tensor_parallel, pipeline_parallel=cfg.pipeline_parallel,
                               params_dtype=cfg.params_dtype, iteration=cfg.iteration)
     seq_length = target.resolve_seq_length(cfg.seq_length) if cfg.data else cfg.seq_length
+    context_source = ("--seq-length" if cfg.seq_length is not None else
+                      "the checkpoint's training seq_length" if target.training_seq_length else
+                      "min(1024, max_position_embeddings)")
+    if cfg.data and is_main_process():
+        import sys
+
+        print(f"megatron-kd eval: LM-loss context {seq_length} tokens ({context_source})", file=sys.stderr,
+              flush=True)
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT, "checkpoint": target.identity,
+        "context_length": seq_length, "context_source": context_source if cfg.data else None,
         "parallel": {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
                      "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
                      "data_parallel": parallel_state.get_data_parallel_world_size()},

@@ -30,21 +30,19 @@ import torch
 
 from megatron_kd.interop.hf_config import (hf_family, hf_to_model_config, model_config_to_hf, read_hf_config,
                                            same_shape)
+from megatron_kd.interop.hf_tokenizer import export_tokenizer, generation_config
 from megatron_kd.interop.hf_weights import check_hf_tensors, hf_tensor_specs, load_hf_weights
 from megatron_kd.interop.safetensors_io import HFCheckpointReader, parse_size, write_hf_weights
 from megatron_kd.interop.vocab import vocab_fingerprint
 from megatron_kd.models.builder import build_gpt_model, parse_dtype
 from megatron_kd.models.config import ModelConfig
+from megatron_kd.training.checkpoint import checkpoint_tokenizer
+from megatron_kd.utils.artifacts import TOKENIZER_DIR, TOKENIZER_FILES, copy_tokenizer_files
 from megatron_kd.utils.io import read_json, replace_dir_atomic, write_json_atomic
 from megatron_kd.utils.progress import progress
 
-#: Files of a HF tokenizer directory that are copied along (whichever exist).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
-                   "chat_template.json")
 HF_CONFIG = "hf_config.json"
 HF_GENERATION_CONFIG = "hf_generation_config.json"
-TOKENIZER_DIR = "tokenizer"
 _LAYER_INDEX = re.compile(r"^decoder\.layers\.\d+\.")
 _EXPERT_INDEX = re.compile(r"\.local_experts\.\d+\.")
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -93,28 +91,7 @@ def _hf_dtype(hf_cfg: dict[str, Any]) -> torch.dtype:
 def _copy_tokenizer(src: Path, dest: Path) -> bool:
     """Copy tokenizer files of directory (or SentencePiece file) ``src`` into ``dest``; True if any."""
     dest.mkdir(parents=True, exist_ok=True)
-    if src.is_file():
-        shutil.copyfile(src, dest / "tokenizer.model")
-        return True
-    found = [n for n in TOKENIZER_FILES if (src / n).is_file()]
-    for name in found:
-        shutil.copyfile(src / name, dest / name)
-    return bool(found)
-
-
-def checkpoint_tokenizer(ckpt_dir: str | Path, meta: dict[str, Any] | None = None) -> str | None:
-    """The tokenizer path a checkpoint refers to (``meta["tokenizer"]``), resolved against ``ckpt_dir``
-    when relative; None when the checkpoint names none."""
-    from megatron_kd.training.checkpoint import read_checkpoint_meta
-
-    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir)
-    ref = meta.get("tokenizer")
-    if not ref:
-        return None
-    path = Path(ref)
-    if not path.is_absolute() and (Path(ckpt_dir) / path).exists():
-        path = Path(ckpt_dir) / path
-    return str(path)
+    return copy_tokenizer_files(src, dest)
 
 
 def _tokenizer_vocab(hf_dir: Path, cfg: ModelConfig) -> dict[str, Any] | None:
@@ -170,7 +147,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tensor_parallel: int = 
     write_json_atomic(out_dir / HF_CONFIG, hf_cfg)
     if (hf_dir / "generation_config.json").is_file():
         shutil.copyfile(hf_dir / "generation_config.json", out_dir / HF_GENERATION_CONFIG)
-    tokenizer = TOKENIZER_DIR if _copy_tokenizer(hf_dir, out_dir / TOKENIZER_DIR) else None
+    tokenizer = str(out_dir / TOKENIZER_DIR) if _copy_tokenizer(hf_dir, out_dir / TOKENIZER_DIR) else None
     if tokenizer is None:
         (out_dir / TOKENIZER_DIR).rmdir()
         _warn(f"{hf_dir} has no tokenizer files: pass the tokenizer to distill/eval yourself")
@@ -300,7 +277,9 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
     ``dtype``: ``auto`` (the checkpoint's) or fp32/bf16/fp16. ``arch``: llama|mistral|qwen2|qwen3
     (default: the imported family, else guessed from QK-norm/QKV bias). ``hf_config``: a config.json
     (or directory) whose extra fields to keep (default: ``CKPT/hf_config.json``). ``tokenizer``:
-    directory to copy (default: the checkpoint's). Written to ``out_dir.tmp`` then renamed.
+    tokenizer or directory to export (default: the checkpoint's, ``CKPT/tokenizer``): SentencePiece
+    models are converted to a fast tokenizer (:mod:`megatron_kd.interop.hf_tokenizer`); eos/bos/pad
+    ids go into config.json and generation_config.json. Written to ``out_dir.tmp`` then renamed.
     """
     from megatron_kd.training.checkpoint import read_checkpoint_meta
 
@@ -345,11 +324,21 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "auto", 
             bar.close()
             loader.release()
             del specs, loader
-        write_json_atomic(tmp / "config.json", hf_cfg)
-        if (ckpt_dir / HF_GENERATION_CONFIG).is_file():
-            shutil.copyfile(ckpt_dir / HF_GENERATION_CONFIG, tmp / "generation_config.json")
-        if tok_src is None or not _copy_tokenizer(tok_src, tmp):
+        base_gen = (read_json(ckpt_dir / HF_GENERATION_CONFIG, "generation config")
+                    if (ckpt_dir / HF_GENERATION_CONFIG).is_file() else None)
+        ids: dict[str, Any] = {}
+        if tok_src is None:
             _warn("no tokenizer files to copy: add them to the output directory before using it with transformers")
+        else:
+            ids = export_tokenizer(tok_src, tmp)  # AutoTokenizer-loadable (SentencePiece converted)
+            # generate() stops at EOS (generation_config.json below). A fresh config.json gets
+            # eos/bos/pad too; an imported model's is left as it was (the round trip stays exact).
+            for key in tuple(ids) if base is None else ():
+                if hf_cfg.get(key) is None and ids.get(key) is not None:
+                    hf_cfg[key] = ids[key]
+        write_json_atomic(tmp / "config.json", hf_cfg)
+        if base_gen is not None or ids:
+            write_json_atomic(tmp / "generation_config.json", generation_config(ids, base_gen))
         replace_dir_atomic(tmp, out_dir)
     except BaseException:  # full disk, read-only, Ctrl-C: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)

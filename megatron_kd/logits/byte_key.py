@@ -191,9 +191,10 @@ def write_byte_key(store: str | Path, prefix: str, tokenizer: str) -> dict[str, 
 
 def default_key_tokenizer(prefix: str, teacher_tokenizer: Optional[str]) -> Optional[str]:
     """The tokenizer the dataset manifest names (it tokenized the data), else the teacher's."""
-    ident = mf.dataset_identity(prefix)
-    path = (ident.get("tokenizer") or {}).get("path")
-    if path and Path(path).exists():
+    from megatron_kd.data.manifest import manifest_tokenizer_path
+
+    path = manifest_tokenizer_path(prefix)  # recorded relative to the dataset (older: to the launch dir)
+    if path:
         return str(path)
     return teacher_tokenizer if teacher_tokenizer and Path(teacher_tokenizer).exists() else None
 

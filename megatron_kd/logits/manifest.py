@@ -95,6 +95,8 @@ def tokenizer_identity(tokenizer: Any) -> str | None:
 def teacher_identity(ckpt_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Teacher checkpoint, iteration, sha256 of its ``meta.json`` and its model config."""
     path = Path(meta["path"]) / "meta.json"
+    if not path.is_file():  # a Hugging Face model directory used as the teacher: its config.json
+        path = Path(meta["path"]) / "config.json"
     return {"checkpoint": str(Path(ckpt_dir).resolve()), "iteration": meta.get("iteration"),
             "meta_sha256": sha256_file(path), "model_config": meta.get("model_config"),
             "tokenizer": meta.get("tokenizer")}

@@ -64,6 +64,8 @@ class PrecomputeConfig:
     """Checkpoint iteration (default: the one ``latest`` names)."""
     max_shards: int | None = None
     """Stop after this many shards per data-parallel rank in this run (time-boxed runs)."""
+    tokenizer: str | None = None
+    """Teacher tokenizer (default: the one the checkpoint carries); checked against the dataset's."""
     method: str = "topk"
     """What is kept per position: topk (top-p/top-k log-probs), sample (N i.i.d. teacher draws as
     (id, count) pairs: unbiased weighted targets) or topk+sample (exact top-p/top-k head + N draws
@@ -152,7 +154,7 @@ def _check_dataset_against_teacher(cfg: PrecomputeConfig, meta: dict, vocab_size
 
     prefix = mf.strip_dataset_prefix(cfg.data)
     check_token_ids(prefix, vocab_size, what="dataset --data")
-    ref = checkpoint_tokenizer(cfg.teacher, meta)
+    ref = checkpoint_tokenizer(cfg.teacher, meta, cfg.tokenizer)
     if not ref or not Path(ref).exists() or not dataset_paths(prefix)["manifest"].is_file():
         return
     from megatron_kd.data.tokenizers import load_tokenizer
@@ -174,6 +176,7 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
     """Everything that can fail cheaply, before the teacher is loaded."""
     from megatron_kd.models.config import ModelConfig
     from megatron_kd.training.checkpoint import read_checkpoint_meta
+    import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
     cfg.validate()
     meta = read_checkpoint_meta(cfg.teacher, cfg.iteration)
@@ -186,8 +189,14 @@ def _check_inputs(cfg: PrecomputeConfig) -> tuple[dict, dict, Any]:
         raise ValueError(f"--seq-length {cfg.seq_length} exceeds the teacher's max_position_embeddings "
                          f"{mcfg.max_position_embeddings}: lower --seq-length")
     _check_dataset_against_teacher(cfg, meta, mcfg.vocab_size)
-    header = _store_header(cfg, mf.teacher_identity(cfg.teacher, meta), mf.dataset_identity(cfg.data),
-                           mcfg.vocab_size)
+    from megatron_kd.utils.artifacts import relative_ref
+
+    # Paths also recorded relative to the store (copy store + dataset + teacher together and the
+    # relative ones still point at them); identities, not paths, decide compatibility.
+    teacher = {**mf.teacher_identity(cfg.teacher, meta), "checkpoint_relative": relative_ref(cfg.teacher, cfg.out)}
+    dataset = {**mf.dataset_identity(cfg.data), "prefix_relative": relative_ref(mf.strip_dataset_prefix(cfg.data),
+                                                                                cfg.out)}
+    header = _store_header(cfg, teacher, dataset, mcfg.vocab_size)
     existing = Path(cfg.out) / mf.MANIFEST
     if existing.is_file():
         mf.check_resume(mf.read_store_manifest(cfg.out, require_complete=False), header, Path(cfg.out))
@@ -412,7 +421,8 @@ def _write_byte_key(cfg: PrecomputeConfig, meta: dict) -> None:
 
     if cfg.byte_key_tokenizer == "none":
         return
-    tok = cfg.byte_key_tokenizer or default_key_tokenizer(cfg.data, checkpoint_tokenizer(cfg.teacher, meta))
+    tok = cfg.byte_key_tokenizer or default_key_tokenizer(cfg.data, checkpoint_tokenizer(cfg.teacher, meta,
+                                                                                              cfg.tokenizer))
     if tok is None:
         return
     if cfg.byte_key_tokenizer:

@@ -75,12 +75,15 @@ def dataset_tokenizer(manifest: dict[str, Any] | None) -> str | None:
     return tok
 
 
-def dataset_tokenizer_path(manifest: dict[str, Any] | None) -> str | None:
-    """A loadable tokenizer path from a dataset manifest (None when it records none)."""
+def dataset_tokenizer_path(manifest: dict[str, Any] | None, prefix: str | Path | None = None) -> str | None:
+    """A loadable tokenizer path from a dataset manifest (None when it records none); a relative
+    path is resolved against the dataset's directory when ``prefix`` is given."""
+    from megatron_kd.utils.artifacts import resolve_ref
+
     tok = (manifest or {}).get("tokenizer")
     if isinstance(tok, dict):
-        return tok.get("path")
-    return tok
+        tok = tok.get("path")
+    return resolve_ref(tok, Path(prefix).parent) if tok and prefix is not None else tok
 
 
 def dataset_identity(prefix: str | Path, ds=None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from megatron_kd.miniplm.instances import scoring_windows, skipped_tokens, split
 from megatron_kd.miniplm.nll import hidden_nll_sbv, resolve_kernel, token_nll_sbv
 from megatron_kd.miniplm.store import SCORE_DTYPE, ScoreStore, config_hash, shard_bounds
 from megatron_kd.utils.progress import JsonlWriter, progress
+from megatron_kd.utils.artifacts import relative_ref
 
 
 @dataclass
@@ -67,6 +68,8 @@ class ScoreConfig:
     """Replace an existing scores directory of another run instead of refusing."""
     max_shards: int | None = None
     """Stop after this many shards on each DP rank (time-boxed runs; resume later)."""
+    tokenizer: str | None = None
+    """Tokenizer of both models (overrides the one each checkpoint carries, ``CKPT/tokenizer``)."""
 
 
 def _model_identity(meta: dict[str, Any]) -> dict[str, Any]:
@@ -75,15 +78,13 @@ def _model_identity(meta: dict[str, Any]) -> dict[str, Any]:
             "vocab_size": meta["model_config"]["vocab_size"]}
 
 
-def checkpoint_tokenizer(ckpt_dir: str | Path, meta: dict[str, Any]) -> str | None:
-    """``meta["tokenizer"]`` resolved against the checkpoint directory when it is relative and
-    exists there (``convert hf-to-mcore`` copies the tokenizer to ``CKPT/tokenizer``)."""
-    ref = meta.get("tokenizer")
-    if not ref:
-        return None
-    if not Path(ref).is_absolute() and (Path(ckpt_dir) / ref).exists():
-        return str((Path(ckpt_dir) / ref).resolve())
-    return ref
+def checkpoint_tokenizer(ckpt_dir: str | Path, meta: dict[str, Any], override: str | None = None) -> str | None:
+    """The checkpoint's tokenizer (``CKPT/tokenizer``, resolved; see
+    :func:`megatron_kd.training.checkpoint.checkpoint_tokenizer`), or ``override``."""
+    from megatron_kd.training.checkpoint import checkpoint_tokenizer as _resolve
+
+    ref = _resolve(ckpt_dir, meta, override)
+    return str(Path(ref).resolve()) if ref and Path(ref).exists() else ref
 
 
 def _tokenizer_identity(ref: str | None) -> str | None:
@@ -111,6 +112,7 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     ``FileNotFoundError`` (tokenizer mismatch, vocab mismatch, bad lengths, missing files).
     """
     from megatron_kd.training.checkpoint import read_checkpoint_meta
+    import megatron_kd.interop.source  # noqa: F401 - a Hugging Face model directory serves as a checkpoint
 
     if cfg.chunk_length is not None:
         validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
@@ -126,9 +128,15 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     if tv != rv:
         raise ValueError(f"teacher vocab_size {tv} != reference vocab_size {rv}: both models must use the same "
                          f"tokenizer and vocabulary (train the reference with model.vocab_size={tv})")
-    t_meta["tokenizer"] = checkpoint_tokenizer(cfg.teacher, t_meta)
-    r_meta["tokenizer"] = checkpoint_tokenizer(cfg.reference, r_meta)
+    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {cfg.tokenizer} does not exist")
+    t_meta["tokenizer"] = checkpoint_tokenizer(cfg.teacher, t_meta, cfg.tokenizer)
+    r_meta["tokenizer"] = checkpoint_tokenizer(cfg.reference, r_meta, cfg.tokenizer)
     tt, rt = t_meta["tokenizer"], r_meta["tokenizer"]
+    for ref, ckpt in ((tt, cfg.teacher), (rt, cfg.reference)):
+        if ref and not Path(ref).exists() and ("/" in ref or ref.endswith(".model")):
+            raise FileNotFoundError(f"checkpoint {ckpt} names tokenizer {ref}, which does not exist here (saved "
+                                    "before checkpoints carried their tokenizer, then moved): pass --tokenizer PATH")
     if tt and rt and tt != rt and _tokenizer_identity(tt) != _tokenizer_identity(rt):
         raise ValueError(f"teacher tokenizer {tt!r} differs from reference tokenizer {rt!r}: "
                          "train the reference model with the teacher's tokenizer")
@@ -139,7 +147,7 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     dt = dataset_io.dataset_tokenizer(dataset_io.read_dataset_manifest(cfg.data))
     model_tok = tt or rt
     if dt and model_tok and dt != model_tok and _tokenizer_identity(dt) != _tokenizer_identity(model_tok):
-        raise ValueError(f"dataset {cfg.data} was tokenized with {dt!r} but the models use {model_tok!r}: re-tokenize it")
+        raise ValueError(f"dataset {cfg.data} was tokenized with {dt!r} but the models use {model_tok!r}: pass the dataset tokenized with the models' tokenizer (or --tokenizer if the checkpoints name the wrong one)")
     if cfg.chunk_length is None:  # the default never exceeds the models' positions
         positions = [m["model_config"].get("max_position_embeddings") for m in (t_meta, r_meta)]
         cfg.chunk_length = min([DEFAULT_CHUNK_LENGTH] + [p + 1 for p in positions if p])
@@ -270,12 +278,14 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
     instances = split_instances(lengths, cfg.chunk_length, cfg.mode, cfg.min_length)
     identity = {} if not is_main_process() else {
         "teacher": _model_identity(t_meta), "reference": _model_identity(r_meta),
-        "dataset": dataset_io.dataset_identity(cfg.data, ds),
+        "dataset": {**dataset_io.dataset_identity(cfg.data, ds),
+                    "prefix_relative": relative_ref(cfg.data, cfg.out)},
         "instances": {"mode": cfg.mode, "chunk_length": cfg.chunk_length, "min_length": cfg.min_length},
         "shard_size": cfg.shard_size, "num_instances": int(len(instances)),
         "skipped_tokens": skipped_tokens(lengths, instances),
         "tokenizer": t_meta.get("tokenizer") or r_meta.get("tokenizer"),
-        "run": {k: v for k, v in asdict(cfg).items() if k not in ("teacher", "reference", "data", "out")},
+        "run": {k: v for k, v in asdict(cfg).items() if k not in ("teacher", "reference", "data", "out",
+                                                                           "tokenizer")},
     }
     store = ScoreStore(cfg.out)
     _on_rank0_raise_everywhere(lambda: store.create_or_resume(identity, cfg.overwrite))

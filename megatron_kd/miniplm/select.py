@@ -26,6 +26,7 @@ from megatron_kd.miniplm import dataset_io
 from megatron_kd.miniplm.export import auto_sources, export_text, needs_tokenizer
 from megatron_kd.miniplm.report import build_report, plot_report
 from megatron_kd.miniplm.store import ScoreStore
+from megatron_kd.utils.artifacts import resolve_ref
 from megatron_kd.utils.io import write_json_atomic
 from megatron_kd.utils.progress import progress
 
@@ -130,7 +131,9 @@ def select_corpus(cfg: SelectConfig, tokenizer=None) -> dict[str, Any]:
     if cfg.source_jsonl and not Path(cfg.source_jsonl).is_file():
         raise FileNotFoundError(f"--source-jsonl {cfg.source_jsonl} does not exist")
     rows, man = ScoreStore(cfg.scores).read()
-    data = cfg.data or man["dataset"]["prefix"]
+    data = cfg.data or resolve_ref(man["dataset"].get("prefix_relative"), cfg.scores) or man["dataset"]["prefix"]
+    if not cfg.data and not Path(data + ".idx").is_file() and Path(man["dataset"]["prefix"] + ".idx").is_file():
+        data = man["dataset"]["prefix"]
     ds = dataset_io.open_dataset(data)
     if not dataset_io.same_dataset(dataset_io.dataset_identity(data, ds), man["dataset"]):
         raise ValueError(f"dataset {data} is not the one {cfg.scores} was scored on (checksum differs): pass --data")
@@ -145,7 +148,7 @@ def select_corpus(cfg: SelectConfig, tokenizer=None) -> dict[str, Any]:
     if cfg.export_text and tokenizer is None and needs_tokenizer(p_doc, p_off, p_len, doc_lengths,
                                                                  bool(cfg.source_jsonl or auto)):
         tokenizer = _load_tokenizer(cfg.tokenizer or man.get("tokenizer")
-                                    or dataset_io.dataset_tokenizer_path(src_manifest))
+                                    or dataset_io.dataset_tokenizer_path(src_manifest, data))
     domains = dataset_io.doc_domains(data, len(doc_lengths), cfg.domain_key)
     manifest = {
         "format": dataset_io.MANIFEST_FORMAT, "version": 1, "produced_by": "megatron-kd miniplm select",

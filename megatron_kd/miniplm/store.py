@@ -61,7 +61,11 @@ def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
     out = {k: identity.get(k) for k in _RESUME_KEYS}
     ds = dict(out["dataset"] or {})
     ds.pop("prefix", None)  # the dataset may be read from another mount point
+    ds.pop("prefix_relative", None)
     out["dataset"] = ds
+    for who in ("teacher", "reference"):  # checkpoints may be moved (content: iteration + config hash)
+        if isinstance(out.get(who), dict):
+            out[who] = {k: v for k, v in out[who].items() if k not in ("path", "tokenizer")}
     return out
 
 

@@ -5,10 +5,13 @@ Layout (a contract: ``distill``, ``logits``, ``miniplm``, ``eval`` and ``convert
     CKPT/
       latest                  text: name of the newest complete iteration directory
       model_config.json       the student's ModelConfig (so consumers need no hand-written YAML)
+      tokenizer/              the tokenizer files, copied at save (the checkpoint is self-contained:
+                              copy or move the directory and every command still finds them)
       iter_0000100/
         <dist_checkpointing files>   model (+ optimizer) sharded tensors: any DP size, and any
                                      TP/PP when the padded vocabulary divides the new TP
-        meta.json             iteration, padded_vocab_size, model config, tokenizer, extra state
+        meta.json             iteration, padded_vocab_size, model config, tokenizer (a path
+                              relative to CKPT: "tokenizer"), training seq_length, extra state
         rng/rank_00000.pt     per-rank RNG states (training checkpoints only)
 
 Atomicity: every rank writes into ``iter_X.tmp``; after a barrier rank 0 renames it to
@@ -34,11 +37,42 @@ from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.sharding import local_padded_vocab_size
 from megatron_kd.runtime.distributed import barrier, is_main_process, rank
 from megatron_kd.runtime.parallel import unwrap
+from megatron_kd.utils.artifacts import bundle_tokenizer, resolve_ref
 from megatron_kd.utils.exits import FilesystemError, filesystem_cause
 from megatron_kd.utils.io import atomic_write, read_json, replace_dir_atomic, write_json_atomic
 
 LATEST = "latest"
 MODEL_CONFIG = "model_config.json"
+
+
+class CheckpointSource:
+    """A kind of directory that serves as a checkpoint without being one (e.g. a Hugging Face model
+    directory: :mod:`megatron_kd.interop.source`). ``detect(path)`` says whether ``path`` is one;
+    ``read_meta(path, iteration)`` returns a ``meta.json``-shaped dict (``iteration``,
+    ``padded_vocab_size``, ``model_config``, ``tokenizer``, ``path``, ...); ``load(path, model_chunks,
+    meta)`` fills this rank's model stage(s) at the current TP/PP."""
+
+    def __init__(self, name: str, detect, read_meta, load):
+        self.name, self.detect, self.read_meta, self.load = name, detect, read_meta, load
+
+
+_SOURCES: dict[str, CheckpointSource] = {}
+
+
+def register_checkpoint_source(name: str, detect, read_meta, load) -> None:
+    """Make every checkpoint consumer (``read_checkpoint_meta``, ``load_checkpoint``,
+    ``load_model_for_inference``, ``has_checkpoint``) accept directories ``detect`` recognises."""
+    _SOURCES[name] = CheckpointSource(name, detect, read_meta, load)
+
+
+def checkpoint_source(path: str | Path | None) -> CheckpointSource | None:
+    """The registered source that ``path`` is (None for a megatron-kd checkpoint or anything else)."""
+    if not path or (Path(path) / LATEST).is_file():
+        return None
+    for source in _SOURCES.values():
+        if source.detect(Path(path)):
+            return source
+    return None
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -127,11 +161,52 @@ def check_checkpoint_complete(path: str | Path) -> None:
 
 
 def read_checkpoint_meta(ckpt_dir: str | Path, iteration: int | None = None) -> dict[str, Any]:
-    """``meta.json`` of the chosen iteration, plus ``path`` (its directory)."""
+    """``meta.json`` of the chosen iteration, plus ``path`` (its directory). A registered
+    :class:`CheckpointSource` (e.g. a Hugging Face model directory) answers for its directories."""
+    source = checkpoint_source(ckpt_dir)
+    if source is not None:
+        return source.read_meta(Path(ckpt_dir), iteration)
     path = resolve_checkpoint(ckpt_dir, iteration)
     meta = read_json(path / "meta.json", "checkpoint metadata")
     meta["path"] = str(path)
     return meta
+
+
+def checkpoint_tokenizer(ckpt_dir: str | Path, meta: dict[str, Any] | None = None,
+                         override: str | Path | None = None) -> str | None:
+    """The tokenizer to use with a checkpoint: ``override`` (a ``--tokenizer`` flag) when given, else
+    ``meta["tokenizer"]`` resolved against the checkpoint directory (``CKPT/tokenizer``, written at
+    save), then the iteration directory, then as recorded (older checkpoints recorded a path
+    relative to the launch directory). None when the checkpoint names none."""
+    if override:
+        return str(override)
+    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir)
+    bases = [Path(meta["path"]).parent] if meta.get("path") else []
+    bases.append(Path(ckpt_dir))
+    if meta.get("path"):
+        bases.append(Path(meta["path"]))
+    return resolve_ref(meta.get("tokenizer"), *bases)
+
+
+def training_seq_length(ckpt_dir: str | Path, meta: dict[str, Any] | None = None) -> int | None:
+    """The sequence length the checkpoint was trained at: ``meta["seq_length"]`` (recorded at save),
+    else ``train.seq_length`` of the run config saved beside it; None when unknown."""
+    meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir)
+    if meta.get("seq_length"):
+        return int(meta["seq_length"])
+    root = Path(meta["path"]).parent if meta.get("path") else Path(ckpt_dir)
+    for name in ("pretrain_config.yaml", "distill_config.yaml", "config.yaml"):
+        f = root / name
+        if f.is_file():
+            try:
+                import yaml
+
+                value = ((yaml.safe_load(f.read_text()) or {}).get("train") or {}).get("seq_length")
+            except Exception:  # noqa: BLE001 - an unreadable side file only loses the default
+                value = None
+            if value:
+                return int(value)
+    return None
 
 
 def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
@@ -141,8 +216,9 @@ def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
 
 
 def has_checkpoint(ckpt_dir: str | Path | None) -> bool:
-    """True when ``ckpt_dir`` holds a complete checkpoint to resume from."""
-    return bool(ckpt_dir) and (Path(ckpt_dir) / LATEST).is_file()
+    """True when ``ckpt_dir`` holds a complete checkpoint to resume from (or is a registered
+    checkpoint source, e.g. a Hugging Face model directory, to load weights from)."""
+    return bool(ckpt_dir) and ((Path(ckpt_dir) / LATEST).is_file() or checkpoint_source(ckpt_dir) is not None)
 
 
 def _in_process_write_results() -> None:
@@ -226,7 +302,7 @@ def _quiet_writer_errors():
 def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], model_config: ModelConfig,
                     iteration: int, optimizer=None, scheduler=None, extra: dict[str, Any] | None = None,
                     tokenizer: str | None = None, keep_last: int | None = None,
-                    rank_state: dict[str, Any] | None = None) -> Path:
+                    seq_length: int | None = None, rank_state: dict[str, Any] | None = None) -> Path:
     """Save model (+ optimizer, scheduler, RNG, ``extra`` state) as iteration ``iteration``.
 
     Collective: every rank must call it. ``extra`` is JSON-serialisable run state (e.g. the data
@@ -235,7 +311,9 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
     :func:`rotate_checkpoints`). ``rank_state`` is this rank's own state (any torch-picklable
     object, e.g. a rollout buffer), saved per rank and read back by :func:`load_rank_state`. A failed save (e.g. disk full) removes its temporary directory and
     leaves ``latest`` and every earlier checkpoint untouched; filesystem errors are re-raised as an
-    ``OSError`` whose message names the path and the space needed/free.
+    ``OSError`` whose message names the path and the space needed/free. ``tokenizer`` (a path) is
+    copied into ``CKPT/tokenizer/`` and recorded relative to ``CKPT``; ``seq_length`` (the training
+    sequence length) becomes ``eval``'s default context.
     """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / iteration_dir_name(iteration)
@@ -251,6 +329,7 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             model_config.save(ckpt_dir / MODEL_CONFIG)
+            tokenizer = bundle_tokenizer(ckpt_dir, tokenizer)
         barrier()
         sharded = _model_sharded_state_dict(model_chunks)
         if optimizer is not None:
@@ -273,6 +352,7 @@ def save_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], m
                 "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
                 "model_config": model_config.to_dict(),
                 "tokenizer": tokenizer,
+                "seq_length": seq_length,
                 "has_optimizer": optimizer is not None,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "extra": extra or {},
@@ -324,6 +404,13 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks: list[torch.nn.Module], o
     :func:`read_checkpoint_meta` returned it earlier (a resolved plan), so it is not read again.
     """
     meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir, iteration)
+    source = checkpoint_source(ckpt_dir)
+    if source is not None:
+        if optimizer is not None:
+            raise ValueError(f"{ckpt_dir} is a {source.name} directory: it holds weights only; start from it with "
+                             "checkpoint.finetune=true")
+        source.load(Path(ckpt_dir), model_chunks, meta)
+        return meta
     path = Path(meta["path"])
     sharded = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
@@ -365,7 +452,8 @@ def load_model_for_inference(ckpt_dir: str | Path, params_dtype: str | torch.dty
     meta = meta if meta is not None else read_checkpoint_meta(ckpt_dir, iteration)
     cfg = model_config if model_config is not None else ModelConfig.from_dict(meta["model_config"])
     model = build_gpt_model(cfg, params_dtype=params_dtype, padded_vocab_size=meta["padded_vocab_size"])
-    load_checkpoint(ckpt_dir, [model], iteration=meta["iteration"], load_rng=False, meta=meta)
+    load_checkpoint(ckpt_dir, [model], iteration=None if checkpoint_source(ckpt_dir) else meta["iteration"],
+                    load_rng=False, meta=meta)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -74,7 +74,8 @@ def resume_dir(ckpt: CheckpointConfig | None) -> tuple[Path | None, bool]:
         return Path(ckpt.save), True
     if ckpt.load:
         if not has_checkpoint(ckpt.load):
-            raise FileNotFoundError(f"checkpoint.load={ckpt.load} holds no checkpoint (no 'latest' file)")
+            raise FileNotFoundError(f"checkpoint.load={ckpt.load} holds no checkpoint (no 'latest' file; a Hugging "
+                                    "Face model directory needs megatron_kd.interop imported, as the CLI does)")
         return Path(ckpt.load), not ckpt.finetune
     return None, False
 
@@ -187,6 +188,7 @@ class Trainer:
                                optimizer=self.optimizer, scheduler=self.scheduler, extra=extra,
                                tokenizer=self.ckpt_cfg.tokenizer or self.tokenizer,
                                keep_last=self.ckpt_cfg.keep_last or None,
+                               seq_length=self.train_cfg.seq_length,
                                rank_state=self.rank_state() if self.rank_state is not None else None)
         if self.config_to_save is not None and is_main_process():  # the run's resolved config, atomically
             import yaml

@@ -40,6 +40,23 @@ def _load_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def _model_from_checkpoint(cfg: PretrainConfig) -> None:
+    """A run started from ``checkpoint.load`` (a checkpoint or a Hugging Face model directory) takes
+    the model shape from it: every ``model.*`` field left unset (and no ``model.preset``) is filled
+    from the checkpoint's model config, so nothing has to be restated."""
+    import dataclasses
+
+    from megatron_kd.training.checkpoint import has_checkpoint
+
+    load = cfg.checkpoint.load
+    if not load or cfg.model.preset or not has_checkpoint(load):
+        return
+    saved = read_checkpoint_meta(load)["model_config"]
+    for f in dataclasses.fields(cfg.model):
+        if f.name != "preset" and getattr(cfg.model, f.name) is None and f.name in saved:
+            setattr(cfg.model, f.name, saved[f.name])
+
+
 def prepare_config(cfg: PretrainConfig) -> ModelConfig:
     """Validate ``cfg`` for this launch (one-line errors, nothing built); return the ModelConfig.
 
@@ -47,6 +64,11 @@ def prepare_config(cfg: PretrainConfig) -> ModelConfig:
     it must be at least the tokenizer's). A checkpoint to resume must have the same model shape
     and a padded vocabulary divisible by the new TP size.
     """
+    _model_from_checkpoint(cfg)
+    if cfg.data.prefixes and not cfg.data.tokenizer and not cfg.data.synthetic:
+        from megatron_kd.data.manifest import manifest_tokenizer_path
+
+        cfg.data.tokenizer = manifest_tokenizer_path(cfg.data.prefixes[0])  # the one the dataset records
     if cfg.data.tokenizer and cfg.model.vocab_size is None and not cfg.data.synthetic:
         cfg.model.vocab_size = _load_tokenizer(cfg.data.tokenizer).vocab_size
     model_cfg = validate_pretrain_config(cfg, _launch_world_size(), torch.cuda.is_available())

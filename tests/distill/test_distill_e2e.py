@@ -68,8 +68,8 @@ def test_cli_one_line_errors_and_dry_run(tmp_path, capsys):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
-    code, _, err = _cli(capsys, "data.synthetic=true", f"teacher.load={hf}")
-    assert code == 2 and "hf-to-mcore" in err
+    code, _, err = _cli(capsys, "data.synthetic=true", f"teacher.load={hf}")  # HF dirs serve directly, with weights
+    assert code == 2 and "config.json + *.safetensors" in err
     code, _, err = _cli(capsys, "data.synthetic=true", "kd.mode=offline", f"kd.logits_store={tmp_path}")
     assert code == 2 and "exactly one indexed dataset" in err
     code, _, err = _cli(capsys, "data.synthetic=true", "kd.mode=none", "kd.kind=bogus")

@@ -45,7 +45,7 @@ def _step(mode, fused, model, student, batch, evaluation=False):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("mode", ["online", "offline"])
+@pytest.mark.parametrize("mode", ["online", "offline", "none"])
 def test_fused_head_equals_unfused(dist1, mode, tied):
     student, teacher, wrapper = _models(tied)
     model = wrapper if mode == "online" else student
@@ -80,4 +80,4 @@ def test_cross_tokenizer_falls_back_to_the_unfused_head():
     assert DistillForwardStep("online", kd, V).fused
     kd.cross_tokenizer = "uld"
     assert not DistillForwardStep("online", kd, V).fused
-    assert not DistillForwardStep("none", KDConfig(), V).fused
+    assert DistillForwardStep("none", KDConfig(fused_linear=True), V).fused  # LM only, fused too
