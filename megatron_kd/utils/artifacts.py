@@ -102,7 +102,13 @@ def bundle_tokenizer(artifact_dir: str | os.PathLike, tokenizer: str | os.PathLi
     if not _same_bundle(files, dest):
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        copy_tokenizer_files(src, tmp)
+        try:
+            copy_tokenizer_files(src, tmp)
+        except OSError as exc:  # full disk / read-only: no half-copied bundle; name the destination
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno is not None:
+                raise OSError(exc.errno, exc.strerror, str(tmp)) from None
+            raise
         old = dest.with_name(dest.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if dest.exists():
