@@ -21,6 +21,7 @@ from megatron_kd.posttrain.minillm import TrainLoopConfig, validate_loop_config
 from megatron_kd.posttrain.onpolicy import OnPolicyConfig
 from megatron_kd.posttrain.sft import SFTConfig
 from megatron_kd.runtime.distributed import ParallelConfig, init_distributed, is_main_process, set_seed
+from megatron_kd.training.checkpoint import checkpoint_tokenizer
 from megatron_kd.training.config import ModelSpec
 from megatron_kd.utils.progress import progress
 
@@ -152,7 +153,7 @@ def _load_student_and_teacher(cfg):
 
     student, s_cfg, s_meta = _load_student(cfg.student, cfg.params_dtype)
     teacher, t_cfg, t_meta = load_model_for_inference(cfg.teacher, cfg.params_dtype)
-    tok = load_any_tokenizer(cfg.tokenizer or s_meta.get("tokenizer"))
+    tok = load_any_tokenizer(checkpoint_tokenizer(cfg.student, s_meta, cfg.tokenizer))
     return student, s_cfg, teacher, tok, _vocab(s_cfg, t_cfg, tok, s_meta, t_meta)
 
 
@@ -211,7 +212,7 @@ def run_sft(cfg: SFTRunConfig) -> dict:
     set_seed(cfg.sft.seed)
     if cfg.student:
         student, s_cfg, s_meta = _load_student(cfg.student, cfg.params_dtype)
-        tok = load_any_tokenizer(cfg.tokenizer or s_meta.get("tokenizer"))
+        tok = load_any_tokenizer(checkpoint_tokenizer(cfg.student, s_meta, cfg.tokenizer))
     else:
         from dataclasses import replace
 
@@ -255,7 +256,7 @@ def run_generate(checkpoint: str, input_jsonl: str, output_jsonl: str, tokenizer
         raise FileExistsError(f"--output {output_jsonl} already exists: remove it or choose another path")
     init_distributed(parallel)
     model, cfg, meta = load_model_for_inference(checkpoint, params_dtype)
-    tok = load_any_tokenizer(tokenizer or meta.get("tokenizer"))
+    tok = load_any_tokenizer(checkpoint_tokenizer(checkpoint, meta, tokenizer))
     vocab = min(cfg.vocab_size, tok.vocab_size)
     gen.eos_id, gen.pad_id = tok.eod, tok.pad
     bar = progress(None, "generate", unit="prompt")

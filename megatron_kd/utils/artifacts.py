@@ -96,6 +96,8 @@ def bundle_tokenizer(artifact_dir: str | os.PathLike, tokenizer: str | os.PathLi
         return str(tokenizer)
     if src.resolve() == dest.resolve() or dest.resolve() in src.resolve().parents:
         return TOKENIZER_DIR if src.resolve() == dest.resolve() else relative_ref(src, artifact_dir)
+    if src.is_file() and src.suffix == ".json":  # a word-list tokenizer (synthetic demos): not a bundle format
+        return relative_ref(src, artifact_dir)
     files = _tokenizer_files(src)
     if not files:
         return str(tokenizer)
