@@ -77,7 +77,7 @@ def main() -> None:
                                                        / result[f"{name}_no_cache_tokens_per_cpu_s"])
 
     if args.student_only:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result))
         return
     # One MiniLLM round: 2 x batch rollouts, 2 PPO epochs of mini-batches of `batch`.
     class _Tok:
@@ -114,7 +114,7 @@ def main() -> None:
         "training_s": t_train, "total_s": total, "total_cpu_s": cpu_total,
         "share": {"generation": gen_s / total, "scoring": score_s / total, "training": t_train / total},
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

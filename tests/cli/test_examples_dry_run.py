@@ -49,13 +49,15 @@ def test_example_config_is_valid(path):
 
     command = command_of(path)
     cfg = load_config(config_class_of(command), REPO / path)
+    assert isinstance(cfg, config_class_of(command))
     if command in ("pretrain", "distill"):
         from megatron_kd.training.config import validate_pretrain_config
 
         on_gpu = "/gpu/" in path or "/miniplm/" in path
         p = cfg.parallel
         world = 8 if on_gpu else p.tensor_parallel * p.pipeline_parallel
-        validate_pretrain_config(cfg, world_size=world, on_gpu=on_gpu)
+        validate_pretrain_config(cfg, world_size=world, on_gpu=on_gpu)  # raises on an invalid config
+        assert cfg.train.train_iters > 0 and cfg.train.seq_length > 0
 
 
 def _cli(capsys, *argv):
