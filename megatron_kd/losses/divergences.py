@@ -247,6 +247,20 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
 
 
+def normalize_kind(kind: str, skew: float, beta: float) -> str:
+    """``kind`` with its degenerate settings replaced by the plain divergence they equal (skew 0 ->
+    the unskewed KL; JSD at beta 0 / 1 -> forward / reverse KL, TRL's endpoint limits); raises a
+    one-line ``ValueError`` for skew or beta outside [0, 1]."""
+    for name, val in (("skew", skew), ("beta", beta)):
+        if not 0.0 <= float(val) <= 1.0:
+            raise ValueError(f"{name}={val!r} must lie in [0, 1]")
+    if kind in ("skew_forward_kl", "skew_reverse_kl") and skew == 0.0:
+        return kind[len("skew_"):]
+    if kind == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return kind
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -293,15 +307,7 @@ def kd_loss(
             f"(slice both to the common vocabulary if the teacher's is larger)"
         )
     check_temperature(temperature)
-    for name, val in (("skew", skew), ("beta", beta)):
-        if not 0.0 <= float(val) <= 1.0:
-            raise ValueError(f"{name}={val!r} must lie in [0, 1]")
-    if kind == "skew_forward_kl" and skew == 0.0:
-        kind = "forward_kl"
-    elif kind == "skew_reverse_kl" and skew == 0.0:
-        kind = "reverse_kl"
-    elif kind == "jsd" and beta in (0.0, 1.0):  # the mixture equals one side: TRL's endpoint limits
-        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    kind = normalize_kind(kind, skew, beta)
     tp = resolve_tp(tp_group)
     cdtype = compute_dtype(student_logits, teacher_logits)
     vocab = student_logits.shape[-1]

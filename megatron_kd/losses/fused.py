@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_kd.losses.divergences import KINDS, _dense_kernel, check_temperature
+from megatron_kd.losses.divergences import KINDS, _dense_kernel, check_temperature, normalize_kind
 from megatron_kd.losses.sparse import TARGET_KINDS, _sparse_kernel
 from megatron_kd.losses.vocab_ops import global_row_max, gather_owned, owned_ids, sub_onehot_
 from megatron_kd.losses.vocab_parallel import (
@@ -81,15 +81,7 @@ def kd_spec(kind: str = "forward_kl", temperature: float = 1.0, skew: float = 0.
         return KDSpec("forward_kl", float(temperature), residual=bool(residual), sparse=True)
     if kind not in KINDS:
         raise ValueError(f"unknown KD loss kind {kind!r}; choose one of {', '.join(KINDS)}")
-    for name, val in (("skew", skew), ("beta", beta)):
-        if not 0.0 <= float(val) <= 1.0:
-            raise ValueError(f"{name}={val!r} must lie in [0, 1]")
-    if kind == "skew_forward_kl" and skew == 0.0:
-        kind = "forward_kl"
-    elif kind == "skew_reverse_kl" and skew == 0.0:
-        kind = "reverse_kl"
-    elif kind == "jsd" and beta in (0.0, 1.0):
-        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    kind = normalize_kind(kind, skew, beta)
     return KDSpec(kind, float(temperature), float(skew), float(beta))
 
 
