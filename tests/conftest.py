@@ -61,3 +61,23 @@ def pytest_sessionfinish(session, exitstatus):
             continue
     print("\nERROR: the test session left child processes behind (killed now):\n" + "\n".join(lines))
     session.exitstatus = 1
+
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def dist1():
+    """A world-size-1 process group in the pytest process, torn down (and the torchrun-style
+    variables restored) after the module so other modules start clean."""
+    from megatron_kd.runtime import ParallelConfig, destroy_distributed, init_distributed
+
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    init_distributed(ParallelConfig())
+    yield
+    destroy_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

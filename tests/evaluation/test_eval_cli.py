@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DIST_ENV
 from evalkit import MC_EXAMPLES, ByteTokenizer, build_model, model_config, random_docs, write_indexed_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +61,8 @@ def test_run_evaluation_matches_library_calls(setup, monkeypatch):
 
 
 def _cli(*args):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # a fresh world of one
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # a fresh world of one
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "megatron_kd", "eval", *args], capture_output=True, text=True,
                           env=env, timeout=600)

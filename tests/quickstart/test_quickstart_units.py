@@ -48,24 +48,6 @@ def test_domain_panel_keeps_the_largest_and_pools_the_rest():
     assert len(domain_panel(dict(list(domains.items())[:5]), 20)) == 5
 
 
-@pytest.fixture(scope="module")
-def dist1():
-    import os
-
-    from megatron_kd.runtime import ParallelConfig, destroy_distributed, init_distributed
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    init_distributed(ParallelConfig())
-    yield
-    destroy_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def test_score_documents_matches_a_float64_reference(dist1, tmp_path):
     """Per-document NLL / tokens / bytes and the ECE from one unpadded float64 forward per window."""
     import sys
