@@ -59,7 +59,7 @@ def main() -> int:
     p.add_argument("--compile", action="store_true",
                    help="eager vs torch.compile chunk kernels of the fused loss (kd.compile), CPU clock, 1 thread")
     p.add_argument("--rounds", type=int, default=15, help="--compile: timed rounds per chunk kernel")
-    p.add_argument("--step-rounds", type=int, default=5, help="--compile: timed rounds per fused step")
+    p.add_argument("--step-rounds", type=int, default=4, help="--compile: timed rounds per fused step")
     p.add_argument("--shapes", default="default,qwen", help="--compile: default (V 8192) and/or qwen (V 151936)")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
