@@ -157,10 +157,16 @@ class Progress:
         self.actual = 0.0
         self.estimated = 0.0
 
+    MIN_COST = 20.0
+    """Only stages estimated at this many seconds or more set the speed scale (the short ones are mostly
+    imports and start-up, which would make the first ETAs wild)."""
+
     def finished(self, name: str, seconds: float) -> None:
         self.done.add(name)
-        self.actual += seconds
-        self.estimated += next(s.cost for s in self.specs if s.name == name)
+        cost = next(s.cost for s in self.specs if s.name == name)
+        if cost >= self.MIN_COST:
+            self.actual += seconds
+            self.estimated += cost
 
     def line(self, running: dict[str, float] | None = None) -> str:
         running = running or {}

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from megatron_kd.quickstart.schedule import (StageFailed, StageSpec, critical_path, priority_order, remaining_path,
-                                             run_parallel, topological)
+from megatron_kd.quickstart.schedule import (Progress, StageFailed, StageSpec, critical_path, priority_order,
+                                             remaining_path, run_parallel, topological)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-GRAPH = [StageSpec("data", (), 1), StageSpec("teacher", ("data",), 10), StageSpec("ref", ("data",), 2),
-         StageSpec("score", ("teacher", "ref"), 4), StageSpec("student", ("data",), 3),
-         StageSpec("kd", ("teacher",), 3), StageSpec("eval_kd", ("kd",), 1)]
+GRAPH = [StageSpec("data", (), 10), StageSpec("teacher", ("data",), 100), StageSpec("ref", ("data",), 20),
+         StageSpec("score", ("teacher", "ref"), 40), StageSpec("student", ("data",), 30),
+         StageSpec("kd", ("teacher",), 30), StageSpec("eval_kd", ("kd",), 10)]
 
 
 def _env():
@@ -37,12 +37,18 @@ def _run(tmp_path, plan, specs=GRAPH, workers=2, done=()):
 def test_graph_order_critical_path_and_refusals():
     assert [s.name for s in topological(reversed(GRAPH))][0] == "data"
     rank = remaining_path(GRAPH)
-    assert rank["teacher"] == 10 + 4 and rank["data"] == 1 + 14
+    assert rank["teacher"] == 100 + 40 and rank["data"] == 10 + 140
     order = priority_order(GRAPH)
     assert order[:2] == ["data", "teacher"]  # the longest remaining path starts first
     assert order.index("score") > order.index("ref")
     path, seconds = critical_path(GRAPH, {"data": 1, "teacher": 10, "ref": 30, "score": 4, "kd": 1, "eval_kd": 1})
     assert path == ["data", "ref", "score"] and seconds == 35
+    progress = Progress(GRAPH, {"data"}, 2)
+    assert "ETA" not in progress.line()  # no speed measured yet
+    progress.finished("teacher", 50.0)  # this machine runs at half the estimate
+    line = progress.line()
+    # left: ref 20, score 40, student 30, kd 30, eval_kd 10 = 130 over 2 workers; longest path 40 (score)
+    assert "2/7 stages done" in line and "ETA ~32 s" in line
     with pytest.raises(ValueError, match="unknown stage"):
         topological([StageSpec("a", ("b",))])
     with pytest.raises(ValueError, match="cycle"):
