@@ -28,6 +28,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
+from megatron_kd.config import DERIVED
 from megatron_kd.models.builder import mask_padded_vocab
 from megatron_kd.posttrain.config import PostTrainOptimConfig
 from megatron_kd.posttrain.data import sft_batch
@@ -44,8 +45,8 @@ class OnPolicyConfig:
 
     method: Literal["gkd", "distillm"] = "gkd"
     """gkd | distillm."""
-    total_steps: int = 1000
-    """Optimizer steps."""
+    total_steps: int = field(default=1000, metadata={DERIVED: "train.train_iters"})
+    """Optimizer steps (DistiLLM's generation schedule spans them); the command sets it from train.train_iters."""
     batch_size: int = 32
     """Examples per optimizer step over all DP ranks."""
     micro_batch_size: int = 8
@@ -56,8 +57,8 @@ class OnPolicyConfig:
     """Longest generated response (TRL GKD default 128)."""
     max_length: int = 512
     """Prompt+response tokens kept for gold/replayed examples."""
-    seed: int = 1
-    """Seed of the data order, the source draws and the sampling noise."""
+    seed: int = field(default=1, metadata={DERIVED: "train.seed"})
+    """Seed of the data order, the source draws and the sampling noise; the command sets it from train.seed."""
     lmbda: float = 0.5
     """GKD: probability of a student-generated (on-policy) batch."""
     beta: float = 0.5

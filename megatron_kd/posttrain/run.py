@@ -4,9 +4,12 @@
 :func:`run_onpolicy`, ``generate`` -> :func:`run_generate` (see :mod:`megatron_kd.commands.minillm`).
 Every training command builds its student on the shared stack (``training.model_setup`` /
 ``training.optim``) and runs :class:`megatron_kd.training.loop.Trainer` with its step and batch
-source: iterations, evaluation and save cadence, resume (``save`` holding a checkpoint), metrics
-(``<save>/metrics.jsonl``, split ``train`` per step and ``valid`` per evaluation), SIGTERM (save,
-exit 75), ``exit_interval``, ``keep_last`` and the resolved ``config.yaml`` are the Trainer's.
+source: iterations, evaluation and save cadence, resume (``checkpoint.save`` holding a checkpoint),
+metrics (``<checkpoint.save>/metrics.jsonl``, split ``train`` per step and ``valid`` per evaluation),
+SIGTERM (save, exit 75), ``train.exit_interval``, ``checkpoint.keep_last`` and the resolved
+``config.yaml`` are the Trainer's. Run control is spelled as in ``pretrain``: ``train.*`` (a
+:class:`~megatron_kd.training.config.TrainScheduleConfig`), ``checkpoint.*``, ``logging.*``; the old
+flat spellings (``save``, ``total_steps``, ``sft.seed``, ...) are accepted with a one-line note.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_kd.posttrain.config import RunControl, deprecation_note
+from megatron_kd.posttrain.config import (RUN_KEY_MOVES, MiniLLMCheckpointConfig, MiniLLMScheduleConfig,
+                                         OnPolicyScheduleConfig, PostTrainCheckpointConfig, SFTScheduleConfig,
+                                         deprecation_note, move_keys)
 from megatron_kd.posttrain.data import InstructionDataset, LMChunks
 from megatron_kd.posttrain.evaluate import EvalConfig
 from megatron_kd.posttrain.minillm import TrainLoopConfig, validate_loop_config
@@ -22,7 +27,7 @@ from megatron_kd.posttrain.onpolicy import OnPolicyConfig
 from megatron_kd.posttrain.sft import SFTConfig
 from megatron_kd.runtime.distributed import ParallelConfig, init_distributed, is_main_process, set_seed
 from megatron_kd.training.checkpoint import checkpoint_tokenizer
-from megatron_kd.training.config import ModelSpec
+from megatron_kd.training.config import LoggingConfig, ModelSpec
 from megatron_kd.utils.progress import progress
 
 
@@ -39,8 +44,15 @@ def load_any_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def _moves(section: str) -> dict[str, str]:
+    """Old flat spellings of a post-training command -> the shared names (``section``: the command's own
+    section that held ``total_steps`` / ``seed``; "" = the top level)."""
+    own = {"total_steps": "train.train_iters", "seed": "train.seed"}
+    return {**RUN_KEY_MOVES, **{(section + "." if section else "") + k: v for k, v in own.items()}}
+
+
 @dataclass
-class MiniLLMRunConfig(RunControl, TrainLoopConfig):
+class MiniLLMRunConfig(TrainLoopConfig):
     """``megatron-kd minillm`` (YAML + ``key.sub=value`` overrides). Loop settings: see TrainLoopConfig."""
 
     student: str = ""
@@ -53,16 +65,31 @@ class MiniLLMRunConfig(RunControl, TrainLoopConfig):
     """Prefix of the preprocessed instruction dataset (prompts are used)."""
     eval_data: Optional[str] = None
     """Prefix of a held-out instruction dataset (ROUGE-L, reverse KL)."""
-    save_interval: int = 500
-    """Checkpoint every N optimizer steps (0 = only at the end)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor / pipeline parallel sizes (pipeline must be 1 for training)."""
     params_dtype: str = "fp32"
     """fp32 | bf16 for both models."""
+    train: MiniLLMScheduleConfig = field(default_factory=MiniLLMScheduleConfig)
+    """Run length, evaluation / log cadence, stop conditions, seed (pretrain's `train` keys)."""
+    checkpoint: MiniLLMCheckpointConfig = field(default_factory=MiniLLMCheckpointConfig)
+    """Where and when checkpoints are written (pretrain's `checkpoint` keys)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics outputs (metrics_path default `<checkpoint.save>/metrics.jsonl`, TensorBoard, W&B, quiet)."""
+
+    def __post_init__(self) -> None:
+        self.sync()
+
+    def sync(self) -> None:
+        """Copy train.train_iters / train.seed into the loop settings the algorithm reads."""
+        self.total_steps, self.seed = self.train.train_iters, self.train.seed
+
+    @classmethod
+    def _normalise_keys(cls, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        return move_keys(data, prefix, _moves(""))
 
 
 @dataclass
-class SFTRunConfig(RunControl):
+class SFTRunConfig:
     """``megatron-kd sft``: SFT baseline, word-level KD (sft.kd_ratio > 0), SeqKD (SFT on teacher data)."""
 
     student: str = ""
@@ -84,9 +111,23 @@ class SFTRunConfig(RunControl):
     """fp32 | bf16."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Optimisation settings."""
+    train: SFTScheduleConfig = field(default_factory=SFTScheduleConfig)
+    """Run length, evaluation / log cadence, stop conditions, seed (pretrain's `train` keys)."""
+    checkpoint: PostTrainCheckpointConfig = field(default_factory=PostTrainCheckpointConfig)
+    """Where and when checkpoints are written (pretrain's `checkpoint` keys)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics outputs (metrics_path default `<checkpoint.save>/metrics.jsonl`, TensorBoard, W&B, quiet)."""
+
+    def __post_init__(self) -> None:
+        self.sync()
+
+    def sync(self) -> None:
+        """Copy train.train_iters / train.seed into the sft settings the algorithm reads."""
+        self.sft.total_steps, self.sft.seed = self.train.train_iters, self.train.seed
 
     @classmethod
     def _normalise_keys(cls, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        data = move_keys(data, prefix, _moves("sft"))
         if "model_overrides" in data:
             deprecation_note(prefix + "model_overrides", prefix + "model")
             extra = data.pop("model_overrides") or {}
@@ -97,7 +138,7 @@ class SFTRunConfig(RunControl):
 
 
 @dataclass
-class OnPolicyRunConfig(RunControl):
+class OnPolicyRunConfig:
     """``megatron-kd onpolicy``: GKD (onpolicy.method=gkd) or DistiLLM (onpolicy.method=distillm)."""
 
     student: str = ""
@@ -120,6 +161,23 @@ class OnPolicyRunConfig(RunControl):
     """GKD / DistiLLM settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """ROUGE-L / reverse-KL evaluation settings."""
+    train: OnPolicyScheduleConfig = field(default_factory=OnPolicyScheduleConfig)
+    """Run length, evaluation / log cadence, stop conditions, seed (pretrain's `train` keys)."""
+    checkpoint: PostTrainCheckpointConfig = field(default_factory=PostTrainCheckpointConfig)
+    """Where and when checkpoints are written (pretrain's `checkpoint` keys)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics outputs (metrics_path default `<checkpoint.save>/metrics.jsonl`, TensorBoard, W&B, quiet)."""
+
+    def __post_init__(self) -> None:
+        self.sync()
+
+    def sync(self) -> None:
+        """Copy train.train_iters / train.seed into the onpolicy settings the algorithm reads."""
+        self.onpolicy.total_steps, self.onpolicy.seed = self.train.train_iters, self.train.seed
+
+    @classmethod
+    def _normalise_keys(cls, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        return move_keys(data, prefix, _moves("onpolicy"))
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -157,10 +215,17 @@ def _load_student_and_teacher(cfg):
     return student, s_cfg, teacher, tok, _vocab(s_cfg, t_cfg, tok, s_meta, t_meta)
 
 
-def _check_run(name: str, run: RunControl) -> None:
-    for key in ("eval_interval", "save_interval", "keep_last", "log_interval", "exit_interval", "exit_duration_mins"):
-        _require(getattr(run, key) >= 0, f"{key}={getattr(run, key)} must be >= 0")
-    _require(bool(run.save), f"{name} needs save=...: set it in the YAML or as an override")
+def _check_run(name: str, cfg) -> None:
+    """The shared run-control keys (``train.*``, ``checkpoint.*``) of a post-training command config."""
+    from megatron_kd.training.config import validate_schedule
+
+    cfg.sync()
+    validate_schedule(cfg.train, min_iters=0 if name == "sft" else 1)  # sft: 0 = sft.epochs passes
+    for key in ("save_interval", "keep_last"):
+        _require(getattr(cfg.checkpoint, key) >= 0, f"checkpoint.{key}={getattr(cfg.checkpoint, key)} must be >= 0")
+    _require(bool(cfg.checkpoint.save), f"{name} needs checkpoint.save=DIR: set it in the YAML or as an override")
+    _require(not cfg.checkpoint.finetune or bool(cfg.checkpoint.load),
+             "checkpoint.finetune=true needs checkpoint.load=<dir> with the weights to start from")
 
 
 def run_minillm(cfg: MiniLLMRunConfig) -> dict:

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from megatron_kd.config import DERIVED
 from megatron_kd.models.builder import mask_padded_vocab
 from megatron_kd.posttrain import losses as L
 from megatron_kd.posttrain.config import PostTrainOptimConfig
@@ -32,8 +33,8 @@ class SFTConfig:
 
     epochs: int = 3
     """Passes over the training data (reference: 3 for the MiniLLM SFT stage, 10-20 for baselines)."""
-    total_steps: int = 0
-    """Stop after this many optimizer steps (0 = run all epochs)."""
+    total_steps: int = field(default=0, metadata={DERIVED: "train.train_iters"})
+    """Stop after this many optimizer steps (0 = run all epochs); the command sets it from train.train_iters."""
     batch_size: int = 32
     """Examples per optimizer step over all DP ranks."""
     micro_batch_size: int = 8
@@ -44,8 +45,8 @@ class SFTConfig:
     """Word-level KD weight: loss = (1 - kd_ratio) CE + kd_ratio KL(p || q); needs a teacher."""
     kd_temperature: float = 1.0
     """Temperature of the KD term."""
-    seed: int = 1
-    """Shuffling seed."""
+    seed: int = field(default=1, metadata={DERIVED: "train.seed"})
+    """Shuffling seed; the command sets it from train.seed."""
     optim: PostTrainOptimConfig = field(default_factory=PostTrainOptimConfig)
     """Optimizer and LR schedule (the shared `optim` keys)."""
 
