@@ -232,6 +232,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
+def resolved_yaml(cfg: Any, **resolved: Any) -> str:
+    """What ``--dry-run`` prints, the same for every command: the config as loaded (unset ``model`` fields
+    left out) followed by the ``resolved_*`` sections its early checks produced (None ones left out)."""
+    shown = to_dict(cfg)
+    if isinstance(shown.get("model"), dict):
+        shown["model"] = {k: v for k, v in shown["model"].items() if v is not None}
+    return yaml.safe_dump({**shown, **{k: v for k, v in resolved.items() if v is not None}}, sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write a dataclass tree as YAML (the resolved config of a run, next to its outputs)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

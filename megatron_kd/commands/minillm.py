@@ -71,28 +71,30 @@ def _checked(cfg):
     return cfg
 
 
-def _sft(args) -> int:
-    from megatron_kd.config import load_config
-    from megatron_kd.posttrain.run import SFTRunConfig, run_sft
+def _train(args, config_class: str, prepare: str, run: str) -> int:
+    """Load the config, make the command's early checks (``prepare_*``: files, vocabularies, batch
+    layout, resume point); with ``--dry-run`` print the resolved plan and stop, else run."""
+    from megatron_kd.config import load_config, resolved_yaml
+    from megatron_kd.posttrain import run as posttrain_run
 
-    run_sft(_checked(load_config(SFTRunConfig, args.config, _overrides(args))))
+    cfg = _checked(load_config(getattr(posttrain_run, config_class), args.config, _overrides(args)))
+    if args.dry_run:
+        print(resolved_yaml(cfg, **getattr(posttrain_run, prepare)(cfg).shown()))
+        return 0
+    getattr(posttrain_run, run)(cfg)
     return 0
+
+
+def _sft(args) -> int:
+    return _train(args, "SFTRunConfig", "prepare_sft", "run_sft")
 
 
 def _minillm(args) -> int:
-    from megatron_kd.config import load_config
-    from megatron_kd.posttrain.run import MiniLLMRunConfig, run_minillm
-
-    run_minillm(_checked(load_config(MiniLLMRunConfig, args.config, _overrides(args))))
-    return 0
+    return _train(args, "MiniLLMRunConfig", "prepare_minillm", "run_minillm")
 
 
 def _onpolicy(args) -> int:
-    from megatron_kd.config import load_config
-    from megatron_kd.posttrain.run import OnPolicyRunConfig, run_onpolicy
-
-    run_onpolicy(_checked(load_config(OnPolicyRunConfig, args.config, _overrides(args))))
-    return 0
+    return _train(args, "OnPolicyRunConfig", "prepare_onpolicy", "run_onpolicy")
 
 
 def _generate(args) -> int:
@@ -112,6 +114,8 @@ def _generate(args) -> int:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config file (see examples/minillm/ and --help-config)")
+    p.add_argument("--dry-run", action="store_true", help="make the early checks a run makes (checkpoints, tokenizer, "
+                   "data, student/teacher vocabulary, batch layout, resume point), print the resolved plan, and exit")
     flag(p, "--no-progress", action="store_true", help="no progress bar (= logging.quiet=true)")
     p.add_argument("overrides", nargs="*", default=[],
                    help="key.sub=value overrides, e.g. train.train_iters=100 checkpoint.save=runs/x ppo.epochs=2")

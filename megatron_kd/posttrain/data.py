@@ -204,6 +204,9 @@ class InstructionDataset:
 
         self.prefix = str(prefix)
         files = dataset_files(prefix)
+        if not files["manifest"].is_file():
+            raise FileNotFoundError(f"instruction dataset {self.prefix}: {files['manifest']} does not exist: pass the "
+                                    "--output-prefix of megatron-kd preprocess-instructions")
         self.manifest = read_json(files["manifest"], "instruction dataset manifest")
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{files['manifest']} is not a {FORMAT} manifest: re-run megatron-kd preprocess-instructions")
@@ -283,13 +286,18 @@ class LMChunks:
     the data-parallel rank and the number of chunks drawn so far (resumable).
     """
 
-    def __init__(self, prefix: str | os.PathLike, seq_length: int, seed: int = 0, dp_rank: int = 0):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    @staticmethod
+    def check_files(prefix: str | os.PathLike) -> None:
+        """One-line ``FileNotFoundError`` unless ``{prefix}.bin`` and ``.idx`` exist."""
         for ext in (".bin", ".idx"):
             if not Path(f"{prefix}{ext}").is_file():
                 raise FileNotFoundError(f"pre-training dataset {prefix}{ext} does not exist: pass the prefix "
                                         "of an indexed dataset written by megatron-kd preprocess")
+
+    def __init__(self, prefix: str | os.PathLike, seq_length: int, seed: int = 0, dp_rank: int = 0):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.check_files(prefix)
         self.ds = IndexedDataset(str(prefix))
         self.lengths = np.asarray(self.ds.sequence_lengths, dtype=np.int64)
         self.cum = np.concatenate([[0], np.cumsum(self.lengths)])

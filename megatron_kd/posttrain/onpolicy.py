@@ -94,6 +94,15 @@ class OnPolicyConfig:
         if self.temperature <= 0:
             raise ValueError(f"onpolicy.temperature={self.temperature} must be > 0")
 
+    def check_batches(self, dp_size: int) -> None:
+        """One-line ``ValueError`` unless ``batch_size`` splits into ``dp_size`` ranks of whole micro-batches."""
+        for name in ("batch_size", "micro_batch_size", "max_new_tokens", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"onpolicy.{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % dp_size or (self.batch_size // dp_size) % self.micro_batch_size:
+            raise ValueError(f"onpolicy.batch_size={self.batch_size} must split into DP={dp_size} ranks of "
+                             f"whole micro-batches of {self.micro_batch_size}")
+
 
 class ResponseSource:
     """Batch source: step ``k`` -> ``{"source", "pairs"}``: this rank's (prompt, response) pairs."""
@@ -103,9 +112,7 @@ class ResponseSource:
         self.student, self.teacher, self.cfg, self.data = student, teacher, cfg, data
         self.tok, self.vocab_size = tokenizer, vocab_size
         self.dp_rank, self.dp_size, _ = dp_info()
-        if cfg.batch_size % self.dp_size or (cfg.batch_size // self.dp_size) % cfg.micro_batch_size:
-            raise ValueError(f"onpolicy.batch_size={cfg.batch_size} must split into DP={self.dp_size} ranks of "
-                             f"whole micro-batches of {cfg.micro_batch_size}")
+        cfg.check_batches(self.dp_size)
         self.stream = PromptStream(len(data), cfg.seed)
         self.step = 0
         self.threshold = cfg.init_threshold

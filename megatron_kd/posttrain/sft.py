@@ -58,19 +58,31 @@ def truncate(prompt: list[int], response: list[int], max_length: int) -> tuple[l
     return prompt, response[: max(max_length - len(prompt), 1)]
 
 
+def check_batches(cfg: SFTConfig, dp_size: int, num_examples: int | None) -> int:
+    """One-line ``ValueError`` unless ``sft.batch_size`` splits into ``dp_size`` ranks of whole
+    micro-batches (and, with ``num_examples``, the training data holds one batch); returns the run's
+    optimizer steps (``total_steps``, or ``epochs`` passes)."""
+    for name in ("batch_size", "micro_batch_size", "max_length") + (() if cfg.total_steps else ("epochs",)):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"sft.{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.batch_size % dp_size or (cfg.batch_size // dp_size) % cfg.micro_batch_size:
+        raise ValueError(f"sft.batch_size={cfg.batch_size} must split into DP={dp_size} ranks of "
+                         f"whole micro-batches of {cfg.micro_batch_size}")
+    if num_examples is None:
+        return cfg.total_steps
+    if num_examples < cfg.batch_size:
+        raise ValueError(f"the training data has {num_examples} examples, fewer than sft.batch_size={cfg.batch_size}")
+    return cfg.total_steps or cfg.epochs * (num_examples // cfg.batch_size)
+
+
 class InstructionBatches:
     """Batch source: step ``k`` -> this rank's micro-batches of global batch ``k`` (epochs of shuffles)."""
 
     def __init__(self, data, cfg: SFTConfig, pad_id: int, training: bool = True):
         self.data, self.cfg, self.pad_id = data, cfg, pad_id
         self.dp_rank, self.dp_size, _ = dp_info()
-        if cfg.batch_size % self.dp_size or (cfg.batch_size // self.dp_size) % cfg.micro_batch_size:
-            raise ValueError(f"sft.batch_size={cfg.batch_size} must split into DP={self.dp_size} ranks of "
-                             f"whole micro-batches of {cfg.micro_batch_size}")
+        self.total_steps = check_batches(cfg, self.dp_size, len(data) if training else None)
         self.steps_per_epoch = len(data) // cfg.batch_size
-        if training and self.steps_per_epoch < 1:
-            raise ValueError(f"the training data has {len(data)} examples, fewer than sft.batch_size={cfg.batch_size}")
-        self.total_steps = cfg.total_steps or cfg.epochs * self.steps_per_epoch
 
     def micro_batches(self, idx: list[int]) -> list[dict[str, torch.Tensor]]:
         """Micro-batches (response-only loss masks) of the examples ``idx``."""
