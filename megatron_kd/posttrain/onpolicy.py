@@ -104,6 +104,12 @@ class OnPolicyConfig:
                              f"whole micro-batches of {self.micro_batch_size}")
 
 
+def _reply(data, i: int) -> list[int]:
+    """Gold response of example ``i``: a conversation's first assistant turn (what the student's samples for
+    the same prompt stand in for)."""
+    return data.reply(i) if hasattr(data, "reply") else data.response(i)
+
+
 class ResponseSource:
     """Batch source: step ``k`` -> ``{"source", "pairs"}``: this rank's (prompt, response) pairs."""
 
@@ -150,7 +156,7 @@ class ResponseSource:
         idx, ids = self.stream.slice(start, local)
         prompts = [self.data.prompt(i)[-c.max_prompt_length:] for i in idx]
         if source == "gold":
-            return [truncate(p, self.data.response(i), c.max_length) for p, i in zip(prompts, idx)]
+            return [truncate(p, _reply(self.data, i), c.max_length) for p, i in zip(prompts, idx)]
         model = self.student if source == "student" else self.teacher
         temp = c.temperature if c.method == "gkd" else 1.0
         responses = self._generate(model, prompts, ids, temp)
@@ -245,7 +251,7 @@ class DivergenceStep:
         self.student.eval()
         for s in range(0, len(mine), c.micro_batch_size):
             idx = mine[s: s + c.micro_batch_size]
-            pairs = [truncate(data.prompt(i)[-c.max_prompt_length:], data.response(i), c.max_length) for i in idx]
+            pairs = [truncate(data.prompt(i)[-c.max_prompt_length:], _reply(data, i), c.max_length) for i in idx]
             b = sft_batch([p for p, _ in pairs], [r for _, r in pairs], self.pad_id)
             st = forward_logits(self.student, b["tokens"], self.vocab_size)
             te = forward_logits(self.teacher, b["tokens"], self.vocab_size)

@@ -58,6 +58,22 @@ def truncate(prompt: list[int], response: list[int], max_length: int) -> tuple[l
     return prompt, response[: max(max_length - len(prompt), 1)]
 
 
+def truncate_example(prompt: list[int], response: list[int], mask: list[int] | None, max_length: int
+                     ) -> tuple[list[int], list[int], list[int] | None]:
+    """:func:`truncate` for an example that may carry a response mask (a multi-turn conversation): the
+    prompt is cut from the left only as far as the first assistant turn needs, then the response keeps
+    the assistant turns that fit whole (:func:`megatron_kd.posttrain.chat.cut_turns`; the first turn is
+    cut mid-turn only when it alone does not fit)."""
+    if mask is None:
+        return (*truncate(prompt, response, max_length), None)
+    from megatron_kd.posttrain.chat import cut_turns, turn_ends
+
+    keep_p = max(1, min(len(prompt), max_length - turn_ends(mask)[0]))
+    prompt = prompt[-keep_p:]
+    keep = max(cut_turns(response, mask, max_length - len(prompt)), 1)
+    return prompt, response[:keep], mask[:keep]
+
+
 def check_batches(cfg: SFTConfig, dp_size: int, num_examples: int | None) -> int:
     """One-line ``ValueError`` unless ``sft.batch_size`` splits into ``dp_size`` ranks of whole
     micro-batches (and, with ``num_examples``, the training data holds one batch); returns the run's
@@ -85,11 +101,14 @@ class InstructionBatches:
         self.steps_per_epoch = len(data) // cfg.batch_size
 
     def micro_batches(self, idx: list[int]) -> list[dict[str, torch.Tensor]]:
-        """Micro-batches (response-only loss masks) of the examples ``idx``."""
+        """Micro-batches (response-only loss masks; a conversation's: its assistant turns) of the examples ``idx``."""
         out, m = [], self.cfg.micro_batch_size
+        mask_of = getattr(self.data, "response_mask", lambda i: None)
         for s in range(0, len(idx), m):
-            pairs = [truncate(self.data.prompt(i), self.data.response(i), self.cfg.max_length) for i in idx[s: s + m]]
-            out.append(sft_batch([p for p, _ in pairs], [r for _, r in pairs], self.pad_id))
+            ex = [truncate_example(self.data.prompt(i), self.data.response(i), mask_of(i), self.cfg.max_length)
+                  for i in idx[s: s + m]]
+            out.append(sft_batch([p for p, _, _ in ex], [r for _, r, _ in ex], self.pad_id,
+                                 response_masks=[k for _, _, k in ex]))
         return out
 
     def iterator(self, start_step: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
