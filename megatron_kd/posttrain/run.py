@@ -315,6 +315,9 @@ def _prepare(name: str, cfg, required: tuple[str, ...], data_keys: tuple[str, ..
                                      else replace(cfg.model, vocab_size=tok.vocab_size))
         s_meta = {"padded_vocab_size": s_cfg.padded_vocab_size(cfg.parallel.tensor_parallel)}
     s_cfg.validate_parallel(cfg.parallel.tensor_parallel, 1)
+    _require(s_meta["padded_vocab_size"] % cfg.parallel.tensor_parallel == 0,
+             f"the student's padded vocabulary {s_meta['padded_vocab_size']} is not divisible by "
+             f"parallel.tensor_parallel={cfg.parallel.tensor_parallel}: choose a TP size that divides it")
     if teacher:
         t_meta = _checkpoint_meta(cfg.teacher, "teacher")
         from megatron_kd.models.config import ModelConfig
