@@ -226,7 +226,8 @@ def test_logits_refuses_a_dataset_of_another_tokenizer(world, capsys, tmp_path):
     assert rc == 2 and "was tokenized with" in line
 
 
-def test_logits_refuses_a_word_list_teacher_tokenizer(world, capsys, tmp_path):
+def test_logits_refuses_a_word_list_teacher_of_another_dataset(world, capsys, tmp_path):
+    """A word-list teacher tokenizer loads (data.tokenizers.WordTokenizer); the SentencePiece dataset is refused."""
     import json
     import shutil
 
@@ -237,7 +238,7 @@ def test_logits_refuses_a_word_list_teacher_tokenizer(world, capsys, tmp_path):
     meta["tokenizer"] = str(world / "words.json")
     meta_path.write_text(json.dumps(meta))
     rc, line = _cli(capsys, tmp_path, *_logits(world, f"{world}/train_text_document", tmp_path / "out", teacher))
-    assert rc == 2 and "does not load" in line and "ModelProto" not in line
+    assert rc == 2 and "was tokenized with spm.model" in line and "words.json" in line and "ModelProto" not in line
 
 
 @pytest.mark.parametrize("command", ["logits", "miniplm score", "distill", "distill --dry-run", "convert"])
