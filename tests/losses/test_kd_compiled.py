@@ -95,3 +95,66 @@ def test_compile_failure_falls_back_to_eager(fresh, monkeypatch, caplog):
     assert len(lines) == 1 and "no C++ compiler found" in lines[0].getMessage()
     assert "long traceback" not in lines[0].getMessage()
     assert not C.enabled()
+
+
+def _tp_cases(h, th, w, tw, labels, mask, ids, lps, s, lps_s, ids_s, labels_s, compiled):
+    """Compiled kernels between the TP collectives: fused linear (online, sparse, LM) and the one-pass
+    sparse loss on padded (-inf) logits. name -> arrays (values, grads of this rank's shards)."""
+    from megatron_kd.losses import fused_kd_lm_loss, fused_linear_kd
+
+    out = {}
+    for name, kw in (("fkl", dict(teacher_hidden=th, teacher_weight=tw)),
+                     ("sparse", dict(target_ids=ids, target_logprobs=lps)), ("lm", {})):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        total, kd, lm = fused_linear_kd(hh, ww, labels, mask, vocab_size=45, chunk_tokens=3, w_kd=0.6, w_lm=0.4,
+                                        compiled=compiled, **kw)
+        total.backward()
+        out[name] = (torch.stack([total.detach(), kd, lm]).numpy(), hh.grad.numpy(), ww.grad.numpy())
+    x = s.clone().requires_grad_(True)
+    total, kd, lm = fused_kd_lm_loss(x, labels_s, None, target_ids=ids_s, target_logprobs=lps_s, chunk_size=4,
+                                     compiled=compiled)
+    total.sum().backward()
+    out["one_pass_sparse"] = (torch.stack([total.detach(), kd, lm]).numpy(), x.grad.numpy())
+    return out
+
+
+def _tp_inputs():
+    from test_kd_tensor_parallel import _inputs, _linear_inputs
+
+    s, t, ids_s, lps_s, labels_s, mask_s = _inputs()
+    return (*_linear_inputs(), s, lps_s, ids_s, labels_s)
+
+
+def _tp_worker(rank, world_size, inputs):
+    from megatron_kd.runtime import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tensor_parallel=2))
+    h, th, w, tw, labels, mask, ids, lps, s, lps_s, ids_s, labels_s = inputs
+    rows = slice(rank * 24, (rank + 1) * 24)
+    out = _tp_cases(h, th, w[rows], tw[rows], labels, mask, ids, lps, s[..., rows].contiguous(), lps_s, ids_s,
+                    labels_s, True)
+    return out, C.enabled(), C._STATE["error"]
+
+
+@pytest.mark.slow  # two processes, each compiling the kernels
+def test_compiled_tp2_equals_eager_tp1():
+    import numpy as np
+
+    from dist_helpers import run_workers
+
+    inputs = _tp_inputs()
+    ref = _tp_cases(*inputs, compiled=False)
+    results = run_workers(_tp_worker, 2, inputs)
+    if not all(r[1] for r in results):
+        pytest.skip(f"inductor cannot compile here: {results[0][2] or results[1][2]}")
+    for name, want in ref.items():
+        r0, r1 = results[0][0][name], results[1][0][name]
+        for r in (r0, r1):
+            np.testing.assert_allclose(r[0], want[0], rtol=1e-5, atol=1e-5, err_msg=name)
+        if name == "one_pass_sparse":
+            np.testing.assert_allclose(np.concatenate([r0[1], r1[1]], axis=-1), want[1], rtol=1e-4, atol=1e-6)
+            continue
+        np.testing.assert_allclose(r0[1], want[1], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(r1[1], want[1], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(np.concatenate([r0[2], r1[2]], axis=0), want[2], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
