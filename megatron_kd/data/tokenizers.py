@@ -353,6 +353,13 @@ def train_sentencepiece(
         )
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "training failed"
+        import re
+
+        need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+        if need:  # more distinct characters than ids: the vocabulary must grow (byte fallback adds 256)
+            raise ValueError(f"vocab_size {vocab_size} is too small for {out_prefix}.model: the text has "
+                             f"{int(need.group(1))} required characters and special pieces; use a vocab_size "
+                             f"of at least {int(need.group(1)) + 1}") from None
         raise ValueError(f"SentencePiece training for {out_prefix}.model failed ({msg}): use a "
                          "smaller vocab_size or more text") from None
     if stats["lines"] == 0:
