@@ -27,11 +27,11 @@ from megatron_kd.quickstart.schedule import StageSpec
 from megatron_kd.quickstart.sizes import SIZES, QuickstartSize, students_of
 from megatron_kd.utils.io import read_json, write_json_atomic
 
-STAGE_COST = {  # seconds per stage of the `full` size, one thread, loaded machine (2026-12-06): scheduling weights
-    "corpus": 3, "tokenizer": 4, "preprocess": 3, "xtok_tokenizer": 3, "xtok_preprocess": 2,
-    "teacher": 396, "reference": 59, "miniplm": 166, "logits": 168, "logits_sampled": 131,
-    "no_kd": 56, "online_kd": 116, "offline_kd": 52, "miniplm_data": 67, "miniplm_kd": 104,
-    "offline_sampled_kd": 51, "xtok_no_kd": 44, "xtok_kd": 140, "eval_teacher": 21, "eval": 10,
+STAGE_COST = {  # seconds per stage of the `full` size, one thread, 2 idle cores (2026-12-06): scheduling weights
+    "corpus": 4.4, "tokenizer": 0.5, "preprocess": 6.2, "xtok_tokenizer": 0.5, "xtok_preprocess": 0.8,
+    "teacher": 210, "reference": 28, "miniplm": 71, "logits": 78, "logits_sampled": 86,
+    "no_kd": 36, "online_kd": 58, "offline_kd": 32, "miniplm_data": 36, "miniplm_kd": 64,
+    "offline_sampled_kd": 29, "xtok_no_kd": 29, "xtok_kd": 86, "eval_teacher": 15, "eval": 5.5,
 }
 """Only orders the ready stages (longest remaining path first) and estimates the ETA."""
 
