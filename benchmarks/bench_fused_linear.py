@@ -250,6 +250,9 @@ def compile_comparison(args) -> dict:
             r["peak_extra_mib_compiled"] = _peak_extra_mib(lambda: step_fn(True)[1](None))
             res["step"][case] = r
         out["shapes"][shape] = res
+    out["compiled_over_eager"] = {f"{shape}/{part}/{case}": r["compiled_over_eager"]
+                                  for shape, res in out["shapes"].items() for part in ("chunk_kernel", "step")
+                                  for case, r in res[part].items() if "compiled_over_eager" in r}
     out["compile_enabled_at_end"] = C.enabled()
     out["wall_s"] = round(time.perf_counter() - t_start, 1)
     return out
