@@ -17,12 +17,14 @@ process's CPU time, so other processes sharing the cores do not distort the rati
     python benchmarks/bench_distill_step.py --preset realistic   # Qwen2.5-0.5B shape <- same width, 2x depth
     python benchmarks/bench_distill_step.py --preset realistic --layers 2 --micro-batch-size 1   # CPU-sized
     python benchmarks/bench_distill_step.py --no-fused   # the unfused loss (kd.one_pass/fused_linear off)
+    python benchmarks/bench_distill_step.py --compile    # + the three steps with kd.compile=true, interleaved
     python benchmarks/bench_distill_step.py --student qwen-200m --teacher qwen2.5-1.5b   # GPU defaults
     torchrun --nproc-per-node 2 benchmarks/bench_distill_step.py --tp 2
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -90,6 +92,9 @@ def parse_args() -> argparse.Namespace:
                    help="the unfused loss (kd.one_pass=false, kd.fused_linear=false): the before figure")
     p.add_argument("--one-pass-only", action="store_true",
                    help="kd.one_pass on, kd.fused_linear off (logits materialised, one pass over them)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the plain/offline/online steps with kd.compile=true (torch.compile chunk "
+                        "kernels) in the same rounds: JSON compiled_over_eager per step, compile_first_round_extra_s")
     args = p.parse_args()
     if args.preset == "realistic":
         args.student = args.teacher = "qwen2.5-0.5b"
@@ -158,6 +163,7 @@ def main() -> int:
     kd = KDConfig(kind=args.kind, alpha=0.5, one_pass=args.fused or args.one_pass_only,
                   fused_linear=args.fused and not args.one_pass_only)
     common = dict(logging=LoggingConfig(quiet=True), kd_state=state)
+    kd_c = dataclasses.replace(kd, compile=True)
     trainers = {
         "plain": DistillTrainer(chunks, optimizer, scheduler, DistillForwardStep("none", kd, s_cfg.vocab_size, state),
                                 s_cfg, train, **common),
@@ -167,6 +173,18 @@ def main() -> int:
                                  DistillForwardStep("online", kd, s_cfg.vocab_size, state), s_cfg, train,
                                  distill_model=wrapper, **common),
     }
+    if args.compile:
+        trainers.update({
+            "plain_compiled": DistillTrainer(chunks, optimizer, scheduler,
+                                             DistillForwardStep("none", kd_c, s_cfg.vocab_size, state), s_cfg, train,
+                                             **common),
+            "offline_compiled": DistillTrainer(chunks, optimizer, scheduler,
+                                               DistillForwardStep("offline", kd_c, s_cfg.vocab_size, state), s_cfg,
+                                               train, **common),
+            "online_compiled": DistillTrainer([wrapper], optimizer, scheduler,
+                                              DistillForwardStep("online", kd_c, s_cfg.vocab_size, state), s_cfg,
+                                              train, distill_model=wrapper, **common),
+        })
     batches = synthetic_batches(args.num_microbatches, args.micro_batch_size, args.seq_length, s_cfg.vocab_size,
                                 args.top_k, device())
 
@@ -184,19 +202,25 @@ def main() -> int:
                 teacher.set_input_tensor([None])
                 teacher(b["tokens"], b["position_ids"], None)
 
-    times: dict[str, list[float]] = {k: [] for k in ("plain", "offline", "online", "teacher_forward")}
+    names = ("plain", "offline", "online", "teacher_forward")
+    if args.compile:
+        names += ("plain_compiled", "offline_compiled", "online_compiled")
+    times: dict[str, list[float]] = {k: [] for k in names}
+    first_wall: dict[str, float] = {}
     metrics: dict[str, dict] = {}
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     for r in range(total):
         for name in times:
             sync()
-            t0 = clock()
+            t0, w0 = clock(), time.perf_counter()
             if name == "teacher_forward":
                 teacher_forward()
             else:
                 metrics[name] = trainers[name].train_step(data)
             sync()
+            if r == 0:
+                first_wall[name] = time.perf_counter() - w0
             if r >= args.warmup:
                 times[name].append(clock() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -227,6 +251,20 @@ def main() -> int:
         "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
         "targets": {"offline_over_plain": 1.10, "online_over_plain_plus_teacher": 1.05},
     }
+    if args.compile:
+        from megatron_kd.losses import compiled as compiled_kernels
+
+        result["compile"] = {
+            "compiled_enabled_at_end": compiled_kernels.enabled(),
+            **{f"{k}_compiled_step_s": round(med[f"{k}_compiled"], 4) for k in ("plain", "offline", "online")},
+            "compiled_over_eager": {k: round(med[f"{k}_compiled"] / med[k], 4) for k in ("plain", "offline", "online")},
+            "compiled_over_eager_per_round": {
+                k: [round(c / e, 4) for e, c in zip(times[k], times[f"{k}_compiled"])]
+                for k in ("plain", "offline", "online")},
+            # wall time of the first round's three compiled steps minus the three eager ones: ~ compilation
+            "compile_first_round_extra_s": round(sum(first_wall[f"{k}_compiled"] - first_wall[k]
+                                                     for k in ("plain", "offline", "online")), 2),
+        }
     if is_main_process():
         print(json.dumps(result))
     destroy_distributed()

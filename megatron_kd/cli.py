@@ -103,12 +103,10 @@ def explicit_dests(argv: list[str]) -> set[str]:
 
 
 def _generic_dry_run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from megatron_kd.config import load_config, to_dict
+    from megatron_kd.config import load_config, resolved_yaml
 
     cfg = load_config(resolve_class(args.config_class), getattr(args, "config", None), getattr(args, "overrides", []))
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(resolved_yaml(cfg), end="")
     return 0
 
 

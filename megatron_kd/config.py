@@ -9,6 +9,7 @@ that names the key, before any model is built::
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import functools
 import inspect
@@ -21,6 +22,17 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+DERIVED = "derived_from"
+"""Field metadata key: ``field(metadata={DERIVED: "train.seed"})`` marks a field that is not a config key
+of its own but is filled from another key by the enclosing config (a library dataclass reused by a
+command whose vocabulary spells the concept elsewhere). Derived fields are refused by the loader (the
+command's ``_normalise_keys`` moves their old spelling to the new key first), left out of
+``--help-config`` and of :func:`to_dict`."""
+
+
+def _is_derived(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get(DERIVED))
 
 
 class ConfigError(ValueError):
@@ -129,7 +141,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if normalise is not None:
         data = normalise(dict(data), prefix)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {f.name for f in dataclasses.fields(cls) if f.init and not _is_derived(f)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -172,6 +184,20 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def normalise_tree(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``data`` with every older key spelling renamed by the ``_normalise_keys`` of ``cls`` and of the
+    dataclasses below it (the loader does the same while building; done per source first, so an override
+    given in the new spelling wins over the YAML's old one, and the other way round)."""
+    normalise = getattr(cls, "_normalise_keys", None)
+    data = normalise(dict(data), prefix) if normalise is not None else dict(data)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints.get(f.name, f.type))
+        if isinstance(data.get(f.name), dict) and _is_dataclass_type(tp):
+            data[f.name] = normalise_tree(tp, data[f.name], prefix + f.name + ".")
+    return data
+
+
 def build_config(cls: type[T], data: dict[str, Any]) -> T:
     """Build the dataclass tree ``cls`` from a nested dict (same checks as :func:`load_config`)."""
     return _build(cls, data)
@@ -191,13 +217,28 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(normalise_tree(cls, data), normalise_tree(cls, parse_overrides(overrides or [])))
     return _build(cls, data)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Dataclass tree -> plain dict (for YAML/JSON dumps and reports)."""
-    return dataclasses.asdict(cfg)
+    """Dataclass tree -> plain dict (for YAML/JSON dumps and reports); derived fields are left out."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not _is_derived(f)}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(to_dict(v) for v in cfg)
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return copy.deepcopy(cfg)
+
+
+def resolved_yaml(cfg: Any, **resolved: Any) -> str:
+    """What ``--dry-run`` prints, the same for every command: the config as loaded (unset ``model`` fields
+    left out) followed by the ``resolved_*`` sections its early checks produced (None ones left out)."""
+    shown = to_dict(cfg)
+    if isinstance(shown.get("model"), dict):
+        shown["model"] = {k: v for k, v in shown["model"].items() if v is not None}
+    return yaml.safe_dump({**shown, **{k: v for k, v in resolved.items() if v is not None}}, sort_keys=False)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -273,7 +314,7 @@ def describe_config(cls: type, prefix: str = "", instance: Any = None) -> list[t
             instance = None
     rows: list[tuple[str, str, Any, str]] = []
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or _is_derived(f):
             continue
         tp = hints.get(f.name, f.type)
         if instance is not None:

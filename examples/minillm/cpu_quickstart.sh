@@ -19,17 +19,17 @@ for s in train valid test; do
 done
 COMMON="tokenizer=$OUT/tok.json train_data=$OUT/train valid_data=$OUT/valid"
 # Teacher: the tiny preset, trained well.
-$KD sft --config examples/minillm/sft_cpu.yaml $COMMON model=tiny save="$OUT/teacher" sft.total_steps=400
+$KD sft --config examples/minillm/sft_cpu.yaml $COMMON model=tiny checkpoint.save="$OUT/teacher" train.train_iters=400
 # Student stage 1: a 1-layer model, briefly fine-tuned (MiniLLM starts from an SFT model).
 $KD sft --config examples/minillm/sft_cpu.yaml $COMMON model.preset=tiny model.num_layers=1 \
-    save="$OUT/student_sft" sft.total_steps=60
+    checkpoint.save="$OUT/student_sft" train.train_iters=60
 # SeqKD data (teacher samples), for the SeqKD baseline: megatron-kd sft on it after preprocessing.
 $KD generate --checkpoint "$OUT/teacher" --input "$OUT/train.jsonl" --output "$OUT/seqkd_train.jsonl" \
     --template raw --max-new-tokens 12 --limit 500
 # Stage 2: MiniLLM.
 $KD minillm --config examples/minillm/minillm_cpu.yaml student="$OUT/student_sft" teacher="$OUT/teacher" \
-    train_data="$OUT/train" eval_data="$OUT/test" save="$OUT/minillm"
+    train_data="$OUT/train" eval_data="$OUT/test" checkpoint.save="$OUT/minillm"
 # Neighbour: GKD from the same SFT student.
 $KD onpolicy --config examples/minillm/onpolicy_cpu.yaml student="$OUT/student_sft" teacher="$OUT/teacher" \
-    train_data="$OUT/train" valid_data="$OUT/valid" eval_data="$OUT/test" save="$OUT/gkd"
+    train_data="$OUT/train" valid_data="$OUT/valid" eval_data="$OUT/test" checkpoint.save="$OUT/gkd"
 grep "\"split\": \"valid\"" "$OUT/minillm/metrics.jsonl" | tail -n 1

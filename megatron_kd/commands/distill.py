@@ -8,9 +8,7 @@ from megatron_kd.commands._flags import flag
 
 def run(args: argparse.Namespace) -> int:
     """Load and validate the config, then distil (or, with --dry-run, only validate)."""
-    import yaml
-
-    from megatron_kd.config import load_config, to_dict
+    from megatron_kd.config import load_config, resolved_yaml
     from megatron_kd.distill.config import DistillConfig
     from megatron_kd.distill.run import prepare_distill_config, run_distill
 
@@ -19,12 +17,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(DistillConfig, args.config, overrides)
     if args.dry_run:
         model_cfg, spec = prepare_distill_config(cfg)
-        resolved = {**to_dict(cfg), "resolved_model": model_cfg.to_dict()}
-        if spec is not None:
-            resolved["resolved_teacher"] = {"path": spec.path, "iteration": spec.iteration,
-                                            "model": spec.model_config.to_dict(),
-                                            "kd_vocab_size": int(spec.vocab.kd_vocab_size)}
-        print(yaml.safe_dump(resolved, sort_keys=False))
+        teacher = None if spec is None else {"path": spec.path, "iteration": spec.iteration,
+                                             "model": spec.model_config.to_dict(),
+                                             "kd_vocab_size": int(spec.vocab.kd_vocab_size)}
+        print(resolved_yaml(cfg, resolved_model=model_cfg.to_dict(), resolved_teacher=teacher))
         return 0
     result = run_distill(cfg)
     return 0 if result["iteration"] > 0 else 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_kd.commands._flags import flag
+
 
 def _template(name: str):
     from megatron_kd.posttrain.data import InstructionTemplate
@@ -41,54 +43,58 @@ def _checked(cfg):
     import dataclasses
     import typing
 
+    from megatron_kd.config import DERIVED
     from megatron_kd.training.config import OptimConfig
+
+    iters = cfg.train.train_iters
 
     def walk(obj, prefix: str) -> None:
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
+            if f.metadata.get(DERIVED):
+                continue
             value, key = getattr(obj, f.name), prefix + f.name
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 walk(value, key + ".")
             elif hints.get(f.name) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 shown = "null" if value is None else repr(value)
                 raise ValueError(f"{key}={shown} must be a number: set it or remove it to use the default")
-        names = {f.name for f in dataclasses.fields(obj)}
-        optim, total = getattr(obj, "optim", None), getattr(obj, "total_steps", 0)
-        if {"optim", "total_steps"} <= names and isinstance(optim, OptimConfig) and total > 0 \
-                and optim.warmup_iters >= total:  # megatron's scheduler would assert
-            raise ValueError(f"{prefix}optim.warmup_iters={optim.warmup_iters} must be < {prefix}total_steps={total}")
         if isinstance(obj, OptimConfig):
             if obj.lr <= 0:
                 raise ValueError(f"{prefix}lr={obj.lr} must be > 0")
             if not 0 <= obj.min_lr <= obj.lr:
                 raise ValueError(f"{prefix}min_lr={obj.min_lr} must be between 0 and {prefix}lr={obj.lr}")
+            if isinstance(iters, int) and iters > 0 and obj.warmup_iters >= iters:  # megatron's scheduler would assert
+                raise ValueError(f"{prefix}warmup_iters={obj.warmup_iters} must be < train.train_iters={iters}")
 
     walk(cfg, "")
     return cfg
 
 
-def _sft(args) -> int:
-    from megatron_kd.config import load_config
-    from megatron_kd.posttrain.run import SFTRunConfig, run_sft
+def _train(args, config_class: str, prepare: str, run: str) -> int:
+    """Load the config, make the command's early checks (``prepare_*``: files, vocabularies, batch
+    layout, resume point); with ``--dry-run`` print the resolved plan and stop, else run."""
+    from megatron_kd.config import load_config, resolved_yaml
+    from megatron_kd.posttrain import run as posttrain_run
 
-    run_sft(_checked(load_config(SFTRunConfig, args.config, args.overrides)))
+    cfg = _checked(load_config(getattr(posttrain_run, config_class), args.config, _overrides(args)))
+    if args.dry_run:
+        print(resolved_yaml(cfg, **getattr(posttrain_run, prepare)(cfg).shown()))
+        return 0
+    getattr(posttrain_run, run)(cfg)
     return 0
+
+
+def _sft(args) -> int:
+    return _train(args, "SFTRunConfig", "prepare_sft", "run_sft")
 
 
 def _minillm(args) -> int:
-    from megatron_kd.config import load_config
-    from megatron_kd.posttrain.run import MiniLLMRunConfig, run_minillm
-
-    run_minillm(_checked(load_config(MiniLLMRunConfig, args.config, args.overrides)))
-    return 0
+    return _train(args, "MiniLLMRunConfig", "prepare_minillm", "run_minillm")
 
 
 def _onpolicy(args) -> int:
-    from megatron_kd.config import load_config
-    from megatron_kd.posttrain.run import OnPolicyRunConfig, run_onpolicy
-
-    run_onpolicy(_checked(load_config(OnPolicyRunConfig, args.config, args.overrides)))
-    return 0
+    return _train(args, "OnPolicyRunConfig", "prepare_onpolicy", "run_onpolicy")
 
 
 def _generate(args) -> int:
@@ -107,8 +113,16 @@ def _generate(args) -> int:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config file (see examples/minillm/)")
-    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, e.g. ppo.epochs=2")
+    p.add_argument("--config", default=None, help="YAML config file (see examples/minillm/ and --help-config)")
+    p.add_argument("--dry-run", action="store_true", help="make the early checks a run makes (checkpoints, tokenizer, "
+                   "data, student/teacher vocabulary, batch layout, resume point), print the resolved plan, and exit")
+    flag(p, "--no-progress", action="store_true", help="no progress bar (= logging.quiet=true)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="key.sub=value overrides, e.g. train.train_iters=100 checkpoint.save=runs/x ppo.epochs=2")
+
+
+def _overrides(args) -> list[str]:
+    return list(args.overrides) + (["logging.quiet=true"] if args.no_progress else [])
 
 
 def register(subparsers) -> None:

@@ -8,9 +8,7 @@ from megatron_kd.commands._flags import flag
 
 def run(args: argparse.Namespace) -> int:
     """Load and validate the config, then train (or, with --dry-run, only validate)."""
-    import yaml
-
-    from megatron_kd.config import load_config, to_dict
+    from megatron_kd.config import load_config, resolved_yaml
     from megatron_kd.training.config import PretrainConfig
     from megatron_kd.training.pretrain import prepare_config, run_pretrain
     import megatron_kd.interop.source  # noqa: F401 - checkpoint.load may name a Hugging Face model directory
@@ -19,10 +17,7 @@ def run(args: argparse.Namespace) -> int:
     overrides += ["data.verify_data=true"] if args.verify_data else []
     cfg = load_config(PretrainConfig, args.config, overrides)
     if args.dry_run:
-        model_cfg = prepare_config(cfg)
-        shown = to_dict(cfg)
-        shown["model"] = {k: v for k, v in shown["model"].items() if v is not None}
-        print(yaml.safe_dump({**shown, "resolved_model": model_cfg.to_dict()}, sort_keys=False))
+        print(resolved_yaml(cfg, resolved_model=prepare_config(cfg).to_dict()))
         return 0
     result = run_pretrain(cfg)
     return 0 if result["iteration"] > 0 else 1

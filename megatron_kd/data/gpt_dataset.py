@@ -208,21 +208,29 @@ def _check_prefixes(prefixes: list[str], tok: Tokenizer | None, check_manifest: 
     return infos
 
 
-def _check_split_sizes(cfg: DataConfig, infos: list[dict], sizes: list[int | None]) -> None:
+def _check_split_sizes(cfg: DataConfig, infos: list[dict], sizes: list[int | None]) -> set[int]:
+    """Raise one line when a split asked for samples gets no document of a prefix; return the splits
+    (0 train, 1 valid, 2 test) that get no document and are asked for 0 samples: megatron's
+    GPTDataset would loop forever on them (it wants one extra token from an empty epoch), so
+    they are not built."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+    empty: set[int] = set()
     for prefix, info in zip(cfg.train_prefixes, infos):
         n = info["sequence_count"]
-        for name, bounds, size in zip(("train", "valid", "test"), matrix, sizes):
-            if bounds is None or not size:
+        for i, (name, bounds, size) in enumerate(zip(("train", "valid", "test"), matrix, sizes)):
+            if bounds is None or size is None:
                 continue
             docs = int(round(bounds[1] * n)) - int(round(bounds[0] * n))
-            if docs < 1:
+            if docs < 1 and size == 0:
+                empty.add(i)
+            elif docs < 1:
                 raise ValueError(f"the {name} split of {prefix} gets 0 of its {n} documents with "
                                  f"data.split={cfg.split!r}: raise that split's share, use more data, "
                                  f"or request 0 {name} samples")
+    return empty
 
 
 def build_gpt_datasets(
@@ -267,8 +275,7 @@ def build_gpt_datasets(
         separate = bool(cfg.valid_prefixes or cfg.test_prefixes)
         infos = _check_prefixes(cfg.train_prefixes + cfg.valid_prefixes + cfg.test_prefixes, tok,
                                 cfg.check_manifest, cfg.verify_data)
-        if not separate:
-            _check_split_sizes(cfg, infos[: len(cfg.train_prefixes)], sizes)
+        unbuilt = _check_split_sizes(cfg, infos[: len(cfg.train_prefixes)], sizes) if not separate else set()
         cache = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.train_prefixes[0])),
                                               "index_cache")
         prefixes = [os.path.abspath(p) for p in cfg.train_prefixes]
@@ -284,6 +291,8 @@ def build_gpt_datasets(
         else:
             config = GPTDatasetConfig(blend=train_blend, split=cfg.split, path_to_cache=cache,
                                       tokenizer=MegatronTokenizerAdapter.from_tokenizer(tok), **common)
+            for i in unbuilt:  # no documents, no samples wanted: that split is None
+                config.split_matrix[i] = None
         cls = GPTDataset
         if cfg.weights is not None and any(s is None for s in sizes):
             raise ValueError("data.weights needs explicit train/valid/test sample counts (None given)")

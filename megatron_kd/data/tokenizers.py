@@ -198,19 +198,96 @@ class HFTokenizer(Tokenizer):
         return self._identity
 
 
+WORD_SPECIALS = ("<pad>", "<eos>")
+
+
+class WordTokenizer(Tokenizer):
+    """Whitespace tokenizer over a fixed word list (synthetic tasks, tests, CPU demos); id 0 = ``<pad>``,
+    id 1 = ``<eos>``. Saved as a JSON file ``{"kind": "word", "words": [...]}`` that
+    :func:`load_tokenizer` reads like any other tokenizer path. Unknown words raise ``ValueError``."""
+
+    kind = "word"
+
+    def __init__(self, words: Iterable[str], path: str = ""):
+        self.words = list(WORD_SPECIALS) + [w for w in words if w not in WORD_SPECIALS]
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.path = str(path)
+        self._identity = "word:sha256:" + hashlib.sha256("\n".join(self.words).encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of the whitespace-separated words of ``text``."""
+        try:
+            return [self.index[w] for w in text.split()]
+        except KeyError as exc:
+            raise ValueError(f"word {exc.args[0]!r} is not in the tokenizer vocabulary") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words of ``ids`` joined by spaces (special tokens dropped)."""
+        return " ".join(self.words[i] for i in ids if i >= len(WORD_SPECIALS))
+
+    @property
+    def eod(self) -> int:
+        return 1
+
+    @property
+    def pad(self) -> int:
+        return 0
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the word list as JSON (atomically; reload with :func:`load_tokenizer` or :meth:`load`)."""
+        import json
+
+        from megatron_kd.utils.io import atomic_write
+
+        with atomic_write(path) as fh:
+            fh.write(json.dumps({"kind": self.kind, "words": self.words[len(WORD_SPECIALS):]}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "WordTokenizer":
+        """Read a word list written by :meth:`save`."""
+        import json
+
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"tokenizer {path} is not readable JSON ({exc}): pass a word-list file written "
+                             "by WordTokenizer.save, a SentencePiece .model or a Hugging Face directory") from None
+        if not isinstance(data, dict) or data.get("kind") != cls.kind or not isinstance(data.get("words"), list):
+            raise ValueError(f"{path} is not a word-tokenizer file (expected {{\"kind\": \"word\", \"words\": "
+                             "[...]}): pass a SentencePiece .model or a Hugging Face tokenizer directory instead")
+        return cls(data["words"], path=str(path))
+
+    def __reduce__(self):  # pickles by value: a task tokenizer may never have been saved
+        return (WordTokenizer, (self.words[len(WORD_SPECIALS):], self.path))
+
+
 def load_tokenizer(path: str | os.PathLike | Tokenizer) -> Tokenizer:
     """Load a tokenizer from ``path``: a SentencePiece ``.model`` file, a Hugging Face tokenizer
-    directory (``tokenizer.json`` / ``tokenizer_config.json``), or a directory holding only a
-    SentencePiece ``tokenizer.model``. A :class:`Tokenizer` is returned unchanged."""
+    directory (``tokenizer.json`` / ``tokenizer_config.json``) or its ``tokenizer.json``, a directory
+    holding only a SentencePiece ``tokenizer.model``, or a word-list JSON (:class:`WordTokenizer`). A :class:`Tokenizer` is returned unchanged."""
     if isinstance(path, Tokenizer):
         return path
     p = Path(path)
+    if p.suffix == ".json" and p.is_file():
+        if p.name == "tokenizer.json":  # a Hugging Face tokenizer file: load its directory
+            return HFTokenizer(p.parent)
+        return WordTokenizer.load(p)
     if not p.exists():
         raise FileNotFoundError(f"tokenizer {p} does not exist: pass a SentencePiece .model file or "
                                 "a local Hugging Face tokenizer directory (or run train-tokenizer)")
     if p.is_dir():
         if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
             return HFTokenizer(p)
+        if (p / "word_tokenizer.json").is_file():  # a checkpoint's bundled word-list tokenizer
+            return WordTokenizer.load(p / "word_tokenizer.json")
         if (p / "tokenizer.model").is_file():
             return SentencePieceTokenizer(p / "tokenizer.model")
         raise ValueError(f"tokenizer directory {p} has no tokenizer.json, tokenizer_config.json or "
@@ -276,6 +353,13 @@ def train_sentencepiece(
         )
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "training failed"
+        import re
+
+        need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+        if need:  # more distinct characters than ids: the vocabulary must grow (byte fallback adds 256)
+            raise ValueError(f"vocab_size {vocab_size} is too small for {out_prefix}.model: the text has "
+                             f"{int(need.group(1))} required characters and special pieces; use a vocab_size "
+                             f"of at least {int(need.group(1)) + 1}") from None
         raise ValueError(f"SentencePiece training for {out_prefix}.model failed ({msg}): use a "
                          "smaller vocab_size or more text") from None
     if stats["lines"] == 0:

@@ -72,6 +72,12 @@ class KDLossConfig:
     """Tokens per chunk of the fused output layer; None = about 4M logits per CPU thread (max 4),
     32M on GPUs (the budget of kd.chunk_size), but at least 64 tokens on CPU and 1024 on GPUs
     (each chunk streams the whole output weight: fewer tokens would be memory-bound)."""
+    compile: bool = False
+    """Run the fused loss's chunk kernels (LM only, forward KL / soft CE at T = 1, renormalised sparse
+    targets at T = 1) through ``torch.compile`` (:mod:`megatron_kd.losses.compiled`), for kd.one_pass
+    and kd.fused_linear, the LM-only fused step included. Same values and gradients (to rounding).
+    If compilation fails, one log line and the eager kernels. Off by default: see BENCHMARKS.md
+    (torch.compile of the fused step) for what it measured."""
 
     def __post_init__(self) -> None:
         validate_choices(self, "kd.")

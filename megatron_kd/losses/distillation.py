@@ -199,7 +199,7 @@ class DistillationLoss:
             student_logits, safe_labels, mask, teacher_logits=teacher_logits, target_ids=target_ids,
             target_logprobs=target_logprobs, kind=cfg.kind, temperature=cfg.temperature, skew=cfg.skew,
             beta=cfg.beta, residual=cfg.residual, target_kind=self._sparse_kind(), w_kd=w_kd, w_lm=w_lm,
-            chunk_size=cfg.chunk_size,
+            chunk_size=cfg.chunk_size, compiled=cfg.compile,
         )
         return self._finish(total.sum(), kd.sum(), lm.sum(), count, alpha)
 
@@ -234,7 +234,7 @@ class DistillationLoss:
             target_ids=target_ids, target_logprobs=target_logprobs, kind=cfg.kind,
             temperature=cfg.temperature, skew=cfg.skew, beta=cfg.beta, residual=cfg.residual,
             target_kind=self._sparse_kind(), w_kd=w_kd, w_lm=w_lm, vocab_size=vocab_size,
-            sequence_parallel=sequence_parallel, chunk_tokens=cfg.fused_chunk_tokens,
+            sequence_parallel=sequence_parallel, chunk_tokens=cfg.fused_chunk_tokens, compiled=cfg.compile,
         )
         out = self._finish(total, kd_sum, lm_sum, count, alpha, have_teacher)
         if not have_teacher:  # the report of lm_loss_func

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_kd.losses import compiled as _compiled
 from megatron_kd.losses.divergences import KINDS, _dense_kernel, check_temperature, normalize_kind
 from megatron_kd.losses.sparse import TARGET_KINDS, _sparse_kernel
 from megatron_kd.losses.vocab_ops import global_row_max, gather_owned, owned_ids, sub_onehot_
@@ -168,11 +169,79 @@ def _sparse_fast(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offset, voc
     return kd, lm, sub_onehot_(E, li, own, w_lm)
 
 
+# ------------------------------------------------------------- compiled forms (kd.compile)
+def _scalar(x: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(x, dtype=like.dtype, device=like.device)
+
+
+def _lm_part_compiled(S, labels, tp, need_grad, w_lm, offset):
+    """:func:`_lm_part` through the compiled kernels (S is overwritten)."""
+    li, own = owned_ids(labels, S.shape[-1], tp, offset)
+    mx = global_row_max(S, tp=tp)[0]
+    red = all_reduce_(_compiled.call(_compiled.lm_sums_, S, mx, li, own), tp)
+    lm = mx + red[0].log() - red[1]
+    if not need_grad:
+        return lm, None
+    _compiled.call(_compiled.lm_grad_, S, w_lm / red[0], li, own, _scalar(w_lm, S))
+    return lm, S
+
+
+def _dense_fast_compiled(S, Tt, labels, tp, need_grad, w_kd, w_lm, soft_ce, offset):
+    """:func:`_dense_fast` through the compiled kernels (S and Tt are overwritten)."""
+    li, own = owned_ids(labels, S.shape[-1], tp, offset)
+    mx = global_row_max(S, Tt, tp=tp)
+    ms, mt = mx[0], mx[1]
+    red = all_reduce_(_compiled.call(_compiled.dense_sums_, S, Tt, ms, mt, li, own, soft_ce), tp)
+    zs, zt = red[0], red[1]
+    lzs, lzt = zs.log(), zt.log()
+    part = red[2] / zt
+    kd = lzs - part if soft_ce else part - lzt + lzs
+    lm = ms + lzs - red[3]
+    if not need_grad:
+        return kd, lm, None
+    _compiled.call(_compiled.dense_grad_, S, Tt, (w_kd + w_lm) / zs, w_kd / zt, li, own, _scalar(w_lm, S))
+    return kd, lm, S
+
+
+def _sparse_fast_compiled(S, ids, lp, labels, tp, need_grad, w_kd, w_lm, offset, vocab_limit):
+    """:func:`_sparse_fast` through the compiled kernels (S is overwritten)."""
+    v_local = S.shape[-1]
+    lidx, owned = owned_ids(ids, v_local, tp, offset)
+    li, own = owned_ids(labels, v_local, tp, offset)
+    valid = (ids >= 0) & (ids < vocab_limit)
+    mx = global_row_max(S, tp=tp)[0]
+    sv = torch.where(owned, S.gather(-1, lidx) - mx.unsqueeze(-1), 0.0)
+    sums = _compiled.call(_compiled.lm_sums_, S, mx, li, own)
+    red = all_reduce_(torch.cat((sums.t(), sv), dim=-1), tp)
+    zs, sl, sv = red[:, 0], red[:, 1], red[:, 2:]
+    present = valid & (sv > float("-inf"))
+    zs = torch.where(zs > 0, zs, 1.0)
+    lzs = zs.log()
+    lm = mx + lzs - sl
+    lq = torch.where(present, sv - lzs.unsqueeze(-1), 0.0)
+    a = torch.where(present, lp, float("-inf"))
+    amax = a.amax(-1)
+    amax = torch.where(torch.isfinite(amax), amax, 0.0)
+    e = torch.exp(a - amax.unsqueeze(-1))
+    z = e.sum(-1)
+    has = z > 0
+    z = torch.where(has, z, 1.0)
+    p = e / z.unsqueeze(-1)
+    lp_hat = a - (amax + z.log()).unsqueeze(-1)
+    kd = torch.where(p > 0, p * (lp_hat - lq), 0.0).sum(-1)
+    if not need_grad:
+        return kd, lm, None
+    _compiled.call(_compiled.lm_grad_, S, (w_kd * has.to(S.dtype) + w_lm) / zs, li, own, _scalar(w_lm, S))
+    if w_kd != 0.0:
+        S.scatter_add_(-1, lidx, torch.where(owned & present, -w_kd * p, 0.0))
+    return kd, lm, S
+
+
 def kd_lm_chunk(spec: KDSpec, S: torch.Tensor, labels: torch.Tensor, tp: TPContext, need_grad: bool,
                 w_kd: float, w_lm: float, *, teacher: Optional[torch.Tensor] = None,
                 ids: Optional[torch.Tensor] = None, lp: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None, clean: bool = True, kd_kernel=None,
-                width: Optional[int] = None, vocab_limit: Optional[int] = None):
+                width: Optional[int] = None, vocab_limit: Optional[int] = None, compiled: bool = False):
     """``(kd[n], lm[n], grad[n, V_local] or None)`` of one chunk of student logits ``S`` (overwritten).
 
     ``grad = w_kd dKD/dS + w_lm dLM/dS``. ``teacher`` [n, V_local] (dense, overwritten) or
@@ -181,18 +250,26 @@ def kd_lm_chunk(spec: KDSpec, S: torch.Tensor, labels: torch.Tensor, tp: TPConte
     the general path (default: built from the chunk itself; call it before S is modified).
     ``out``: optional buffer for the gradient. ``width``: the shard's full width when ``S`` holds
     only its first (real-vocabulary) columns; ``vocab_limit``: ids from it on are not real (default
-    ``width * tp_size``). ``spec.kind == "none"``: LM only (kd = 0).
+    ``width * tp_size``). ``spec.kind == "none"``: LM only (kd = 0). ``compiled``: run the LM-only,
+    dense-fast and sparse-fast kernels through :mod:`megatron_kd.losses.compiled` (``kd.compile``;
+    eager when compilation is unavailable); the other kinds always run eager.
     """
     valid_cols = S.shape[-1]
     width = valid_cols if width is None else width
     offset = tp.vocab_offset(width)
     vocab_limit = width * tp.world_size if vocab_limit is None else vocab_limit
+    compiled = compiled and _compiled.enabled()
     if spec.kind == "none":
-        lm, glm = _lm_part(S, labels, tp, need_grad, w_lm, offset)
+        lm, glm = (_lm_part_compiled if compiled else _lm_part)(S, labels, tp, need_grad, w_lm, offset)
         return torch.zeros_like(lm), lm, glm
     if spec.dense_fast and clean:
+        if compiled:
+            return _dense_fast_compiled(S, teacher, labels, tp, need_grad, w_kd, w_lm, spec.kind == "soft_ce",
+                                        offset)
         return _dense_fast(S, teacher, labels, tp, need_grad, out, w_kd, w_lm, spec.kind == "soft_ce", offset)
     if spec.sparse_fast:
+        if compiled:
+            return _sparse_fast_compiled(S, ids, lp, labels, tp, need_grad, w_kd, w_lm, offset, vocab_limit)
         return _sparse_fast(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offset, vocab_limit)
     if valid_cols < width:  # the general kernels expect the full shard: pad with absent columns
         S = F.pad(S, (0, width - valid_cols), value=float("-inf"))
@@ -233,6 +310,7 @@ def fused_kd_lm_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: Optional[int] = None,
     retain_graph: bool = False,
+    compiled: bool = False,
 ):
     """LM cross-entropy and KD divergence of vocab-parallel logits in one pass per token chunk.
 
@@ -246,6 +324,7 @@ def fused_kd_lm_loss(
             :func:`sparse_kd_loss` (the LM term is always at T = 1).
         w_kd, w_lm: weights of the two terms in ``total``.
         tp_group, chunk_size, retain_graph: as :func:`kd_loss`.
+        compiled: compiled chunk kernels (``kd.compile``, :func:`kd_lm_chunk`).
 
     Returns:
         ``(total, kd, lm)``, each [...] float32 (float64 for float64 logits): ``total = w_kd * kd
@@ -296,7 +375,8 @@ def fused_kd_lm_loss(
         lp = take_rows(lp2d, rows, cdtype) if sparse else None
         kd_fn = None if kdk is None else (lambda g: kdk(rows, g, None))
         kd, lm, grad = kd_lm_chunk(spec, S, take_rows(lab, rows, torch.int64), tp, need_grad, w_kd, w_lm,
-                                   teacher=teacher, ids=ids, lp=lp, out=out, clean=clean, kd_kernel=kd_fn)
+                                   teacher=teacher, ids=ids, lp=lp, out=out, clean=clean, kd_kernel=kd_fn,
+                                   compiled=compiled)
         if isinstance(rows, slice):
             kd_all[rows], lm_all[rows] = kd, lm
         else:
@@ -375,7 +455,8 @@ class FusedLinearLoss(torch.autograd.Function):
     """``sum_tokens w_kd KD + w_lm LM`` of ``hidden @ weight[:valid].T`` chunk by chunk (module doc).
 
     forward(hidden2d [N, H], weight [V_local, H], labels [N], rows (active token indices), spec,
-    w_kd, w_lm, valid_cols, chunk, tp, teacher_hidden2d, teacher_weight, ids2d, lp2d, want_grad)
+    w_kd, w_lm, valid_cols, chunk, tp, teacher_hidden2d, teacher_weight, ids2d, lp2d, want_grad, vocab_limit,
+    compiled)
     -> (total, kd_sum, lm_sum) scalars (cdtype); only ``total`` carries a gradient. Columns from
     ``valid_cols`` on (padded vocabulary) take no part (as -inf logits would). The gradients of
     ``hidden2d`` and ``weight`` are computed in forward, chunk by chunk; the weight's gradient is
@@ -384,7 +465,7 @@ class FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, labels, rows, spec, w_kd, w_lm, valid_cols, chunk, tp,
-                teacher_hidden2d, teacher_weight, ids2d, lp2d, want_grad, vocab_limit):  # noqa: D102
+                teacher_hidden2d, teacher_weight, ids2d, lp2d, want_grad, vocab_limit, compiled):  # noqa: D102
         need_h = bool(want_grad and ctx.needs_input_grad[0])
         need_w = bool(want_grad and ctx.needs_input_grad[1])
         need_grad = need_h or need_w
@@ -406,7 +487,7 @@ class FusedLinearLoss(torch.autograd.Function):
                 ids, lp = ids2d.index_select(0, idx), lp2d.index_select(0, idx).to(cdtype)
             kd, lm, G = kd_lm_chunk(spec, S, labels.index_select(0, idx), tp, need_grad, w_kd, w_lm,
                                     teacher=teacher, ids=ids, lp=lp, width=weight.shape[0],
-                                    vocab_limit=vocab_limit)
+                                    vocab_limit=vocab_limit, compiled=compiled)
             sums += torch.stack((w_kd * kd.sum() + w_lm * lm.sum(), kd.sum(), lm.sum()))
             if need_grad:
                 Gw = G.to(weight.dtype)
@@ -431,7 +512,7 @@ class FusedLinearLoss(torch.autograd.Function):
             gh = gh.mul_(g_total.to(gh.dtype))
         if gw is not None:
             gw = gw.mul_(g_total.to(gw.dtype)).to(ctx.weight_dtype)
-        return (gh, gw) + (None,) * 14
+        return (gh, gw) + (None,) * 15
 
 
 def fused_linear_kd(
@@ -456,6 +537,7 @@ def fused_linear_kd(
     sequence_parallel: bool = False,
     chunk_tokens: Optional[int] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
+    compiled: bool = False,
 ):
     """Student output layer + LM/KD loss without materialising the [tokens, V] logits.
 
@@ -473,6 +555,7 @@ def fused_linear_kd(
         sequence_parallel: ``hidden``/``teacher_hidden`` are sequence shards (all-gathered here).
         chunk_tokens: tokens per chunk (None: about 4M logits per CPU thread, 32M on GPUs).
         tp_group: as :func:`kd_loss`.
+        compiled: compiled chunk kernels (``kd.compile``, :func:`kd_lm_chunk`).
 
     Returns:
         ``(total, kd_sum, lm_sum)`` scalars over the unmasked tokens: ``total = w_kd kd_sum + w_lm
@@ -521,5 +604,6 @@ def fused_linear_kd(
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     total, kd_sum, lm_sum = FusedLinearLoss.apply(
         h2d, weight, labels.reshape(-1).long(), rows, spec, float(w_kd), float(w_lm), valid, chunk, tp,
-        th2d, teacher_weight.detach() if dense else None, ids2d, lp2d, want_grad, int(vocab_size))
+        th2d, teacher_weight.detach() if dense else None, ids2d, lp2d, want_grad, int(vocab_size),
+        bool(compiled))
     return total, kd_sum.detach(), lm_sum.detach()

@@ -1,17 +1,20 @@
 """Instruction data for MiniLLM and its baselines, and pre-training chunks for the L_PT term.
 
 Instruction JSONL: one ``{"prompt": ..., "response": ..., "input": ...(optional)}`` per line, or a chat
-record ``{"messages": [{"role", "content"}, ...]}`` (multi-turn; one example per assistant turn, see
-:mod:`megatron_kd.posttrain.chat`).
+record ``{"messages": [{"role", "content"}, ...]}`` (multi-turn; one example per conversation with the
+loss on every assistant turn, see :mod:`megatron_kd.posttrain.chat`).
 :func:`preprocess_instructions` renders each prompt through an :class:`InstructionTemplate`,
 tokenises prompt and response separately (the response gets ``eod`` appended, so models learn to
 stop) and writes two megatron-core indexed datasets with one manifest::
 
     {prefix}_prompt_document.bin/.idx     prompt ids (the only input MiniLLM rollouts need)
     {prefix}_response_document.bin/.idx   response ids (gold; SFT/KD targets, ROUGE references)
+    {prefix}_response_mask_document.bin/.idx   only with multi-turn chat records: per response token,
+                                          1 = trained (assistant turns), 0 = not (user turns between)
     {prefix}.instruct.json                tokenizer identity, template, counts, sha256 of the files
 
-Loss masks are response-only: :func:`sft_batch` puts 1 on the response tokens (EOD included).
+Loss masks are response-only: :func:`sft_batch` puts 1 on the response tokens (EOD included), or
+the response mask where the example has one.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from megatron_kd.posttrain.chat import chat_examples, is_chat_record, validate_messages
+from megatron_kd.posttrain.chat import chat_conversation, cut_turns, is_chat_record, turn_ends, validate_messages
 from megatron_kd.utils.io import read_json, sha256_file, write_json_atomic
 
 FORMAT = "megatron-kd-instruction-v1"
@@ -105,26 +108,44 @@ def _read_instruction_lines(path: str | os.PathLike, require_response: bool) -> 
 def encode_records(records: list[dict[str, Any]], tokenizer, template: InstructionTemplate,
                    max_prompt_length: int | None = None, max_response_length: int | None = None
                    ) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, response ids + [eod]) per record (per assistant turn of a chat record). Prompts are
-    truncated from the left (the end of a prompt matters most), responses from the right (the eod is kept)."""
-    pairs: list[tuple[list[int], list[int], dict[str, Any]]] = []
+    """(prompt ids, response ids + [eod]) per record (see :func:`encode_examples`, which also returns the
+    response masks of chat records)."""
+    prompts, responses, _ = encode_examples(records, tokenizer, template, max_prompt_length, max_response_length)
+    return prompts, responses
+
+
+def encode_examples(records: list[dict[str, Any]], tokenizer, template: InstructionTemplate,
+                    max_prompt_length: int | None = None, max_response_length: int | None = None
+                    ) -> tuple[list[list[int]], list[list[int]], list[list[int] | None]]:
+    """(prompt ids, response ids, response mask or None) per record: a prompt/response record gives
+    (prompt, response + [eod], None), a chat record its whole conversation
+    (:func:`megatron_kd.posttrain.chat.chat_conversation`). Prompts are truncated from the left (the end
+    of a prompt matters most), responses from the right (a cut plain response keeps its eod; a
+    conversation keeps the assistant turns that fit, see :func:`megatron_kd.posttrain.chat.cut_turns`)."""
+    prompts, responses, masks = [], [], []
     for rec in records:
         if is_chat_record(rec):
-            pairs.extend((p, r, {"prompt": "<chat>"}) for p, r in chat_examples(rec["messages"], tokenizer))
+            p, r, m = chat_conversation(rec["messages"], tokenizer)
         else:
-            pairs.append((tokenizer.encode(template.render(rec)),
-                          tokenizer.encode(rec.get("response", "")) + [tokenizer.eod], rec))
-    prompts, responses = [], []
-    for p, r, rec in pairs:
+            p, r, m = tokenizer.encode(template.render(rec)), tokenizer.encode(rec.get("response", "")) + [tokenizer.eod], None
         if max_prompt_length and len(p) > max_prompt_length:
             p = p[-max_prompt_length:]
         if max_response_length and len(r) > max_response_length:
-            r = r[: max_response_length - 1] + [tokenizer.eod]
+            keep = cut_turns(r, m, max_response_length) if m is not None else 0
+            if m is not None and keep in turn_ends(m):  # the assistant turns that fit whole
+                r, m = r[:keep], m[:keep]
+            else:  # a plain response, or a first assistant turn too long to keep whole: cut, end with eod
+                r = r[: max_response_length - 1] + [tokenizer.eod]
+                m = None if m is None else m[: max_response_length - 1] + [1]
         if not p:
-            raise ValueError(f"a record's prompt {rec['prompt'][:40]!r} encodes to no tokens: check the template")
+            shown = "<chat>" if is_chat_record(rec) else rec["prompt"][:40]
+            raise ValueError(f"a record's prompt {shown!r} encodes to no tokens: check the template")
+        if m is not None and all(m):
+            m = None  # one assistant turn: the plain response-only mask
         prompts.append(p)
         responses.append(r)
-    return prompts, responses
+        masks.append(m)
+    return prompts, responses, masks
 
 
 def dataset_files(prefix: str | os.PathLike) -> dict[str, Path]:
@@ -132,7 +153,9 @@ def dataset_files(prefix: str | os.PathLike) -> dict[str, Path]:
     prefix = str(prefix)
     return {"prompt_bin": Path(f"{prefix}_prompt_document.bin"), "prompt_idx": Path(f"{prefix}_prompt_document.idx"),
             "response_bin": Path(f"{prefix}_response_document.bin"),
-            "response_idx": Path(f"{prefix}_response_document.idx"), "manifest": Path(f"{prefix}.instruct.json")}
+            "response_idx": Path(f"{prefix}_response_document.idx"),
+            "mask_bin": Path(f"{prefix}_response_mask_document.bin"),
+            "mask_idx": Path(f"{prefix}_response_mask_document.idx"), "manifest": Path(f"{prefix}.instruct.json")}
 
 
 def _write_indexed(prefix: str, seqs: list[list[int]], dtype) -> None:
@@ -160,14 +183,16 @@ def preprocess_instructions(jsonl: str | os.PathLike, tokenizer, output_prefix: 
                 raise FileExistsError(f"{f} already exists: pass --overwrite or choose another output prefix")
     numbered = _read_instruction_lines(jsonl, require_response=True)
     records = [rec for _, rec in numbered]
-    prompts, responses = [], []
+    prompts, responses, masks = [], [], []
     for n, rec in numbered:  # one record at a time: an encoding error names its file:line
         try:
-            ps, rs = encode_records([rec], tokenizer, template, max_prompt_length, max_response_length)
+            ps, rs, ms = encode_examples([rec], tokenizer, template, max_prompt_length, max_response_length)
         except ValueError as exc:
             raise ValueError(f"{jsonl}:{n}: {exc}") from None
-        prompts.extend(ps)  # a chat record gives one example per assistant turn
+        prompts.extend(ps)  # a chat record is one example (its whole conversation)
         responses.extend(rs)
+        masks.extend(ms)
+    with_mask = any(m is not None for m in masks)
     dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
     files["manifest"].parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{output_prefix}.tmp{os.getpid()}"
@@ -175,6 +200,9 @@ def preprocess_instructions(jsonl: str | os.PathLike, tokenizer, output_prefix: 
     try:
         _write_indexed(f"{tmp}_prompt_document", prompts, dtype)
         _write_indexed(f"{tmp}_response_document", responses, dtype)
+        if with_mask:
+            _write_indexed(f"{tmp}_response_mask_document",
+                           [m if m is not None else [1] * len(r) for m, r in zip(masks, responses)], np.uint8)
     except BaseException:  # full disk, read-only, interrupted: leave nothing half-written behind
         for f in tmp_files.values():
             f.unlink(missing_ok=True)
@@ -187,11 +215,15 @@ def preprocess_instructions(jsonl: str | os.PathLike, tokenizer, output_prefix: 
         "dtype": np.dtype(dtype).name,
         "num_prompt_tokens": int(sum(map(len, prompts))), "num_response_tokens": int(sum(map(len, responses))),
         "max_prompt_length": max_prompt_length, "max_response_length": max_response_length,
-        "checksums": {k: sha256_file(tmp_files[k]) for k in tmp_files if k != "manifest"},
+        "response_mask": with_mask,
+        "checksums": {k: sha256_file(tmp_files[k]) for k in tmp_files if k != "manifest" and tmp_files[k].is_file()},
     }
     for k in tmp_files:
         if k != "manifest":
-            os.replace(tmp_files[k], files[k])
+            if tmp_files[k].is_file():
+                os.replace(tmp_files[k], files[k])
+            else:  # no mask this time: a stale one from an overwritten dataset must not be read
+                files[k].unlink(missing_ok=True)
     write_json_atomic(files["manifest"], manifest)
     return manifest
 
@@ -204,10 +236,16 @@ class InstructionDataset:
 
         self.prefix = str(prefix)
         files = dataset_files(prefix)
+        if not files["manifest"].is_file():
+            raise FileNotFoundError(f"instruction dataset {self.prefix}: {files['manifest']} does not exist: pass the "
+                                    "--output-prefix of megatron-kd preprocess-instructions")
         self.manifest = read_json(files["manifest"], "instruction dataset manifest")
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{files['manifest']} is not a {FORMAT} manifest: re-run megatron-kd preprocess-instructions")
-        for k in ("prompt_bin", "prompt_idx", "response_bin", "response_idx"):
+        self.has_mask = bool(self.manifest.get("response_mask"))
+        parts = ("prompt_bin", "prompt_idx", "response_bin", "response_idx") + (
+            ("mask_bin", "mask_idx") if self.has_mask else ())
+        for k in parts:
             if not files[k].is_file():
                 raise FileNotFoundError(f"{files[k]} is missing: re-run megatron-kd preprocess-instructions")
             if verify and sha256_file(files[k]) != self.manifest["checksums"][k]:
@@ -218,7 +256,9 @@ class InstructionDataset:
                              "not with the given tokenizer: re-run preprocessing with this tokenizer")
         self._prompts = IndexedDataset(f"{self.prefix}_prompt_document")
         self._responses = IndexedDataset(f"{self.prefix}_response_document")
-        if len(self._prompts) != len(self._responses) or len(self._prompts) != self.manifest["num_examples"]:
+        self._masks = IndexedDataset(f"{self.prefix}_response_mask_document") if self.has_mask else None
+        if len(self._prompts) != len(self._responses) or len(self._prompts) != self.manifest["num_examples"] or (
+                self._masks is not None and len(self._masks) != len(self._prompts)):
             raise ValueError(f"instruction dataset {self.prefix}: prompt/response counts disagree with the manifest")
 
     def __len__(self) -> int:
@@ -229,8 +269,25 @@ class InstructionDataset:
         return self._prompts[i].astype(np.int64).tolist()
 
     def response(self, i: int) -> list[int]:
-        """Response ids (with the trailing eod) of example ``i``."""
+        """Response ids (with the trailing eod) of example ``i`` (a chat record: the rest of the conversation)."""
         return self._responses[i].astype(np.int64).tolist()
+
+    def response_mask(self, i: int) -> list[int] | None:
+        """Loss mask over :meth:`response` (1 = assistant-turn token), or None when all of it is trained."""
+        if self._masks is None:
+            return None
+        mask = self._masks[i].astype(np.int64).tolist()
+        return None if all(mask) else mask
+
+    def reply(self, i: int) -> list[int]:
+        """The first reply after the prompt: the response, or a conversation's first assistant turn
+        (what rollouts are compared with and ROUGE-L is scored against)."""
+        return first_reply(self.response(i), self.response_mask(i))
+
+
+def first_reply(response: list[int], mask: list[int] | None) -> list[int]:
+    """``response`` up to the end of its first assistant turn (all of it without a mask)."""
+    return response if mask is None else response[: turn_ends(mask)[0]]
 
 
 class InMemoryInstructions:
@@ -252,13 +309,23 @@ class InMemoryInstructions:
         """Response ids of example ``i``."""
         return list(self.responses[i])
 
+    def response_mask(self, i: int) -> list[int] | None:
+        """No response masks in memory: every response token is trained."""
+        return None
+
+    def reply(self, i: int) -> list[int]:
+        """The response."""
+        return self.response(i)
+
 
 def sft_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-              length: int | None = None) -> dict[str, torch.Tensor]:
+              length: int | None = None, response_masks: list[list[int] | None] | None = None
+              ) -> dict[str, torch.Tensor]:
     """Right-padded next-token batch with a response-only loss mask.
 
     Returns ``tokens`` [b, L], ``labels`` [b, L] (tokens shifted left), ``loss_mask`` [b, L]
-    (1 where the label is a response token). ``L`` = longest prompt+response - 1 (or ``length``).
+    (1 where the label is a response token, or where ``response_masks[i]`` is 1 for the label's
+    response position). ``L`` = longest prompt+response - 1 (or ``length``).
     """
     seqs = [p + r for p, r in zip(prompts, responses)]
     L = max(len(s) for s in seqs) - 1 if length is None else length
@@ -272,6 +339,11 @@ def sft_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
         tokens[i, :n] = torch.tensor(s[:-1])
         labels[i, :n] = torch.tensor(s[1:])
         mask[i, max(len(p) - 1, 0):n] = 1.0
+        rmask = response_masks[i] if response_masks is not None else None
+        if rmask is not None:  # label at position t is s[t + 1]: response token t + 1 - len(p)
+            start = max(len(p) - 1, 0)
+            keep = torch.tensor(rmask[: n - start], dtype=torch.float32)
+            mask[i, start:start + len(keep)] = keep
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
 
@@ -283,13 +355,18 @@ class LMChunks:
     the data-parallel rank and the number of chunks drawn so far (resumable).
     """
 
-    def __init__(self, prefix: str | os.PathLike, seq_length: int, seed: int = 0, dp_rank: int = 0):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    @staticmethod
+    def check_files(prefix: str | os.PathLike) -> None:
+        """One-line ``FileNotFoundError`` unless ``{prefix}.bin`` and ``.idx`` exist."""
         for ext in (".bin", ".idx"):
             if not Path(f"{prefix}{ext}").is_file():
                 raise FileNotFoundError(f"pre-training dataset {prefix}{ext} does not exist: pass the prefix "
                                         "of an indexed dataset written by megatron-kd preprocess")
+
+    def __init__(self, prefix: str | os.PathLike, seq_length: int, seed: int = 0, dp_rank: int = 0):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.check_files(prefix)
         self.ds = IndexedDataset(str(prefix))
         self.lengths = np.asarray(self.ds.sequence_lengths, dtype=np.int64)
         self.cum = np.concatenate([[0], np.cumsum(self.lengths)])

@@ -78,7 +78,8 @@ def evaluate(student, teacher, dataset, tokenizer, cfg: EvalConfig, vocab_size: 
         prompts = [dataset.prompt(i)[-cfg.max_prompt_length:] for i in idx]
         out = generate(student, prompts, greedy, vocab_size)
         for i, resp in zip(idx, out.responses()):
-            ref = [t for t in dataset.response(i) if t != tokenizer.eod]
+            gold = dataset.reply(i) if hasattr(dataset, "reply") else dataset.response(i)  # a conversation: turn 1
+            ref = [t for t in gold if t != tokenizer.eod]
             hyp = [t for t in resp if t != tokenizer.eod]
             totals[0] += rouge_l(tokenizer.decode(hyp), tokenizer.decode(ref))
             totals[1] += 1

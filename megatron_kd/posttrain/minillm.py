@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from megatron_kd.config import DERIVED
 from megatron_kd.models.builder import mask_padded_vocab
 from megatron_kd.posttrain import losses as L
 from megatron_kd.posttrain.config import MiniLLMOptimConfig
@@ -73,10 +74,10 @@ class LMTermConfig:
 class TrainLoopConfig:
     """Everything the MiniLLM loop needs besides models and data."""
 
-    total_steps: int = 5000
-    """Optimizer steps (reference --total-iters 5000)."""
-    seed: int = 10
-    """Seed of prompt order, sampling noise and mini-batch shuffles."""
+    total_steps: int = field(default=5000, metadata={DERIVED: "train.train_iters"})
+    """Optimizer steps (reference --total-iters 5000); the command sets it from train.train_iters."""
+    seed: int = field(default=10, metadata={DERIVED: "train.seed"})
+    """Seed of prompt order, sampling noise and mini-batch shuffles; the command sets it from train.seed."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout collection: prompts per round, sampling, teacher mixing (alpha)."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -89,10 +90,6 @@ class TrainLoopConfig:
     """Optimizer and LR schedule (the shared `optim` keys; MiniLLM reference defaults)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out ROUGE-L / reverse-KL evaluation (with eval_data)."""
-    eval_interval: int = 100
-    """Evaluate every N optimizer steps (0 = only at the end)."""
-    save_interval: int = 500
-    """Checkpoint every N optimizer steps (0 = only at the end)."""
 
 
 def validate_loop_config(c: TrainLoopConfig, dp: int) -> None:

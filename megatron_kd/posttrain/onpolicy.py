@@ -28,6 +28,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
+from megatron_kd.config import DERIVED
 from megatron_kd.models.builder import mask_padded_vocab
 from megatron_kd.posttrain.config import PostTrainOptimConfig
 from megatron_kd.posttrain.data import sft_batch
@@ -44,8 +45,8 @@ class OnPolicyConfig:
 
     method: Literal["gkd", "distillm"] = "gkd"
     """gkd | distillm."""
-    total_steps: int = 1000
-    """Optimizer steps."""
+    total_steps: int = field(default=1000, metadata={DERIVED: "train.train_iters"})
+    """Optimizer steps (DistiLLM's generation schedule spans them); the command sets it from train.train_iters."""
     batch_size: int = 32
     """Examples per optimizer step over all DP ranks."""
     micro_batch_size: int = 8
@@ -56,8 +57,8 @@ class OnPolicyConfig:
     """Longest generated response (TRL GKD default 128)."""
     max_length: int = 512
     """Prompt+response tokens kept for gold/replayed examples."""
-    seed: int = 1
-    """Seed of the data order, the source draws and the sampling noise."""
+    seed: int = field(default=1, metadata={DERIVED: "train.seed"})
+    """Seed of the data order, the source draws and the sampling noise; the command sets it from train.seed."""
     lmbda: float = 0.5
     """GKD: probability of a student-generated (on-policy) batch."""
     beta: float = 0.5
@@ -93,6 +94,21 @@ class OnPolicyConfig:
         if self.temperature <= 0:
             raise ValueError(f"onpolicy.temperature={self.temperature} must be > 0")
 
+    def check_batches(self, dp_size: int) -> None:
+        """One-line ``ValueError`` unless ``batch_size`` splits into ``dp_size`` ranks of whole micro-batches."""
+        for name in ("batch_size", "micro_batch_size", "max_new_tokens", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"onpolicy.{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % dp_size or (self.batch_size // dp_size) % self.micro_batch_size:
+            raise ValueError(f"onpolicy.batch_size={self.batch_size} must split into DP={dp_size} ranks of "
+                             f"whole micro-batches of {self.micro_batch_size}")
+
+
+def _reply(data, i: int) -> list[int]:
+    """Gold response of example ``i``: a conversation's first assistant turn (what the student's samples for
+    the same prompt stand in for)."""
+    return data.reply(i) if hasattr(data, "reply") else data.response(i)
+
 
 class ResponseSource:
     """Batch source: step ``k`` -> ``{"source", "pairs"}``: this rank's (prompt, response) pairs."""
@@ -102,9 +118,7 @@ class ResponseSource:
         self.student, self.teacher, self.cfg, self.data = student, teacher, cfg, data
         self.tok, self.vocab_size = tokenizer, vocab_size
         self.dp_rank, self.dp_size, _ = dp_info()
-        if cfg.batch_size % self.dp_size or (cfg.batch_size // self.dp_size) % cfg.micro_batch_size:
-            raise ValueError(f"onpolicy.batch_size={cfg.batch_size} must split into DP={self.dp_size} ranks of "
-                             f"whole micro-batches of {cfg.micro_batch_size}")
+        cfg.check_batches(self.dp_size)
         self.stream = PromptStream(len(data), cfg.seed)
         self.step = 0
         self.threshold = cfg.init_threshold
@@ -142,7 +156,7 @@ class ResponseSource:
         idx, ids = self.stream.slice(start, local)
         prompts = [self.data.prompt(i)[-c.max_prompt_length:] for i in idx]
         if source == "gold":
-            return [truncate(p, self.data.response(i), c.max_length) for p, i in zip(prompts, idx)]
+            return [truncate(p, _reply(self.data, i), c.max_length) for p, i in zip(prompts, idx)]
         model = self.student if source == "student" else self.teacher
         temp = c.temperature if c.method == "gkd" else 1.0
         responses = self._generate(model, prompts, ids, temp)
@@ -237,7 +251,7 @@ class DivergenceStep:
         self.student.eval()
         for s in range(0, len(mine), c.micro_batch_size):
             idx = mine[s: s + c.micro_batch_size]
-            pairs = [truncate(data.prompt(i)[-c.max_prompt_length:], data.response(i), c.max_length) for i in idx]
+            pairs = [truncate(data.prompt(i)[-c.max_prompt_length:], _reply(data, i), c.max_length) for i in idx]
             b = sft_batch([p for p, _ in pairs], [r for _, r in pairs], self.pad_id)
             st = forward_logits(self.student, b["tokens"], self.vocab_size)
             te = forward_logits(self.teacher, b["tokens"], self.vocab_size)

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from megatron_kd.config import DERIVED
 from megatron_kd.models.builder import mask_padded_vocab
 from megatron_kd.posttrain import losses as L
 from megatron_kd.posttrain.config import PostTrainOptimConfig
@@ -32,8 +33,8 @@ class SFTConfig:
 
     epochs: int = 3
     """Passes over the training data (reference: 3 for the MiniLLM SFT stage, 10-20 for baselines)."""
-    total_steps: int = 0
-    """Stop after this many optimizer steps (0 = run all epochs)."""
+    total_steps: int = field(default=0, metadata={DERIVED: "train.train_iters"})
+    """Stop after this many optimizer steps (0 = run all epochs); the command sets it from train.train_iters."""
     batch_size: int = 32
     """Examples per optimizer step over all DP ranks."""
     micro_batch_size: int = 8
@@ -44,8 +45,8 @@ class SFTConfig:
     """Word-level KD weight: loss = (1 - kd_ratio) CE + kd_ratio KL(p || q); needs a teacher."""
     kd_temperature: float = 1.0
     """Temperature of the KD term."""
-    seed: int = 1
-    """Shuffling seed."""
+    seed: int = field(default=1, metadata={DERIVED: "train.seed"})
+    """Shuffling seed; the command sets it from train.seed."""
     optim: PostTrainOptimConfig = field(default_factory=PostTrainOptimConfig)
     """Optimizer and LR schedule (the shared `optim` keys)."""
 
@@ -57,26 +58,57 @@ def truncate(prompt: list[int], response: list[int], max_length: int) -> tuple[l
     return prompt, response[: max(max_length - len(prompt), 1)]
 
 
+def truncate_example(prompt: list[int], response: list[int], mask: list[int] | None, max_length: int
+                     ) -> tuple[list[int], list[int], list[int] | None]:
+    """:func:`truncate` for an example that may carry a response mask (a multi-turn conversation): the
+    prompt is cut from the left only as far as the first assistant turn needs, then the response keeps
+    the assistant turns that fit whole (:func:`megatron_kd.posttrain.chat.cut_turns`; the first turn is
+    cut mid-turn only when it alone does not fit)."""
+    if mask is None:
+        return (*truncate(prompt, response, max_length), None)
+    from megatron_kd.posttrain.chat import cut_turns, turn_ends
+
+    keep_p = max(1, min(len(prompt), max_length - turn_ends(mask)[0]))
+    prompt = prompt[-keep_p:]
+    keep = max(cut_turns(response, mask, max_length - len(prompt)), 1)
+    return prompt, response[:keep], mask[:keep]
+
+
+def check_batches(cfg: SFTConfig, dp_size: int, num_examples: int | None) -> int:
+    """One-line ``ValueError`` unless ``sft.batch_size`` splits into ``dp_size`` ranks of whole
+    micro-batches (and, with ``num_examples``, the training data holds one batch); returns the run's
+    optimizer steps (``total_steps``, or ``epochs`` passes)."""
+    for name in ("batch_size", "micro_batch_size", "max_length") + (() if cfg.total_steps else ("epochs",)):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"sft.{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.batch_size % dp_size or (cfg.batch_size // dp_size) % cfg.micro_batch_size:
+        raise ValueError(f"sft.batch_size={cfg.batch_size} must split into DP={dp_size} ranks of "
+                         f"whole micro-batches of {cfg.micro_batch_size}")
+    if num_examples is None:
+        return cfg.total_steps
+    if num_examples < cfg.batch_size:
+        raise ValueError(f"the training data has {num_examples} examples, fewer than sft.batch_size={cfg.batch_size}")
+    return cfg.total_steps or cfg.epochs * (num_examples // cfg.batch_size)
+
+
 class InstructionBatches:
     """Batch source: step ``k`` -> this rank's micro-batches of global batch ``k`` (epochs of shuffles)."""
 
     def __init__(self, data, cfg: SFTConfig, pad_id: int, training: bool = True):
         self.data, self.cfg, self.pad_id = data, cfg, pad_id
         self.dp_rank, self.dp_size, _ = dp_info()
-        if cfg.batch_size % self.dp_size or (cfg.batch_size // self.dp_size) % cfg.micro_batch_size:
-            raise ValueError(f"sft.batch_size={cfg.batch_size} must split into DP={self.dp_size} ranks of "
-                             f"whole micro-batches of {cfg.micro_batch_size}")
+        self.total_steps = check_batches(cfg, self.dp_size, len(data) if training else None)
         self.steps_per_epoch = len(data) // cfg.batch_size
-        if training and self.steps_per_epoch < 1:
-            raise ValueError(f"the training data has {len(data)} examples, fewer than sft.batch_size={cfg.batch_size}")
-        self.total_steps = cfg.total_steps or cfg.epochs * self.steps_per_epoch
 
     def micro_batches(self, idx: list[int]) -> list[dict[str, torch.Tensor]]:
-        """Micro-batches (response-only loss masks) of the examples ``idx``."""
+        """Micro-batches (response-only loss masks; a conversation's: its assistant turns) of the examples ``idx``."""
         out, m = [], self.cfg.micro_batch_size
+        mask_of = getattr(self.data, "response_mask", lambda i: None)
         for s in range(0, len(idx), m):
-            pairs = [truncate(self.data.prompt(i), self.data.response(i), self.cfg.max_length) for i in idx[s: s + m]]
-            out.append(sft_batch([p for p, _ in pairs], [r for _, r in pairs], self.pad_id))
+            ex = [truncate_example(self.data.prompt(i), self.data.response(i), mask_of(i), self.cfg.max_length)
+                  for i in idx[s: s + m]]
+            out.append(sft_batch([p for p, _, _ in ex], [r for _, r, _ in ex], self.pad_id,
+                                 response_masks=[k for _, _, k in ex]))
         return out
 
     def iterator(self, start_step: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:

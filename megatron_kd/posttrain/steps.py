@@ -92,24 +92,34 @@ def fit(student, optimizer, scheduler, model_cfg, *, step, make_iterator: Callab
         seed: int = 0, evaluator=None, on_step_end=None, extra_state=None, load_extra_state=None,
         rank_state=None, load_rank_state=None):
     """Run the shared :class:`~megatron_kd.training.loop.Trainer` with a post-training ``step`` and batch
-    source ``make_iterator(consumed_samples)``; resume first when ``run.save`` holds a checkpoint.
+    source ``make_iterator(consumed_samples)``; resume first when the checkpoint directory holds one.
 
-    ``run`` is a :class:`megatron_kd.posttrain.config.RunControl` (None: no checkpoints, no metrics
-    file: in-memory runs in tests); ``cfg`` the resolved command config saved next to checkpoints.
-    Returns ``(trainer, Trainer.fit's result)``.
+    ``run`` is a command config with ``train`` (:class:`~megatron_kd.training.config.TrainScheduleConfig`),
+    ``checkpoint`` and ``logging`` sections, or a flat :class:`megatron_kd.posttrain.config.RunControl`
+    (runs built in code), or None (no checkpoints, no metrics file: in-memory runs in tests); ``cfg`` the
+    resolved command config saved next to checkpoints. ``total_steps`` and ``seed`` are the resolved run
+    length and seed. Returns ``(trainer, Trainer.fit's result)``.
     """
+    import dataclasses
+
     from megatron_kd.posttrain.config import RunControl
-    from megatron_kd.training.config import CheckpointConfig, LoggingConfig, TrainConfig
+    from megatron_kd.training.config import CheckpointConfig, LoggingConfig, TrainConfig, TrainScheduleConfig
     from megatron_kd.training.loop import Trainer
 
     run = run or RunControl(save="", eval_interval=0, save_interval=0, log_interval=0,
                             logging=LoggingConfig(quiet=True))
-    train = TrainConfig(micro_batch_size=max(batch_size // dp_info()[1], 1), global_batch_size=batch_size,
-                        seq_length=1, train_iters=total_steps, eval_interval=run.eval_interval, eval_iters=0,
-                        log_interval=run.log_interval, seed=seed, exit_interval=run.exit_interval,
-                        exit_duration_mins=run.exit_duration_mins)
-    ckpt = CheckpointConfig(save=run.save or None, save_interval=run.save_interval, keep_last=run.keep_last,
-                            tokenizer=tokenizer)
+    batches = dict(micro_batch_size=max(batch_size // dp_info()[1], 1), global_batch_size=batch_size, seq_length=1,
+                   eval_iters=0, train_iters=total_steps, seed=seed)
+    if isinstance(run, RunControl):
+        train = TrainConfig(eval_interval=run.eval_interval, log_interval=run.log_interval,
+                            exit_interval=run.exit_interval, exit_duration_mins=run.exit_duration_mins, **batches)
+        ckpt = CheckpointConfig(save=run.save or None, save_interval=run.save_interval, keep_last=run.keep_last,
+                                tokenizer=tokenizer)
+    else:
+        schedule = {f.name: getattr(run.train, f.name) for f in dataclasses.fields(TrainScheduleConfig)}
+        train = TrainConfig(**{**schedule, **batches})
+        ckpt = dataclasses.replace(run.checkpoint, save=run.checkpoint.save or None,
+                                   tokenizer=run.checkpoint.tokenizer or tokenizer)
     trainer = Trainer([student], optimizer, scheduler, None, model_cfg, train, ckpt, run.logging, step=step,
                       evaluator=evaluator, on_step_end=on_step_end, extra_state=extra_state,
                       load_extra_state=load_extra_state, rank_state=rank_state, load_rank_state=load_rank_state,

@@ -1,4 +1,4 @@
-"""``megatron-kd quickstart``: every stage of the pipeline, in one process, on the demo corpus.
+"""``megatron-kd quickstart``: every stage of the pipeline on the demo corpus.
 
 corpus -> split (train / reference / held-out) -> SentencePiece tokenizer -> indexed datasets ->
 teacher + reference LM (pretrain) -> MiniPLM score + select -> offline teacher logits -> five
@@ -7,20 +7,33 @@ offline sampled KD)
 -> held-out evaluation (per document: paired bootstrap intervals vs no KD; calibration) ->
 ``report.md`` / ``report.json`` / plots.
 
-Each stage writes a marker ``stages/<name>.json`` when it completes; a rerun with the same
-``--out`` skips completed stages, so an interrupted quickstart resumes.
+Each stage declares the stages it needs (:meth:`Quickstart.stage_specs`); ``--workers N`` runs up to
+N of them at once in worker processes, critical path first (:mod:`megatron_kd.quickstart.schedule`),
+``--workers 1`` one after another in this process. Each stage writes a marker ``stages/<name>.json``
+when it completes; a rerun with the same ``--out`` skips completed stages, so an interrupted
+quickstart resumes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from megatron_kd.config import build_config
+from megatron_kd.quickstart.schedule import StageSpec
 from megatron_kd.quickstart.sizes import SIZES, QuickstartSize, students_of
 from megatron_kd.utils.io import read_json, write_json_atomic
+
+STAGE_COST = {  # seconds per stage of the `full` size, one thread, 2 idle cores (2026-12-06): scheduling weights
+    "corpus": 4.4, "tokenizer": 0.5, "preprocess": 6.2, "xtok_tokenizer": 0.5, "xtok_preprocess": 0.8,
+    "teacher": 210, "reference": 28, "miniplm": 71, "logits": 78, "logits_sampled": 86,
+    "no_kd": 36, "online_kd": 58, "offline_kd": 32, "miniplm_data": 36, "miniplm_kd": 64,
+    "offline_sampled_kd": 29, "xtok_no_kd": 29, "xtok_kd": 86, "eval_teacher": 15, "eval": 5.5,
+}
+"""Only orders the ready stages (longest remaining path first) and estimates the ETA."""
 
 
 class Quickstart:
@@ -39,18 +52,21 @@ class Quickstart:
         """Held-out evaluation per model (stage ``eval_<name>``)."""
 
     # ------------------------------------------------------------------ stage bookkeeping
-    def _stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _stage(self, name: str, fn: Callable[[], dict[str, Any]], worker: int | None = None) -> dict[str, Any]:
         marker = self.stage_dir / f"{name}.json"
         if marker.is_file():
             result = read_json(marker, "stage marker")
             self.log(f"[quickstart] {name}: done earlier ({result.get('seconds', 0):.1f} s), skipped")
         else:
-            self.log(f"[quickstart] {name}: running")
+            where = f" on worker {worker}" if worker is not None else ""
+            self.log(f"[quickstart] {name}: started{where}")
             t0 = time.perf_counter()
             result = fn()
             result["seconds"] = round(time.perf_counter() - t0, 2)
+            if worker is not None:
+                result["worker"] = worker
             write_json_atomic(marker, result)
-            self.log(f"[quickstart] {name}: finished in {result['seconds']:.1f} s")
+            self.log(f"[quickstart] {name}: finished in {result['seconds']:.1f} s{where}")
         self.results[name] = result
         return result
 
@@ -122,8 +138,9 @@ class Quickstart:
         tok = self.results["xtok_tokenizer" if xtok else "tokenizer"]
         cfg = {
             "model": {**model, "vocab_size": tok["vocab_size"]},
+            # one index cache per run: concurrent stages never write the same cache files
             "data": {"prefixes": [prefix], "tokenizer": tok["path"], "split": "100,0,0",
-                     "cache_dir": str(self.data / "index_cache")},
+                     "cache_dir": str(self.data / "index_cache" / save.name)},
             "train": {"micro_batch_size": s.micro_batch_size, "global_batch_size": s.global_batch_size,
                       "seq_length": s.seq_length, "train_iters": iters, "log_interval": max(1, iters // 10),
                       "seed": self.seed},
@@ -250,33 +267,135 @@ class Quickstart:
                                      tokenizer=self.results["xtok_tokenizer"]["path"] if xtok else self.tokenizer_path,
                                      max_documents=self.size.eval_docs, bins=self.size.calibration_bins)
 
-    def run(self) -> dict[str, Any]:
-        """Run (or resume) every stage; write the report; return report.json's content."""
-        from megatron_kd.quickstart.report import write_report
+    # ------------------------------------------------------------------ the stage graph
+    def stage_specs(self) -> list[StageSpec]:
+        """Every stage with the stages it needs (its inputs are those stages' markers and outputs) and
+        its estimated cost (:data:`STAGE_COST`), in the order a ``--workers 1`` run used to take them."""
+        def spec(name: str, *deps: str) -> StageSpec:
+            return StageSpec(name, deps, STAGE_COST.get(name, STAGE_COST["eval"] if name.startswith("eval_") else 5.0))
 
-        t0 = time.perf_counter()
-        self._stage("corpus", self.corpus)
-        self._stage("tokenizer", self.tokenizer)
-        self._stage("preprocess", self.preprocess)
+        data = ("tokenizer", "preprocess")
+        specs = [spec("corpus"), spec("tokenizer", "corpus"), spec("preprocess", "tokenizer")]
+        xtok = ("xtok_tokenizer", "xtok_preprocess")
         if self.size.xtok_vocab_size:
-            self._stage("xtok_tokenizer", lambda: self.tokenizer(xtok=True))
-            self._stage("xtok_preprocess", lambda: self.preprocess(xtok=True))
-        self._stage("teacher", self.teacher)
-        self._stage("reference", self.reference)
-        self._stage("miniplm", self.miniplm)
-        self._stage("logits", self.logits)
-        self._stage("logits_sampled", lambda: self.logits("sample"))
+            specs += [spec("xtok_tokenizer", "corpus"), spec("xtok_preprocess", "xtok_tokenizer")]
+        specs += [spec("teacher", *data), spec("reference", *data), spec("miniplm", "teacher", "reference"),
+                  spec("logits", "teacher"), spec("logits_sampled", "teacher")]
+        needs = {"no_kd": data, "online_kd": ("teacher",), "offline_kd": ("logits",),
+                 "miniplm_data": ("miniplm",), "miniplm_kd": ("miniplm", "teacher"),
+                 "offline_sampled_kd": ("logits_sampled",), "xtok_no_kd": xtok, "xtok_kd": ("teacher", *xtok)}
+        students = [name for name, _ in students_of(self.size)]
+        specs += [spec(name, *needs[name]) for name in students]
+        specs += [spec(f"eval_{name}", name) for name in ["teacher", "reference"] + students]
+        return specs
+
+    def stage_fn(self, name: str) -> Callable[[], dict[str, Any]]:
+        """The function that computes stage ``name`` (from ``self.results`` of the stages it needs)."""
+        fixed = {"corpus": self.corpus, "tokenizer": self.tokenizer, "preprocess": self.preprocess,
+                 "xtok_tokenizer": lambda: self.tokenizer(xtok=True), "xtok_preprocess": lambda: self.preprocess(xtok=True),
+                 "teacher": self.teacher, "reference": self.reference, "miniplm": self.miniplm,
+                 "logits": self.logits, "logits_sampled": lambda: self.logits("sample")}
+        if name in fixed:
+            return fixed[name]
+        if name.startswith("eval_"):
+            return lambda: self.evaluate(name[len("eval_"):])
+        if name in dict(students_of(self.size)):
+            return lambda: self.student(name)
+        raise ValueError(f"unknown quickstart stage {name!r}")
+
+    def completed(self) -> set[str]:
+        """Stages with a marker (done by an earlier or a parallel run)."""
+        if not self.stage_dir.is_dir():
+            return set()
+        return {p.stem for p in self.stage_dir.glob("*.json") if not p.name.startswith(".")}
+
+    def load_completed(self) -> None:
+        """Read every completed stage's marker into ``self.results`` (a worker's view of the inputs)."""
+        for name in sorted(self.completed()):
+            self.results[name] = read_json(self.stage_dir / f"{name}.json", "stage marker")
+
+    def run_stage(self, name: str, worker: int | None = None) -> dict[str, Any]:
+        """Run one stage (its inputs: the markers of the stages it needs) and write its marker."""
+        spec = next((s for s in self.stage_specs() if s.name == name), None)
+        if spec is None:
+            raise ValueError(f"unknown quickstart stage {name!r}")
+        self.load_completed()
+        missing = [d for d in spec.deps if d not in self.results]
+        if missing:
+            raise ValueError(f"stage {name} needs {missing}, which have not completed")
+        return self._stage(name, self.stage_fn(name), worker=worker)
+
+    def run(self, workers: int = 1, threads: int = 1) -> dict[str, Any]:
+        """Run (or resume) every stage; write the report; return report.json's content.
+
+        ``workers`` = 1: every stage in this process, one after another; more: up to ``workers`` stages
+        at once, each in a worker process (:mod:`megatron_kd.quickstart.schedule`). ``threads``: torch
+        threads of every stage, in either mode (a stage's numbers depend on it, never on ``workers``)."""
+        from megatron_kd.quickstart.report import write_report
+        from megatron_kd.quickstart.schedule import Progress, StageFailed, priority_order, run_parallel
+        from megatron_kd.utils.exits import one_line
+
+        if workers < 1 or threads < 1:
+            raise ValueError(f"--workers {workers} / --threads {threads}: both must be at least 1")
+        t0 = time.perf_counter()
+        specs = self.stage_specs()
+        done = self.completed() & {s.name for s in specs}
+        self.load_completed()
+        for name in [n for n in priority_order(specs) if n in done]:
+            self.log(f"[quickstart] {name}: done earlier ({self.results[name].get('seconds', 0):.1f} s), skipped")
+        timeline: dict[str, dict] = {}
+        if workers == 1:
+            set_stage_threads(threads)
+            progress = Progress(specs, done, 1)
+            for name in priority_order(specs):
+                if name in done:
+                    continue
+                start = time.perf_counter() - t0
+                try:
+                    result = self._stage(name, self.stage_fn(name), worker=0)
+                except Exception as exc:
+                    import traceback
+
+                    trace = self.out / "logs" / "worker0.log"
+                    trace.parent.mkdir(parents=True, exist_ok=True)
+                    with open(trace, "a", encoding="utf-8") as fh:
+                        fh.write(f"=== stage {name} failed\n{traceback.format_exc()}")
+                    raise StageFailed(name, one_line(exc), str(trace)) from exc
+                timeline[name] = {"worker": 0, "start": round(start, 2), "end": round(time.perf_counter() - t0, 2),
+                                  "seconds": result["seconds"]}
+                progress.finished(name, result["seconds"])
+                self.log(progress.line())
+        else:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                   "TOKENIZERS_PARALLELISM": "false"}
+            timeline = run_parallel(specs, done, workers,
+                                    ["--out", str(self.out), "--size", self.size.name, "--seed", str(self.seed),
+                                     "--threads", str(threads)], self.out / "logs", self.log, env)
+            self.load_completed()
         students = students_of(self.size)
-        for name, _ in students:
-            self._stage(name, lambda name=name: self.student(name))
-        # One stage per model (a resumed run re-evaluates nothing it evaluated before).
-        self.evals = {name: self._stage(f"eval_{name}", lambda name=name: self.evaluate(name))
-                                    for name in ["teacher", "reference"] + [n for n, _ in students]}
-        return write_report(self, time.perf_counter() - t0)
+        self.evals = {name: self.results[f"eval_{name}"] for name in ["teacher", "reference"] + [n for n, _ in students]}
+        wall = time.perf_counter() - t0
+        schedule = {"workers": workers, "threads_per_stage": threads, "wall_seconds": round(wall, 1),
+                    "resumed_stages": sorted(done), "timeline": timeline}
+        self.log(f"[quickstart] all {len(specs)} stages done in {wall:.0f} s wall time "
+                 f"({workers} worker{'s' if workers > 1 else ''}, {threads} thread{'s' if threads > 1 else ''} each)")
+        return write_report(self, wall, schedule=schedule)
 
 
-def run_quickstart(out: str | Path, size: str = "full", seed: int = 1234) -> dict[str, Any]:
-    """Run the whole pipeline under ``out`` at ``size`` (``tiny`` | ``full``); return the report."""
+def set_stage_threads(threads: int) -> None:
+    """Fix torch's intra-op threads for the stages run in this process (floating-point sums depend on it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_quickstart(out: str | Path, size: str = "full", seed: int = 1234, workers: int | None = None,
+                   threads: int = 1) -> dict[str, Any]:
+    """Run the whole pipeline under ``out`` at ``size`` (``tiny`` | ``full``) with ``workers`` stages at
+    once (default :func:`~megatron_kd.quickstart.schedule.default_workers`) and ``threads`` torch
+    threads per stage; return the report."""
+    from megatron_kd.quickstart.schedule import default_workers
+
     if size not in SIZES:
         raise ValueError(f"--size {size!r}: choose one of {sorted(SIZES)}")
-    return Quickstart(out, SIZES[size], seed).run()
+    return Quickstart(out, SIZES[size], seed).run(default_workers() if workers is None else workers, threads)

@@ -111,8 +111,25 @@ def _eval_row(ev: dict[str, Any]) -> dict[str, Any]:
             "mean_confidence": ev.get("mean_confidence")}
 
 
-def write_report(qs, total_seconds: float) -> dict[str, Any]:
-    """Assemble and write the report files under ``qs.out``; return the report dict."""
+def schedule_summary(qs, schedule: dict[str, Any] | None) -> dict[str, Any]:
+    """``schedule`` of report.json: workers, threads per stage, this invocation's wall time, the sum of
+    stage seconds and the critical path (the chain of dependent stages with the most seconds: the
+    wall time no number of workers can beat), plus when and where each stage ran in this invocation."""
+    from megatron_kd.quickstart.schedule import critical_path
+
+    schedule = dict(schedule or {})
+    seconds = {name: res.get("seconds") or 0.0 for name, res in qs.results.items()}
+    path, path_seconds = critical_path(qs.stage_specs(), seconds)
+    return {"workers": schedule.get("workers", 1), "threads_per_stage": schedule.get("threads_per_stage"),
+            "wall_seconds": schedule.get("wall_seconds"),
+            "stage_seconds_sum": round(sum(seconds.values()), 1),
+            "critical_path": path, "critical_path_seconds": path_seconds,
+            "resumed_stages": schedule.get("resumed_stages", []), "timeline": schedule.get("timeline", {})}
+
+
+def write_report(qs, total_seconds: float, schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble and write the report files under ``qs.out``; return the report dict (``schedule``: what
+    :meth:`Quickstart.run` says about workers, threads, wall time and the stage timeline)."""
     from megatron_kd.quickstart.heldout import paired_bootstrap, verdict
     from megatron_kd.quickstart.sizes import students_of
 
@@ -145,7 +162,7 @@ def write_report(qs, total_seconds: float) -> dict[str, Any]:
     teacher = {**_eval_row(evals["teacher"]), "train_tokens": r["teacher"]["tokens"],
                "wall_time_s": r["teacher"]["wall_time_s"], "vs_no_kd": vs("teacher", "no_kd")}
     miniplm = r["miniplm"]["report"]
-    stages = {name: res.get("seconds") for name, res in r.items()}
+    stages = {s.name: r[s.name].get("seconds") for s in qs.stage_specs() if s.name in r}
     report = {
         "version": REPORT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -154,7 +171,9 @@ def write_report(qs, total_seconds: float) -> dict[str, Any]:
         # Sum of stage times, so a resumed run reports the whole pipeline, not just its last leg.
         "total_seconds": round(sum(v or 0.0 for v in stages.values()), 1),
         "this_invocation_seconds": round(total_seconds, 1),
+        "wall_seconds": round(total_seconds, 1),
         "stages": stages,
+        "schedule": schedule_summary(qs, schedule),
         "corpus": r["corpus"],
         "tokenizer": r["tokenizer"],
         "datasets": r["preprocess"],
@@ -198,7 +217,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ev = report["evaluation"]
     lines = [f"# megatron-kd quickstart report (size `{report['size']}`)", "",
              f"Created {report['created']} on {report['machine']['platform']} "
-             f"({report['machine']['cpus']} CPUs); whole run {report['total_seconds']:.0f} s "
+             f"({report['machine']['cpus']} CPUs); {_timing_sentence(report)} "
              f"(`megatron-kd quickstart --size {report['size']}`).", ""]
     c = report["corpus"]
     lines += [f"Corpus: {c['documents']:,} documents ({c['bytes'] / 1e6:.1f} MB) from the Python standard "
@@ -268,6 +287,27 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"comparable across corpora). Right: held-out LM loss on the same "
               f"{ev['curve']['sequences']} held-out sequences every {ev['curve']['eval_interval']} steps.", "",
               "![loss curves](loss_curves.png)", "",
-              "## Stage times (s)", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in report["stages"].items()]
+              "## Stage times (s)", ""]
+    sched = report.get("schedule") or {}
+    timeline = sched.get("timeline") or {}
+    if sched.get("critical_path"):
+        lines += [f"Critical path (the chain of dependent stages with the most seconds, which no number of "
+                  f"workers can shorten): {' → '.join(sched['critical_path'])}, "
+                  f"{sched['critical_path_seconds']:.0f} s of {sched['stage_seconds_sum']:.0f} s of stage time.", ""]
+    lines += ["| stage | seconds | worker | started at (s) |", "|---|---:|---:|---:|"]
+    for k, v in report["stages"].items():
+        t = timeline.get(k)
+        lines.append(f"| {k} | {v} | {t['worker'] if t else ''} | {_num(t['start'] if t else None, '.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _timing_sentence(report: dict[str, Any]) -> str:
+    sched = report.get("schedule") or {}
+    if not sched.get("wall_seconds"):
+        return f"whole run {report['total_seconds']:.0f} s"
+    resumed = sched.get("resumed_stages") or []
+    text = (f"wall time {sched['wall_seconds']:.0f} s with {sched['workers']} worker(s) of "
+            f"{sched['threads_per_stage']} thread(s) each, {report['total_seconds']:.0f} s of stage time")
+    if resumed:
+        text += f" (this invocation resumed {len(resumed)} completed stages: the wall time is its own)"
+    return text

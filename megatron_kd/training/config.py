@@ -20,22 +20,14 @@ from megatron_kd.training.trackers import check_trackers
 
 
 @dataclass
-class TrainConfig:
-    """Batch sizes, length of the run, evaluation and logging cadence."""
+class TrainScheduleConfig:
+    """The `train:` keys every training command shares (pretrain, distill, sft, minillm, onpolicy): length
+    of the run, evaluation and logging cadence, stop conditions, seed."""
 
-    micro_batch_size: int = 4
-    """Sequences per micro-batch per data-parallel rank (one forward/backward of the schedule)."""
-    global_batch_size: int = 8
-    """Sequences per optimizer step over all data-parallel ranks; a multiple of micro_batch_size*DP.
-    Gradient accumulation = global_batch_size / (micro_batch_size * DP) micro-batches."""
-    seq_length: int = 128
-    """Tokens per sequence."""
     train_iters: int = 100
     """Optimizer steps of the whole run (the LR schedule spans them)."""
     eval_interval: int = 0
-    """Evaluate on the validation split every this many steps (0 = only at the end, if eval_iters > 0)."""
-    eval_iters: int = 0
-    """Global batches per evaluation (0 = no evaluation)."""
+    """Evaluate every this many steps (0 = only at the end; pretrain/distill evaluate only with eval_iters > 0)."""
     log_interval: int = 10
     """Print one rank-0 progress line every this many steps (the JSONL metrics get every step)."""
     seed: int = 1234
@@ -53,6 +45,22 @@ class TrainConfig:
     after `nonfinite_max_consecutive` such steps in a row."""
     nonfinite_max_consecutive: int = 10
     """With nonfinite=skip: stop (exit code 3) after this many consecutive non-finite steps."""
+
+
+@dataclass
+class TrainConfig(TrainScheduleConfig):
+    """Batch sizes, length of the run, evaluation and logging cadence (the shared schedule keys of
+    :class:`TrainScheduleConfig` plus the batch arithmetic of a fixed-length token stream)."""
+
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per data-parallel rank (one forward/backward of the schedule)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks; a multiple of micro_batch_size*DP.
+    Gradient accumulation = global_batch_size / (micro_batch_size * DP) micro-batches."""
+    seq_length: int = 128
+    """Tokens per sequence."""
+    eval_iters: int = 0
+    """Global batches per evaluation (0 = no evaluation)."""
 
 
 @dataclass
@@ -261,20 +269,32 @@ def require_numbers(section: str, obj: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{section}.{name}={shown} must be a number: set it or remove it to use the default")
 
 
-def validate_train(train: TrainConfig, data_parallel: int) -> int:
-    """Check batch arithmetic; return the number of micro-batches per step per DP rank."""
-    require_numbers("train", train, ("micro_batch_size", "global_batch_size", "seq_length", "train_iters",
-                                     "eval_interval", "eval_iters", "log_interval", "exit_interval",
-                                     "exit_duration_mins", "nonfinite_max_consecutive"))
+SCHEDULE_COUNTS = ("eval_interval", "log_interval", "exit_interval", "exit_duration_mins")
+"""Schedule keys that must be >= 0 (0 = off)."""
+
+
+def validate_schedule(train: TrainScheduleConfig, min_iters: int = 1) -> None:
+    """Check the shared `train` schedule keys (one-line ValueError naming the key)."""
+    require_numbers("train", train, ("train_iters", "seed", *SCHEDULE_COUNTS, "nonfinite_max_consecutive"))
     validate_choices(train, "train.")
     if train.nonfinite_max_consecutive < 1:
         raise ValueError(f"train.nonfinite_max_consecutive={train.nonfinite_max_consecutive} must be >= 1")
-    for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters"):
-        if getattr(train, name) < 1:
-            raise ValueError(f"train.{name}={getattr(train, name)} must be >= 1")
-    for name in ("eval_interval", "eval_iters", "log_interval", "exit_interval", "exit_duration_mins"):
+    if train.train_iters < min_iters:
+        raise ValueError(f"train.train_iters={train.train_iters} must be >= {min_iters}")
+    for name in SCHEDULE_COUNTS:
         if getattr(train, name) < 0:
             raise ValueError(f"train.{name}={getattr(train, name)} must be >= 0")
+
+
+def validate_train(train: TrainConfig, data_parallel: int) -> int:
+    """Check batch arithmetic; return the number of micro-batches per step per DP rank."""
+    validate_schedule(train)
+    require_numbers("train", train, ("micro_batch_size", "global_batch_size", "seq_length", "eval_iters"))
+    for name in ("micro_batch_size", "global_batch_size", "seq_length"):
+        if getattr(train, name) < 1:
+            raise ValueError(f"train.{name}={getattr(train, name)} must be >= 1")
+    if train.eval_iters < 0:
+        raise ValueError(f"train.eval_iters={train.eval_iters} must be >= 0")
     per_round = train.micro_batch_size * data_parallel
     if train.global_batch_size % per_round:
         raise ValueError(

@@ -20,7 +20,7 @@ from megatron_kd.config import to_dict
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.runtime.distributed import destroy_distributed, init_distributed, is_main_process, set_seed
 from megatron_kd.training.checkpoint import read_checkpoint_meta
-from megatron_kd.training.config import PretrainConfig, validate_pretrain_config
+from megatron_kd.training.config import CheckpointConfig, LoggingConfig, PretrainConfig, validate_pretrain_config
 from megatron_kd.training.lm_loss import make_lm_forward_step
 from megatron_kd.training.loop import Trainer, resume_dir
 from megatron_kd.training.model_setup import setup_model_and_optimizer
@@ -77,29 +77,44 @@ def prepare_config(cfg: PretrainConfig) -> ModelConfig:
         if model_cfg.vocab_size < tok_vocab:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                              f"{tok_vocab}: unset model.vocab_size or raise it")
-    from megatron_kd.training.metrics import check_metrics_owner, default_metrics_path
-
-    check_metrics_owner(cfg.logging.metrics_path or default_metrics_path(cfg.checkpoint.save), cfg.checkpoint.save)
-    if cfg.checkpoint.save:
-        check_output_dir(cfg.checkpoint.save, "checkpoint.save")
+    check_outputs(cfg.checkpoint, cfg.logging)
     if cfg.data.prefixes and not cfg.data.synthetic:
         from megatron_kd.data.manifest import check_token_ids
 
         for prefix in cfg.data.prefixes:  # sizes, header and a sampled token-id check, before any work
             check_token_ids(prefix, model_cfg.vocab_size)
-    source, _ = resume_dir(cfg.checkpoint)
-    if source is not None:
-        meta = read_checkpoint_meta(source)
-        saved = ModelConfig.from_dict(meta["model_config"])
-        if saved != model_cfg:
-            diff = sorted(k for k, v in saved.to_dict().items() if model_cfg.to_dict()[k] != v)
-            raise ValueError(f"checkpoint {source} holds a different model (differs in {diff}): "
-                             "use the same model.* settings or another checkpoint.save directory")
-        tp = cfg.parallel.tensor_parallel
-        if meta["padded_vocab_size"] % tp:
-            raise ValueError(f"checkpoint {source} has padded vocab {meta['padded_vocab_size']}, not divisible "
-                             f"by parallel.tensor_parallel={tp}: choose a TP size that divides it")
+    check_resume_point(cfg.checkpoint, model_cfg, cfg.parallel.tensor_parallel)
     return model_cfg
+
+
+def check_outputs(checkpoint: CheckpointConfig, logging: LoggingConfig) -> None:
+    """Before any work (every training command): the metrics file belongs to this run and
+    ``checkpoint.save`` can be written (one-line errors; nothing is written)."""
+    from megatron_kd.training.metrics import check_metrics_owner, default_metrics_path
+
+    check_metrics_owner(logging.metrics_path or default_metrics_path(checkpoint.save), checkpoint.save)
+    if checkpoint.save:
+        check_output_dir(checkpoint.save, "checkpoint.save")
+
+
+def check_resume_point(checkpoint: CheckpointConfig, model_cfg: ModelConfig, tensor_parallel: int
+                       ) -> dict[str, Any] | None:
+    """The checkpoint a run will start from (``checkpoint.save`` holding one, else ``checkpoint.load``),
+    checked against the run's model (same shape; padded vocabulary divisible by the TP size):
+    ``{"path", "iteration", "full"}``, or None for a fresh start (every training command; one-line errors)."""
+    source, full = resume_dir(checkpoint)
+    if source is None:
+        return None
+    meta = read_checkpoint_meta(source)
+    saved = ModelConfig.from_dict(meta["model_config"])
+    if saved != model_cfg:
+        diff = sorted(k for k, v in saved.to_dict().items() if model_cfg.to_dict()[k] != v)
+        raise ValueError(f"checkpoint {source} holds a different model (differs in {diff}): "
+                         "use the same model.* settings or another checkpoint.save directory")
+    if meta["padded_vocab_size"] % tensor_parallel:
+        raise ValueError(f"checkpoint {source} has padded vocab {meta['padded_vocab_size']}, not divisible "
+                         f"by parallel.tensor_parallel={tensor_parallel}: choose a TP size that divides it")
+    return {"path": str(meta["path"]), "iteration": int(meta["iteration"]), "full": bool(full)}
 
 
 def _data_config(cfg: PretrainConfig):

@@ -27,6 +27,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json")
 #: Name of a SentencePiece model inside a bundled tokenizer directory.
 SPM_FILE = "tokenizer.model"
+#: Name of a word-list tokenizer (``data.tokenizers.WordTokenizer`` JSON) inside a bundled directory.
+WORD_FILE = "word_tokenizer.json"
 
 
 def relative_ref(path: str | os.PathLike | None, base: str | os.PathLike) -> str | None:
@@ -58,12 +60,13 @@ def resolve_ref(ref: str | os.PathLike | None, base: str | os.PathLike, *more_ba
 def _tokenizer_files(src: Path) -> list[tuple[Path, str]]:
     """(source file, name in the bundle) pairs of tokenizer ``src`` (a file or a directory)."""
     if src.is_file():
-        return [(src, SPM_FILE)]
+        return [(src, WORD_FILE if src.suffix == ".json" else SPM_FILE)]
     return [(src / n, n) for n in TOKENIZER_FILES if (src / n).is_file()]
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dest: str | os.PathLike) -> bool:
-    """Copy tokenizer ``src`` (SentencePiece ``.model`` file -> ``dest/tokenizer.model``, or the
+    """Copy tokenizer ``src`` (SentencePiece ``.model`` file -> ``dest/tokenizer.model``, word-list
+    ``.json`` -> ``dest/word_tokenizer.json``, or the
     :data:`TOKENIZER_FILES` of a HF directory) into directory ``dest``; True if anything was copied."""
     files = _tokenizer_files(Path(src))
     if not files:
@@ -96,8 +99,6 @@ def bundle_tokenizer(artifact_dir: str | os.PathLike, tokenizer: str | os.PathLi
         return str(tokenizer)
     if src.resolve() == dest.resolve() or dest.resolve() in src.resolve().parents:
         return TOKENIZER_DIR if src.resolve() == dest.resolve() else relative_ref(src, artifact_dir)
-    if src.is_file() and src.suffix == ".json":  # a word-list tokenizer (synthetic demos): not a bundle format
-        return relative_ref(src, artifact_dir)
     files = _tokenizer_files(src)
     if not files:
         return str(tokenizer)
@@ -120,5 +121,5 @@ def bundle_tokenizer(artifact_dir: str | os.PathLike, tokenizer: str | os.PathLi
     return TOKENIZER_DIR
 
 
-__all__ = ["SPM_FILE", "TOKENIZER_DIR", "TOKENIZER_FILES", "bundle_tokenizer", "copy_tokenizer_files",
+__all__ = ["SPM_FILE", "TOKENIZER_DIR", "TOKENIZER_FILES", "WORD_FILE", "bundle_tokenizer", "copy_tokenizer_files",
            "relative_ref", "resolve_ref"]

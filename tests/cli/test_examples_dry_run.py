@@ -4,7 +4,9 @@
   ``Literal`` choices) and, for pretrain/distill, checked by ``validate_pretrain_config`` against the
   launch it is written for (GPU examples: 8 GPUs; inputs such as /data/... are not on this machine).
 * ``--dry-run`` through the CLI for the ones whose inputs a test can provide without training:
-  pretrain_tiny (synthetic data), distill_tiny with kd.mode=none, and the post-training YAMLs.
+  pretrain_tiny (synthetic data), distill_tiny with kd.mode=none, and the post-training YAMLs (with a
+  tokenizer, tiny instruction datasets and random-weight student / teacher checkpoints; the GPU one
+  under WORLD_SIZE=8, the launch it is written for).
 """
 from __future__ import annotations
 
@@ -74,11 +76,29 @@ def test_pretrain_tiny_dry_run(capsys):
     assert "resolved_model" in out and "synthetic: true" in out
 
 
+@pytest.fixture(scope="module")
+def posttrain_inputs(tmp_path_factory):
+    from posttrain_inputs import make_inputs
+
+    return make_inputs(tmp_path_factory.mktemp("posttrain_inputs"))
+
+
 @pytest.mark.parametrize("path", [p for p in EXAMPLES if command_of(p) in ("sft", "minillm", "onpolicy")])
-def test_post_training_dry_run(path, capsys):
-    code, out, err = _cli(capsys, command_of(path), "--config", str(REPO / path), "--dry-run")
+def test_post_training_dry_run(path, capsys, posttrain_inputs, tmp_path, monkeypatch):
+    import yaml
+
+    from posttrain_inputs import command_inputs
+
+    command = command_of(path)
+    if "/gpu" in path or "_gpu" in path:
+        monkeypatch.setenv("WORLD_SIZE", "8")  # the launch it is written for (torchrun --nproc-per-node 8)
+    code, out, err = _cli(capsys, command, "--config", str(REPO / path), "--dry-run",
+                          *command_inputs(command, posttrain_inputs, str(tmp_path / "run")))
     assert code == 0, err
-    assert out.strip(), "the resolved config is printed"
+    plan = yaml.safe_load(out)
+    assert plan["resolved_model"]["num_layers"] == 1 and plan["resolved_plan"]["train_iters"] > 0
+    assert ("resolved_teacher" in plan) == (command != "sft")
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing"
 
 
 def test_dry_run_reports_bad_choice_in_one_line(capsys):

@@ -105,6 +105,27 @@ def test_config_and_input_errors(demo_dataset, sp_tok, hf_tok_dir, tmp_path):
         build_gpt_datasets(DataConfig(train_prefixes=[str(tmp_path / "none")]), sp_tok, 10, 1, 1)
 
 
+def test_default_split_of_a_tiny_corpus_builds_without_the_unused_test_split(demo_dataset, sp_tok, tmp_path):
+    """40 documents with pretrain's default split 969,30,1: the test split gets none and 0 samples are asked
+    of it; megatron's GPTDataset would loop forever on it (it used to hang ``pretrain``)."""
+    import signal
+
+    def _hang(*_):
+        raise TimeoutError("build_gpt_datasets hung on an empty, unused split")
+
+    cfg = DataConfig(train_prefixes=[demo_dataset], split="969,30,1", seq_length=SEQ, cache_dir=str(tmp_path))
+    old = signal.signal(signal.SIGALRM, _hang)
+    signal.alarm(120)
+    try:
+        train, valid, test = build_gpt_datasets(cfg, sp_tok, 50, 5, 0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert test is None and len(train) >= 50 and len(valid) >= 5
+    # Asking for test samples is still refused in one line.
+    with pytest.raises(ValueError, match="the test split of .* gets 0 of its 40 documents"):
+        build_gpt_datasets(cfg, sp_tok, 50, 5, 1)
+
 def test_synthetic_mode():
     cfg = DataConfig(synthetic=True, seq_length=16, synthetic_vocab_size=100)
     train, valid, _ = build_gpt_datasets(cfg, None, 50, 5, 5)

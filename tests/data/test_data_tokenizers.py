@@ -92,3 +92,9 @@ def test_bad_tokenizer_paths(tmp_path):
     with pytest.raises(ValueError, match="smaller vocab_size"):
         train_sentencepiece(["just a few words"], 5000, str(tmp_path / "toolarge"))
     assert not (tmp_path / "toolarge.model").exists()
+    # Too many distinct characters for the ids: the advice is to grow vocab_size, by how much it says.
+    text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 120))
+    with pytest.raises(ValueError, match=r"too small .* use a vocab_size of at least (\d+)") as err:
+        train_sentencepiece([text], 300, str(tmp_path / "cjk"))
+    need = int(err.value.args[0].rsplit(" ", 1)[-1])
+    assert need > 300 and train_sentencepiece([text], need, str(tmp_path / "cjk")).vocab_size == need

@@ -226,7 +226,8 @@ def test_logits_refuses_a_dataset_of_another_tokenizer(world, capsys, tmp_path):
     assert rc == 2 and "was tokenized with" in line
 
 
-def test_logits_refuses_a_word_list_teacher_tokenizer(world, capsys, tmp_path):
+def test_logits_refuses_a_word_list_teacher_of_another_dataset(world, capsys, tmp_path):
+    """A word-list teacher tokenizer loads (data.tokenizers.WordTokenizer); the SentencePiece dataset is refused."""
     import json
     import shutil
 
@@ -237,7 +238,7 @@ def test_logits_refuses_a_word_list_teacher_tokenizer(world, capsys, tmp_path):
     meta["tokenizer"] = str(world / "words.json")
     meta_path.write_text(json.dumps(meta))
     rc, line = _cli(capsys, tmp_path, *_logits(world, f"{world}/train_text_document", tmp_path / "out", teacher))
-    assert rc == 2 and "does not load" in line and "ModelProto" not in line
+    assert rc == 2 and "was tokenized with spm.model" in line and "words.json" in line and "ModelProto" not in line
 
 
 @pytest.mark.parametrize("command", ["logits", "miniplm score", "distill", "distill --dry-run", "convert"])
@@ -320,11 +321,11 @@ POSTTRAIN_CASES = [
     ("sft", "sft.optim.lr=-3e-3", "sft.optim.lr=-0.003 must be > 0"),
     ("sft", "sft.optim.lr=null", "sft.optim.lr=null must be a number"),
     ("sft", "sft.optim.min_lr=null", "sft.optim.min_lr=null must be a number"),
-    ("sft", "sft.total_steps=null", "sft.total_steps=null must be a number"),
-    ("sft", "sft.total_steps=2", "sft.optim.warmup_iters=10 must be < sft.total_steps=2"),
+    ("sft", "train.train_iters=null", "train.train_iters=null must be a number"),
+    ("sft", "train.train_iters=2", "sft.optim.warmup_iters=10 must be < train.train_iters=2"),
     ("minillm", "optim.lr=-3e-3", "optim.lr=-0.003 must be > 0"),
     ("minillm", "optim.lr=null", "optim.lr=null must be a number"),
-    ("minillm", "total_steps=null", "total_steps=null must be a number"),
+    ("minillm", "train.train_iters=null", "train.train_iters=null must be a number"),
     ("onpolicy", "onpolicy.optim.min_lr=null", "onpolicy.optim.min_lr=null must be a number"),
 ]
 
@@ -333,5 +334,5 @@ POSTTRAIN_CASES = [
 def test_post_training_hyper_parameters_are_named(capsys, tmp_path, command, override, message):
     cfg = {"sft": "sft_cpu.yaml", "minillm": "minillm_cpu.yaml", "onpolicy": "onpolicy_cpu.yaml"}[command]
     rc, line = _cli(capsys, tmp_path, command, "--config", str(REPO / "examples/minillm" / cfg),
-                    f"save={tmp_path}/run", override)
+                    f"checkpoint.save={tmp_path}/run", override)
     assert rc == 2 and message in line, line

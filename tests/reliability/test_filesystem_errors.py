@@ -93,7 +93,7 @@ def command_args(name, w, mnt):
         "convert": ["convert", "mcore-to-hf", "--checkpoint", f"{w}/teacher", "--output", f"{mnt}/hf",
                     "--no-progress"],
         "sft": ["sft", "--config", str(REPO / "examples/minillm/sft_cpu.yaml"), f"student={w}/teacher",
-                f"train_data={w}/inst", f"tokenizer={w}/spm.model", f"save={mnt}/sft", "sft.total_steps=2",
+                f"train_data={w}/inst", f"tokenizer={w}/spm.model", f"checkpoint.save={mnt}/sft", "train.train_iters=2",
                 "sft.batch_size=2", "sft.micro_batch_size=2", "sft.optim.warmup_iters=0"],
         "preprocess-instructions": ["preprocess-instructions", "--input", f"{w}/inst.jsonl", "--tokenizer",
                                     f"{w}/spm.model", "--output-prefix", f"{mnt}/inst", "--template", "raw"],
