@@ -196,8 +196,10 @@ def encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray | None, seg
         d_pos, d_wid, d_val = _unary_fields(tok_pos[tok] + id_bits + (counts[tok] - 1) * idw_e + counts[tok] * vw[tok],
                                             np.asarray(draws, dtype=np.int64), r, counts, starts, layout)
         pos_f.append(d_pos), wid_f.append(d_wid), val_f.append(d_val)
-    payload = _write_fields(int(seg_byte_start[-1]), np.concatenate(pos_f), np.concatenate(wid_f),
-                            np.concatenate(val_f))
+    # One call per field group (each is sorted by position); the groups' bits are disjoint.
+    payload = _write_fields(int(seg_byte_start[-1]), pos_f[0], wid_f[0], val_f[0])
+    for p_, w_, v_ in zip(pos_f[1:], wid_f[1:], val_f[1:]):
+        payload |= _write_fields(int(seg_byte_start[-1]), p_, w_, v_)
     return EncodedChunk(payload=payload, count=counts.astype(np.uint8), widths=widths,
                         top=top16, segment_bytes=seg_bytes, num_entries=E)
 
@@ -235,18 +237,25 @@ def _unary_fields(tok_draw_pos: np.ndarray, draws: np.ndarray, r: np.ndarray, co
 
 def _write_fields(num_bytes: int, pos: np.ndarray, width: np.ndarray, val: np.ndarray) -> np.ndarray:
     """OR disjoint bit fields (width <= 25) into a zeroed byte buffer."""
-    keep = width > 0
-    pos, width, val = pos[keep], width[keep], val[keep]
-    if np.any(val >= (np.int64(1) << width)):
+    pos, width, val = (np.asarray(a, dtype=np.int64) for a in (pos, width, val))
+    if np.any(val >= (np.int64(1) << width)):  # also: a width-0 field holds 0, so it may stay in
         raise AssertionError("bit field overflow (encoder bug)")
-    shifted = val << (pos & 7)  # < 2^32
-    byte0 = pos >> 3
-    idx = np.concatenate([byte0 + i for i in range(4)])
-    byt = np.concatenate([(shifted >> (8 * i)) & 0xFF for i in range(4)])
-    nz = byt != 0
-    # Fields are disjoint in bits, so per-byte OR equals per-byte sum: one bincount does it.
-    buf = np.bincount(idx[nz], weights=byt[nz].astype(np.float64), minlength=num_bytes + 4)
-    return buf[:num_bytes].astype(np.uint8)
+    if len(pos) > 1 and np.any(pos[1:] < pos[:-1]):  # the encoder's field groups come sorted
+        order = np.argsort(pos, kind="stable")
+        pos, val = pos[order], val[order]
+    # Little-endian 32-bit words: a field starting at bit ``off`` of word ``w`` puts its low
+    # ``32 - off`` bits into w and the rest (nonzero only when it crosses the boundary) into w + 1.
+    # Fields are disjoint in bits: sorted by position, the ones of one word are a run (OR-reduced
+    # at once), and at most one field crosses each word boundary (so the spills never collide).
+    words = np.zeros((num_bytes + 3) // 4 + 1, dtype=np.int64)
+    if len(pos):
+        word, off = pos >> 5, pos & 31
+        starts = np.flatnonzero(np.concatenate([[True], word[1:] != word[:-1]]))
+        words[word[starts]] = np.bitwise_or.reduceat((val << off) & 0xFFFFFFFF, starts)
+        hi = val >> (32 - off)
+        spill = np.flatnonzero(hi)
+        words[word[spill] + 1] |= hi[spill]
+    return words.astype("<u4").view(np.uint8)[:num_bytes].copy()
 
 
 def _read_fields(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from megatron_kd.logits.selection import DRAWS_ENCODING, METHODS, TARGET_KINDS, 
 from megatron_kd.logits.selection import max_entries, store_layout
 from megatron_kd.logits.shard import ShardWriter
 from megatron_kd.logits.windows import MicroBatch, document_windows, plan_micro_batches, plan_shards
+from megatron_kd.models.head import cache_chunks
 from megatron_kd.utils.io import read_json, write_json_atomic
 
 
@@ -241,8 +242,8 @@ def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, v
     :mod:`megatron_kd.models.head`): then the LM head runs here, on the emitted positions only and
     chunk by chunk, and the [tokens, V] logits are never held whole.
     """
-    if forward_only:
-        return None
+    if forward_only and head is None:
+        return None  # the "model" baseline: the model's forward made the full logits
     if head is not None:
         weight, sequence_parallel = head
         if sequence_parallel:
@@ -251,14 +252,21 @@ def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, v
 
             output = gather_dim0(output.transpose(0, 1), resolve_tp()).transpose(0, 1)
     flat = output.reshape(-1, output.shape[-1])
+    if forward_only:  # the "logits" baseline: the emitted positions' logits in one matmul, nothing else
+        torch.matmul(flat.index_select(0, batch["sel"]).to(weight.dtype), weight.t())
+        return None
     width = weight.shape[0] if head is not None else flat.shape[-1]
     chunk = max(1, (1 << 26) // width)  # bounds the chunk's logits (~256 MiB fp32)
+    n = len(batch["sel"])
+    # With the head here, on CPU: cache-sized chunks (the selection reads the logits while cached).
+    bounds = (cache_chunks(n, chunk, width, flat.device) if head is not None
+              else [(c0, min(c0 + chunk, n)) for c0 in range(0, n, chunk)])
     parts = []
-    for c0 in range(0, len(batch["sel"]), chunk):
-        rows = flat.index_select(0, batch["sel"][c0:c0 + chunk])
+    for c0, c1 in bounds:
+        rows = flat.index_select(0, batch["sel"][c0:c1])
         if head is not None:
             rows = torch.matmul(rows.to(weight.dtype), weight.t())
-        part = selector(rows, vocab, batch["positions"][c0:c0 + chunk], keep=keep)
+        part = selector(rows, vocab, batch["positions"][c0:c1], keep=keep)
         if keep:
             parts.append(part)
     if not keep:
@@ -270,8 +278,8 @@ def _forward_calls(model, calls, source: _BatchSource, collect, pp: int, fused_h
     """Yield ``(micro_batch, result)`` for every micro-batch (results only on the last stage).
 
     ``fused_head``: the last stage's output layer is captured (:mod:`megatron_kd.models.head`) and
-    :func:`_collect` runs it on the emitted positions only (off for the ``forward_only`` baseline:
-    a plain teacher forward with full logits).
+    :func:`_collect` runs it on the emitted positions only (off for the ``forward_only="model"``
+    baseline: the model's own forward with full logits).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -312,12 +320,19 @@ def _write_chunk(writer: ShardWriter, result: Selection, mb: MicroBatch, token_l
         audit.append((result.audit_positions, result.audit_logprobs))
 
 
-def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict[str, Any]:
+def precompute_logits(cfg: PrecomputeConfig, forward_only: bool | str = False) -> dict[str, Any]:
     """Compute (or resume) the store ``cfg.out``. Collective over all ranks (torchrun or single).
 
-    ``forward_only`` runs the same teacher forwards and writes nothing (throughput baseline).
-    Returns a summary: shards written by this rank's group, positions, seconds, ``complete``.
+    ``forward_only`` runs the same teacher forwards on the same micro-batches and writes nothing
+    (throughput baselines): ``True`` / ``"logits"`` = a plain teacher forward that ends with the
+    logits of the emitted positions (the same captured output layer, one matmul, no selection);
+    ``"model"`` = the model's own forward (logits of every position, padding included, in
+    ``[b, s, V]`` layout). Returns a summary: shards written by this rank's group, positions,
+    seconds and CPU seconds of the shard loop (``process_time``: every thread of the process,
+    the encoder's included), ``complete``.
     """
+    if forward_only not in (False, True, "logits", "model"):
+        raise ValueError(f"forward_only={forward_only!r}: use False, True / 'logits' or 'model'")
     from megatron.core import parallel_state as ps
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -358,7 +373,7 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
     metrics = JsonlWriter(None if forward_only else store / "metrics.jsonl")
     pool = ThreadPoolExecutor(max_workers=1)  # encoding + writing overlap the next forward
     pending: list[Future] = []
-    done_positions, t_start = 0, time.perf_counter()
+    done_positions, t_start, c_start = 0, time.perf_counter(), time.process_time()
     writer = None
     try:
         for i in mine:
@@ -370,7 +385,7 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
                                        fixed_rows=cfg.pipeline_parallel > 1)
             token_lo = doc_start - doc_start[lo]
             for mb, result in _forward_calls(model, calls, source, collect, cfg.pipeline_parallel,
-                                             fused_head=not forward_only):
+                                             fused_head=forward_only != "model"):
                 if writer is not None:
                     pending.append(pool.submit(_write_chunk, writer, result, mb, token_lo, layout, audit))
                     while len(pending) > 4:
@@ -402,6 +417,7 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
         bar.close()
         metrics.close()
     seconds = time.perf_counter() - t_start
+    cpu_seconds = time.process_time() - c_start
     barrier()
     complete = False
     if not forward_only:
@@ -411,7 +427,8 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool = False) -> dict
             _write_byte_key(cfg, meta)
         barrier()
     return {"shards": len(mine), "positions": done_positions, "seconds": seconds,
-            "positions_per_s": done_positions / max(seconds, 1e-9), "complete": complete}
+            "positions_per_s": done_positions / max(seconds, 1e-9), "complete": complete,
+            "cpu_seconds": cpu_seconds, "cpu_positions_per_s": done_positions / max(cpu_seconds, 1e-9)}
 
 
 def _write_byte_key(cfg: PrecomputeConfig, meta: dict) -> None:

@@ -37,13 +37,44 @@ FIRST_K = 16
 _first_stage_hits = [1.0]  # running fraction of positions the first stage decided (same on all TP ranks)
 
 
+def _block_size(v: int, k: int) -> int:
+    """Columns per block of :func:`_topk`: the largest power of two ``B <= sqrt(v / k)`` dividing
+    ``v`` (ranks about ``v / B + k * B`` entries); 1 (= plain ``torch.topk``) below 4."""
+    b = 1
+    while (2 * b) ** 2 * k <= v and v % (2 * b) == 0:
+        b *= 2
+    return b if b >= 4 else 1
+
+
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``x`` [R, V]: values and column ids, in no order.
+
+    The same entries as ``torch.topk`` (which of several entries equal to the k-th largest value
+    are taken is left open by both). On CPU, for ``V >> k``, they are found among the columns of
+    the ``k`` blocks with the largest maxima, block ``j`` being the ``B`` columns ``j + i * V / B``:
+    the k-th largest entry is at least the k-th largest block maximum ``m`` (those k maxima are k
+    entries >= m), so every entry above it lies in a block whose maximum is above ``m``, i.e. in
+    one of those blocks. That ranks ``V / B + k * B`` entries instead of ``V`` (``torch.topk`` runs
+    an ``nth_element`` over the whole row on CPU); the block maxima are one vectorised pass.
+    """
+    rows, v = x.shape
+    b = _block_size(v, k)
+    if b == 1 or x.device.type != "cpu" or not x.is_contiguous():
+        return torch.topk(x, k, dim=-1, sorted=False)
+    nb = v // b
+    _, blocks = torch.topk(x.view(rows, b, nb).amax(1), k, dim=-1, sorted=False)
+    cols = (blocks.unsqueeze(-1) + nb * torch.arange(b, device=x.device)).view(rows, k * b)
+    vals, j = torch.topk(x.gather(1, cols), k, dim=-1, sorted=False)
+    return vals, cols.gather(1, j)
+
+
 def _truncate(x, kk, start, lse, top_p, group, tp):
     """Global top-``kk`` of rows ``x`` (this rank's shard) and the top-p count within them.
 
     Returns ids [R, kk], log-probs (float64) [R, kk], counts [R] and ``done`` [R]: True where the
     kept mass reaches ``top_p`` inside these ``kk`` entries (the count is then final).
     """
-    vals, idx = torch.topk(x, min(kk, x.shape[-1]), dim=-1)
+    vals, idx = _topk(x, min(kk, x.shape[-1]))  # the order does not matter: sorted below
     vals = _gather_last(vals, group, tp)
     gids = _gather_last(idx + start, group, tp)
     # Deterministic order: by id, then (stable) by decreasing value -> ties keep the smaller id.

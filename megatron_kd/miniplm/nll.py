@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_kd.models.head import cache_chunks
+
 KERNELS = ("auto", "eager", "compiled")
 _compiled_fn = None
 _compile_failed = False
@@ -190,8 +192,8 @@ def hidden_nll_sbv(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     flat = hidden.reshape(s * b, h)
     out = torch.zeros(s * b, dtype=torch.float32, device=hidden.device)
     rows = torch.nonzero(flat_labels >= 0, as_tuple=False).reshape(-1)
-    for lo in range(0, rows.numel(), chunk_tokens):
-        idx = rows[lo:lo + chunk_tokens]
+    for lo, hi in cache_chunks(rows.numel(), chunk_tokens, weight.shape[0], hidden.device):
+        idx = rows[lo:hi]
         logits = torch.matmul(flat.index_select(0, idx).to(weight.dtype), weight.t())
         out.index_copy_(0, idx, vocab_parallel_nll(logits, flat_labels.index_select(0, idx), vocab_size, kernel))
     return out.view(s, b).transpose(0, 1)

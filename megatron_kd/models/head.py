@@ -62,3 +62,31 @@ def capture_for(model: Any) -> Optional[HeadCapture]:
         cap = HeadCapture(layer)
         layer.__dict__["_kd_head_capture"] = cap
     return cap
+
+
+CPU_CHUNK_BYTES = 1 << 21
+"""On CPU, fused heads produce about this many bytes of fp32 logits per chunk (2 MiB), so that the
+chunk is still in cache when the NLL / top-k reads it right after the matmul (a [2048, V] chunk
+goes to DRAM and back several times, and each fresh allocation of it page-faults)."""
+CPU_MIN_CHUNK_ROWS = 64
+"""Fewest rows per CPU chunk (the matmul streams the whole output weight once per chunk)."""
+_MIN_TAIL_ROWS = 16
+"""A last chunk shorter than this joins the one before it: MKL's sgemm gives a row the same bits
+at every row count M >= 4 (checked for M = 4 ... 4,100), but not at M <= 3 (another code path)."""
+
+
+def cache_chunks(n: int, chunk_tokens: int, width: int, device: torch.device) -> list[tuple[int, int]]:
+    """``[lo, hi)`` row ranges of a fused LM head over ``n`` rows with ``width`` output columns.
+
+    On GPU: ``chunk_tokens`` rows each (the last one shorter). On CPU: cache-sized chunks of about
+    :data:`CPU_CHUNK_BYTES` of fp32 logits (at least :data:`CPU_MIN_CHUNK_ROWS` rows, at most
+    ``chunk_tokens``), and a short tail joins the chunk before it, so that every row's logits have
+    the same bits as in one matmul over all ``n`` rows. Same ranges on every rank for the same
+    ``(n, width)`` (collectives inside a chunk stay matched)."""
+    step = max(1, chunk_tokens)
+    if device.type == "cpu":
+        step = min(step, max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(width, 1))))
+    bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    if device.type == "cpu" and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < _MIN_TAIL_ROWS:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds

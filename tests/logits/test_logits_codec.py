@@ -173,3 +173,44 @@ def test_two_stage_selection_equals_one_stage():
     assert torch.equal(n1, n2) and 1 < n1.float().mean() < 60
     valid = torch.arange(60).unsqueeze(0) < n1.unsqueeze(1)
     assert torch.equal(i1[valid], i2[valid]) and torch.equal(l1[valid], l2[valid])
+
+
+def test_blocked_topk_keeps_torch_topk_entries():
+    """The block-pruned top-k (issue 15) returns the same entries as torch.topk, and the selection
+    built on it equals a float64 reference at a vocabulary where the pruning is active."""
+    from megatron_kd.logits.truncation import _block_size, _topk
+
+    torch.manual_seed(2)
+    assert _block_size(4096, 100) == 4 and _block_size(4096, 16) == 16 and _block_size(300, 100) == 1
+    for rows, vocab, k in ((64, 4096, 100), (33, 4096, 16), (17, 8192, 7), (8, 1000, 100)):
+        x = torch.randn(rows, vocab) * torch.linspace(0.5, 6.0, rows).unsqueeze(1)
+        x[0, 5:9] = x[0].max() + 1.0  # ties at the top
+        vals, ids = _topk(x, k)
+        ref_vals, ref_ids = torch.topk(x, k)
+        assert torch.equal(torch.sort(ids, -1)[0], torch.sort(ref_ids, -1)[0])
+        assert torch.equal(x.gather(1, ids), vals)
+    logits = torch.randn(40, 4096) * torch.linspace(0.5, 6.0, 40).unsqueeze(1)
+    ids, lp, n = select_top_p_top_k(logits, 4096, 0.95, 100)
+    ref = torch.log_softmax(logits.double(), -1)
+    for t in range(40):
+        want = torch.argsort(-ref[t], stable=True)[: int(n[t])]
+        assert ids[t, : int(n[t])].tolist() == want.tolist()
+        np.testing.assert_allclose(lp[t, : int(n[t])].numpy(), ref[t, want].numpy(), atol=1e-5)
+
+
+def test_write_fields_matches_bytewise_or():
+    """The word-wise field writer (issue 15) against a plain per-bit reference, sorted and not."""
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        f = int(rng.integers(1, 300))
+        width = rng.integers(0, 26, f)
+        pos = np.cumsum(np.concatenate([[int(rng.integers(0, 40))], width[:-1] + rng.integers(0, 9, f - 1)]))
+        val = rng.integers(0, 1 << 25, f) & ((np.int64(1) << width) - 1)
+        nbytes = int((pos[-1] + width[-1] + 7) // 8) + int(rng.integers(0, 5))
+        bits = np.zeros(nbytes * 8, dtype=np.uint8)
+        for p, w, v in zip(pos, width, val):
+            bits[p:p + w] = (v >> np.arange(w)) & 1
+        want = np.packbits(bits, bitorder="little")
+        for order in (np.arange(f), rng.permutation(f)):
+            got = codec._write_fields(nbytes, pos[order], width[order], val[order])
+            assert got.dtype == np.uint8 and np.array_equal(got, want)

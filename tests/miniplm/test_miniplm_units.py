@@ -162,3 +162,28 @@ def _nll_worker(rank, world_size):
 
 def test_vocab_parallel_nll_tp2_matches_float64_and_megatron():
     assert run_workers(_nll_worker, 2) == [True, True]
+
+
+def test_cache_chunks_give_the_one_matmul_bits():
+    """CPU cache-sized NLL chunks (issue 15): every row covered once, no tail of < 16 rows, and
+    the fused per-chunk NLL equal, bit for bit, to the NLL of the whole [tokens, V] logits."""
+    from megatron_kd.miniplm.nll import hidden_nll_sbv, token_nll_sbv
+    from megatron_kd.models.head import cache_chunks
+
+    cpu = torch.device("cpu")
+    for n, width in ((0, 100), (5, 8192), (64, 8192), (65, 8192), (1000, 8192), (2048, 4096), (70, 151936)):
+        bounds = cache_chunks(n, 2048, width, cpu)
+        if not n:
+            assert bounds == []
+            continue
+        assert [lo for lo, _ in bounds] == [0] + [hi for _, hi in bounds[:-1]] and bounds[-1][1] == n
+        assert len(bounds) == 1 or min(hi - lo for lo, hi in bounds) >= 16
+    assert cache_chunks(5000, 2048, 8192, torch.device("cuda")) == [(0, 2048), (2048, 4096), (4096, 5000)]
+    torch.manual_seed(0)
+    s, b, h, vocab = 130, 3, 32, 1000
+    hidden, weight = torch.randn(s, b, h), torch.randn(1024, h) / 4
+    labels = torch.randint(0, vocab, (b, s))
+    labels[1, 100:] = -1
+    fused = hidden_nll_sbv(hidden, weight, labels, vocab, chunk_tokens=2048)
+    full = token_nll_sbv(torch.matmul(hidden, weight.t()), labels, vocab, chunk_tokens=4096)
+    assert torch.equal(fused, full)
