@@ -475,18 +475,29 @@ class FusedLinearLoss(torch.autograd.Function):
         gh = torch.zeros_like(hidden2d) if need_h else None
         gw = torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if need_w else None
         sums = torch.zeros(3, dtype=cdtype, device=hidden2d.device)
+        # CPU: the [chunk, V] scratch is allocated once per call, not per chunk. At V = 151,936 a chunk
+        # buffer (~39 MB) is above glibc's largest mmap threshold (32 MiB), so every fresh one is a new
+        # mapping whose pages fault in again (a CUDA caching allocator reuses blocks by itself).
+        reuse = hidden2d.device.type == "cpu" and weight.dtype == cdtype and not compiled
+        rows_max = min(chunk, rows.numel())
+        s_buf = torch.empty(rows_max, valid_cols, dtype=cdtype, device=weight.device) if reuse else None
+        t_buf = (torch.empty_like(s_buf) if reuse and Wt is not None and Wt.dtype == cdtype else None)
+        g_buf = torch.empty_like(s_buf) if reuse and need_grad else None
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]
+            n = idx.numel()
             h = hidden2d.index_select(0, idx).to(weight.dtype)  # Float16Module hands fp32 hidden states over
-            S = torch.matmul(h, W.t()).to(cdtype)
+            S = torch.matmul(h, W.t(), out=s_buf[:n]) if reuse else torch.matmul(h, W.t()).to(cdtype)
             teacher = ids = lp = None
             if Wt is not None:
                 th = teacher_hidden2d.index_select(0, idx).to(Wt.dtype)
-                teacher = torch.matmul(th, Wt.t()).to(cdtype)
+                teacher = (torch.matmul(th, Wt.t(), out=t_buf[:n]) if t_buf is not None
+                           else torch.matmul(th, Wt.t()).to(cdtype))
             elif ids2d is not None:
                 ids, lp = ids2d.index_select(0, idx), lp2d.index_select(0, idx).to(cdtype)
             kd, lm, G = kd_lm_chunk(spec, S, labels.index_select(0, idx), tp, need_grad, w_kd, w_lm,
                                     teacher=teacher, ids=ids, lp=lp, width=weight.shape[0],
+                                    out=g_buf[:n] if g_buf is not None else None,
                                     vocab_limit=vocab_limit, compiled=compiled)
             sums += torch.stack((w_kd * kd.sum() + w_lm * lm.sum(), kd.sum(), lm.sum()))
             if need_grad:
