@@ -286,7 +286,7 @@ def main() -> None:
     ap.add_argument("--teacher", default=None, help="teacher checkpoint (default: train a small one here)")
     ap.add_argument("--workdir", default=None, help="where to put corpus/teacher/store (default: a temp dir)")
     ap.add_argument("--max-tokens", type=int, default=200_000, help="corpus tokens when building one")
-    ap.add_argument("--train-steps", type=int, default=100, help="teacher training steps when training one")
+    ap.add_argument("--train-steps", type=int, default=60, help="teacher training steps when training one")
     ap.add_argument("--seq-length", type=int, default=256, help="teacher window")
     ap.add_argument("--top-p", type=float, default=0.95, help="top-p")
     ap.add_argument("--top-k", type=int, default=100, help="top-k")
