@@ -130,6 +130,24 @@ def _dense_fast(S, Tt, labels, tp, need_grad, out, w_kd, w_lm, soft_ce, offset):
     return kd, lm, sub_onehot_(Es, li, own, w_lm)
 
 
+def _sparse_target_terms(present: torch.Tensor, sv: torch.Tensor, lzs: torch.Tensor, lp: torch.Tensor):
+    """The target side of renormalised sparse KD on [n, k] stored entries: ``present`` (stored id is a
+    real column), ``sv`` the student's logits at the stored ids, ``lzs`` [n] the student's log-partition
+    (after the max shift), ``lp`` the stored log-probs. Returns (p [n, k] the teacher renormalised over
+    the present ids, kd [n] = KL(p || student), has [n] = any mass present)."""
+    lq = torch.where(present, sv - lzs.unsqueeze(-1), 0.0)
+    a = torch.where(present, lp, float("-inf"))
+    amax = a.amax(-1)
+    amax = torch.where(torch.isfinite(amax), amax, 0.0)
+    e = torch.exp(a - amax.unsqueeze(-1))
+    z = e.sum(-1)
+    has = z > 0
+    z = torch.where(has, z, 1.0)
+    p = e / z.unsqueeze(-1)
+    lp_hat = a - (amax + z.log()).unsqueeze(-1)
+    return p, torch.where(p > 0, p * (lp_hat - lq), 0.0).sum(-1), has
+
+
 def _sparse_fast(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offset, vocab_limit):
     """Renormalised sparse targets at T = 1 plus LM on one chunk (S is overwritten).
 
@@ -150,17 +168,7 @@ def _sparse_fast(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offset, voc
     zs = torch.where(zs > 0, zs, 1.0)
     lzs = zs.log()
     lm = lzs - sl
-    lq = torch.where(present, sv - lzs.unsqueeze(-1), 0.0)
-    a = torch.where(present, lp, float("-inf"))
-    amax = a.amax(-1)
-    amax = torch.where(torch.isfinite(amax), amax, 0.0)
-    e = torch.exp(a - amax.unsqueeze(-1))
-    z = e.sum(-1)
-    has = z > 0
-    z = torch.where(has, z, 1.0)
-    p = e / z.unsqueeze(-1)
-    lp_hat = a - (amax + z.log()).unsqueeze(-1)
-    kd = torch.where(p > 0, p * (lp_hat - lq), 0.0).sum(-1)
+    p, kd, has = _sparse_target_terms(present, sv, lzs, lp)
     if not need_grad:
         return kd, lm, None
     E.mul_(((w_kd * has.to(E.dtype) + w_lm) / zs).unsqueeze(-1))
@@ -218,17 +226,7 @@ def _sparse_fast_compiled(S, ids, lp, labels, tp, need_grad, w_kd, w_lm, offset,
     zs = torch.where(zs > 0, zs, 1.0)
     lzs = zs.log()
     lm = mx + lzs - sl
-    lq = torch.where(present, sv - lzs.unsqueeze(-1), 0.0)
-    a = torch.where(present, lp, float("-inf"))
-    amax = a.amax(-1)
-    amax = torch.where(torch.isfinite(amax), amax, 0.0)
-    e = torch.exp(a - amax.unsqueeze(-1))
-    z = e.sum(-1)
-    has = z > 0
-    z = torch.where(has, z, 1.0)
-    p = e / z.unsqueeze(-1)
-    lp_hat = a - (amax + z.log()).unsqueeze(-1)
-    kd = torch.where(p > 0, p * (lp_hat - lq), 0.0).sum(-1)
+    p, kd, has = _sparse_target_terms(present, sv, lzs, lp)
     if not need_grad:
         return kd, lm, None
     _compiled.call(_compiled.lm_grad_, S, (w_kd * has.to(S.dtype) + w_lm) / zs, li, own, _scalar(w_lm, S))
