@@ -247,7 +247,7 @@ def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, v
     if head is not None:
         weight, sequence_parallel = head
         if sequence_parallel:
-            from megatron_kd.losses.fused import gather_dim0
+            from megatron_kd.losses.fused_linear import gather_dim0
             from megatron_kd.losses.vocab_parallel import resolve_tp
 
             output = gather_dim0(output.transpose(0, 1), resolve_tp()).transpose(0, 1)

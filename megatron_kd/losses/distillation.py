@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from megatron_kd.losses.config import KDLossConfig
 from megatron_kd.losses.divergences import kd_loss
-from megatron_kd.losses.fused import fused_kd_lm_loss, fused_linear_kd
+from megatron_kd.losses.fused import fused_kd_lm_loss
+from megatron_kd.losses.fused_linear import fused_linear_kd
 from megatron_kd.losses.schedules import alpha_at
 from megatron_kd.losses.sparse import sparse_kd_loss
 

@@ -183,7 +183,7 @@ def hidden_nll_sbv(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     Collective over TP (every TP rank holds the same labels).
     """
     if sequence_parallel:
-        from megatron_kd.losses.fused import gather_dim0
+        from megatron_kd.losses.fused_linear import gather_dim0
         from megatron_kd.losses.vocab_parallel import resolve_tp
 
         hidden = gather_dim0(hidden, resolve_tp())
