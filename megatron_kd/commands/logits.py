@@ -57,6 +57,14 @@ def register(subparsers) -> None:
     p.add_argument("--byte-key-tokenizer", default=None, metavar="TOKENIZER",
                    help="tokenizer of --data for the byte-offset key that lets students of any tokenizer use the "
                         "store (default: the dataset manifest's, else the teacher's; 'none' = no key)")
+    p.add_argument("--also-store", action="append", default=[], metavar="DIR[:METHOD]",
+                   help="write another store DIR in the same teacher pass (repeatable), keeping METHOD (topk | "
+                        "sample | topk+sample; default --method) with the other flags of this command: e.g. "
+                        "--output stores/topk --also-store stores/sampled:sample costs one teacher forward, not two")
+    p.add_argument("--label-logprobs", action="store_true",
+                   help="also keep the teacher's log-prob of the actual next token at every position (4 bytes per "
+                        "token) in --output: `megatron-kd miniplm score --teacher-store` then reads the teacher's "
+                        "NLL from the store instead of running the teacher again")
     p.add_argument("--verify", action="store_true",
                    help="only check the store at --output (manifest, sizes, sha256 of every shard) and exit")
     p.set_defaults(func=run)
@@ -83,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if not args.teacher or not args.data:
         raise ValueError("--teacher and --data are required (or pass --verify to check an existing store)")
-    from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+    from dataclasses import replace
+
+    from megatron_kd.logits.precompute import PrecomputeConfig, precompute_stores
     from megatron_kd.runtime import destroy_distributed, is_main_process
 
     cfg = PrecomputeConfig(
@@ -93,12 +103,31 @@ def run(args: argparse.Namespace) -> int:
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         iteration=args.iteration, max_shards=args.max_shards, method=args.method, num_samples=args.num_samples,
         proposal_temperature=args.proposal_temperature, seed=args.seed, audit_fraction=args.audit_fraction,
-        tokenizer=args.tokenizer, byte_key_tokenizer=args.byte_key_tokenizer)
-    cfg.validate()  # bad --num-samples / --proposal-temperature fail here, before any work
+        tokenizer=args.tokenizer, byte_key_tokenizer=args.byte_key_tokenizer, label_logprobs=args.label_logprobs)
+    cfgs = [cfg] + [replace(cfg, out=out, method=method, label_logprobs=False)
+                    for out, method in (parse_also_store(v, args.method) for v in args.also_store)]
+    for c in cfgs:
+        c.validate()  # bad --num-samples / --proposal-temperature fail here, before any work
     try:
-        summary = precompute_logits(cfg)
+        summaries = precompute_stores(cfgs)
         if is_main_process():
-            print(json.dumps(summary))
+            for c, summary in zip(cfgs, summaries):
+                print(json.dumps(summary if len(cfgs) == 1 else {"store": c.out, "method": c.method, **summary}))
     finally:
         destroy_distributed()
     return 0
+
+
+def parse_also_store(value: str, default_method: str) -> tuple[str, str]:
+    """``DIR[:METHOD]`` of ``--also-store`` -> (DIR, METHOD); one-line error for a bad METHOD."""
+    from megatron_kd.logits.selection import METHODS
+
+    out, sep, method = value.rpartition(":")
+    if not sep:
+        return value, default_method
+    if method not in METHODS:
+        raise ValueError(f"--also-store {value}: {method!r} is not a method ({', '.join(METHODS)}); "
+                         "write DIR or DIR:METHOD")
+    if not out:
+        raise ValueError(f"--also-store {value}: the store directory is missing; write DIR or DIR:METHOD")
+    return out, method

@@ -18,7 +18,7 @@ def _score(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, tensor_parallel=args.tensor_parallel,
         pipeline_parallel=args.pipeline_parallel, dtype=args.dtype, pad_multiple=args.pad_multiple,
         ce_chunk_tokens=args.ce_chunk_tokens, nll_kernel=args.nll_kernel, overwrite=args.overwrite, max_shards=args.max_shards,
-        tokenizer=args.tokenizer,
+        tokenizer=args.tokenizer, teacher_store=args.teacher_store,
     )
     try:
         man = score_corpus(cfg)
@@ -92,6 +92,11 @@ def register(subparsers) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace a scores directory of another run")
     s.add_argument("--tokenizer", default=None,
                    help="tokenizer of both models (default: the one each checkpoint carries)")
+    s.add_argument("--teacher-store", default=None, metavar="STORE",
+                   help="read the teacher's NLL from a logits store of this teacher over --data written with "
+                        "`megatron-kd logits --label-logprobs --overlap 0 --seq-length L` (L = --chunk-length, "
+                        "default: the store's) instead of running the teacher: one teacher pass serves offline KD "
+                        "and MiniPLM")
     s.set_defaults(func=_score)
 
     c = sub.add_parser("select", help="keep the top-alpha instances by r = nll_ref - nll_teacher")

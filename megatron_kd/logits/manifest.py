@@ -7,6 +7,8 @@ Store directory::
       documents.npy           int64 [num_documents + 1]: first token of each document (cumsum)
       shards/shard_00000.kdl  bit-packed shard files (:mod:`megatron_kd.logits.shard`)
       shards/shard_00000.json per-shard record, written after the shard (its completion marker)
+      shards/shard_00000.labels.npy  float32 [shard tokens]: the teacher's log-prob of the actual next
+                              token at every position (NaN: no target), with ``--label-logprobs`` only
       metrics.jsonl           per-shard throughput of the run(s) that wrote it
 
 ``manifest.json`` is written when a run starts (``complete: false``, settings + identities: a
@@ -27,8 +29,9 @@ MANIFEST = "manifest.json"
 DOCUMENTS = "documents.npy"
 SHARDS = "shards"
 SETTING_KEYS = ("encoding", "vocab_size", "id_bits", "value_step", "top_p", "top_k", "seq_length", "overlap",
-                "shard_tokens", "method", "num_samples", "proposal_temperature", "seed", "audit_fraction")
-SETTING_DEFAULTS = {"method": "topk", "seed": None, "audit_fraction": 0.0}
+                "shard_tokens", "method", "num_samples", "proposal_temperature", "seed", "audit_fraction",
+                "label_logprobs")
+SETTING_DEFAULTS = {"method": "topk", "seed": None, "audit_fraction": 0.0, "label_logprobs": False}
 """Values of settings that stores written before they existed implicitly had."""
 
 
@@ -40,6 +43,11 @@ def shard_file(store: str | Path, index: int) -> Path:
 def audit_file(store: str | Path, index: int) -> Path:
     """Path of shard ``index``'s audit sample (dense teacher log-probs of a few positions)."""
     return Path(store) / SHARDS / f"shard_{index:05d}.audit.npz"
+
+
+def labels_file(store: str | Path, index: int) -> Path:
+    """Path of shard ``index``'s label log-probs (``--label-logprobs``)."""
+    return Path(store) / SHARDS / f"shard_{index:05d}.labels.npy"
 
 
 def shard_record_file(store: str | Path, index: int) -> Path:

@@ -23,7 +23,7 @@ import torch
 
 from megatron_kd.logits import codec, manifest as mf
 from megatron_kd.logits.selection import DRAWS_ENCODING, METHODS, TARGET_KINDS, Selection, TargetSelector
-from megatron_kd.logits.selection import max_entries, store_layout
+from megatron_kd.logits.selection import label_logprobs, max_entries, store_layout
 from megatron_kd.logits.shard import ShardWriter
 from megatron_kd.logits.windows import MicroBatch, document_windows, plan_micro_batches, plan_shards
 from megatron_kd.models.head import cache_chunks
@@ -84,6 +84,10 @@ class PrecomputeConfig:
     byte_key_tokenizer: str | None = None
     """Tokenizer of --data for the byte-offset key (cross-tokenizer students, docs/cross_tokenizer.md);
     default: the one the dataset manifest names, else the teacher's; "none" = no byte key."""
+    label_logprobs: bool = False
+    """Also keep the teacher's log-prob of the actual next token at every position (float32 per
+    position, ``shards/shard_i.labels.npy``): the teacher NLL that ``megatron-kd miniplm score
+    --teacher-store`` reads instead of running the teacher a second time."""
 
     def selector(self) -> TargetSelector:
         """The per-chunk target selection of this run."""
@@ -132,6 +136,8 @@ def _store_header(cfg: PrecomputeConfig, teacher: dict, dataset: dict, vocab: in
     if sampled:
         method.update(num_samples=cfg.num_samples, proposal_temperature=cfg.proposal_temperature,
                       store_logprobs=sel.store_logprobs, sample_block=sel.block)
+    if cfg.label_logprobs:  # only when on: stores written before the option keep their exact header
+        method["label_logprobs"] = True
     return {
         "format": mf.FORMAT, "version": mf.VERSION, "complete": False,
         "settings": {"encoding": DRAWS_ENCODING if sampled else codec.ENCODING, "vocab_size": vocab,
@@ -210,15 +216,20 @@ class _BatchSource:
     """Builds the input tensors and the target-position index of micro-batches."""
 
     def __init__(self, dataset, vocab_size: int, device: torch.device, doc_start: np.ndarray,
-                 prefix: str | None = None):
+                 prefix: str | None = None, labels: bool = False):
         self.ds, self.vocab, self.device, self.doc_start = dataset, vocab_size, device, doc_start
-        self.prefix = prefix
+        self.prefix, self.labels = prefix, labels
 
     def __call__(self, mb: MicroBatch) -> dict[str, Any]:
         tokens = np.zeros((mb.rows, mb.length), dtype=np.int64)
-        sel, positions = [], []
+        sel, positions, labels = [], [], []
         for r, w in enumerate(mb.windows):
-            tokens[r, :w.length] = self.ds.get(w.doc, offset=w.start, length=w.length)
+            if self.labels:  # a window ends before its document's last token: token `end` exists
+                row = self.ds.get(w.doc, offset=w.start, length=w.length + 1)
+                tokens[r, :w.length] = row[:-1]
+                labels.append(row[w.emit - w.start + 1:])
+            else:
+                tokens[r, :w.length] = self.ds.get(w.doc, offset=w.start, length=w.length)
             sel.append(r * mb.length + np.arange(w.emit - w.start, w.length))
             positions.append(self.doc_start[w.doc] + np.arange(w.emit, w.end))
         if tokens.max(initial=0) >= self.vocab or tokens.min(initial=0) < 0:
@@ -228,19 +239,26 @@ class _BatchSource:
             # blaming another tokenizer.
             check_batch_token_ids(tokens, self.vocab, self.prefix, what="dataset --data")
         pos = torch.arange(mb.length, device=self.device).unsqueeze(0).expand(mb.rows, -1)
-        return {"tokens": torch.from_numpy(tokens).to(self.device), "position_ids": pos,
-                "sel": torch.from_numpy(np.concatenate(sel)).to(self.device),
-                "positions": torch.from_numpy(np.concatenate(positions).astype(np.int64)).to(self.device)}
+        out = {"tokens": torch.from_numpy(tokens).to(self.device), "position_ids": pos,
+               "sel": torch.from_numpy(np.concatenate(sel)).to(self.device),
+               "positions": torch.from_numpy(np.concatenate(positions).astype(np.int64)).to(self.device)}
+        if self.labels:  # the actual next token of every emitted position, in ``sel`` order
+            out["labels"] = torch.from_numpy(np.concatenate(labels).astype(np.int64)).to(self.device)
+        return out
 
 
-def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, vocab: int, selector: TargetSelector,
-             keep: bool, forward_only: bool, head: Any = None):
-    """Select the targets of the emitted positions of one micro-batch.
+def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, vocab: int,
+             selectors: list[TargetSelector], keep: bool, forward_only: bool, labels: bool = False, head: Any = None):
+    """Select the targets of the emitted positions of one micro-batch, for every store of the pass.
 
     ``output``: the teacher's logits [b, s, V/tp], or with ``head = (weight, sequence_parallel)``
     its final hidden states [b, s, H] (``[b, s/tp, H]`` sequence-parallel, see
     :mod:`megatron_kd.models.head`): then the LM head runs here, on the emitted positions only and
-    chunk by chunk, and the [tokens, V] logits are never held whole.
+    chunk by chunk, and the [tokens, V] logits are never held whole. Each chunk of logits serves
+    every selector (one store each) and, with ``labels``, the label log-probs.
+
+    Returns ``(selections, label_logprobs)`` on writing ranks (``label_logprobs``: float32 numpy
+    [emitted positions] or None), None elsewhere.
     """
     if forward_only and head is None:
         return None  # the "model" baseline: the model's forward made the full logits
@@ -261,17 +279,22 @@ def _collect(batch: dict, output: torch.Tensor, non_loss_data: bool = True, *, v
     # With the head here, on CPU: cache-sized chunks (the selection reads the logits while cached).
     bounds = (cache_chunks(n, chunk, width, flat.device) if head is not None
               else [(c0, min(c0 + chunk, n)) for c0 in range(0, n, chunk)])
-    parts = []
+    parts: list[list[Selection]] = [[] for _ in selectors]
+    label_parts = []
     for c0, c1 in bounds:
         rows = flat.index_select(0, batch["sel"][c0:c1])
         if head is not None:
             rows = torch.matmul(rows.to(weight.dtype), weight.t())
-        part = selector(rows, vocab, batch["positions"][c0:c1], keep=keep)
-        if keep:
-            parts.append(part)
+        for selector, out in zip(selectors, parts):
+            part = selector(rows, vocab, batch["positions"][c0:c1], keep=keep)
+            if keep:
+                out.append(part)
+        if labels:
+            label_parts.append(label_logprobs(rows, vocab, batch["labels"][c0:c1]))
     if not keep:
         return None
-    return Selection.concat(parts)
+    lps = torch.cat(label_parts).cpu().numpy() if labels else None
+    return [Selection.concat(p) for p in parts], lps
 
 
 def _forward_calls(model, calls, source: _BatchSource, collect, pp: int, fused_head: bool = True):
@@ -320,6 +343,65 @@ def _write_chunk(writer: ShardWriter, result: Selection, mb: MicroBatch, token_l
         audit.append((result.audit_positions, result.audit_logprobs))
 
 
+def _put_labels(labels: np.ndarray, lps: np.ndarray, mb: MicroBatch, token_lo: np.ndarray) -> None:
+    """Scatter one micro-batch's label log-probs (emitted positions, window order) into the shard's array."""
+    at = 0
+    for w in mb.windows:
+        n = w.end - w.emit
+        lo = token_lo[w.doc] + w.emit
+        labels[lo:lo + n] = lps[at:at + n]
+        at += n
+
+
+def _save_labels(store: Path, index: int, labels: np.ndarray) -> dict[str, Any]:
+    """Write shard ``index``'s label log-probs atomically; returns its record keys."""
+    from megatron_kd.utils.io import sha256_file
+
+    path = mf.labels_file(store, index)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, labels.astype(np.float32))
+    tmp.replace(path)
+    return {"labels_file": path.name, "labels_sha256": sha256_file(path)}
+
+
+SHARED_FIELDS = ("teacher", "data", "seq_length", "overlap", "micro_batch_size", "shard_tokens", "dtype",
+                 "tensor_parallel", "pipeline_parallel", "iteration", "max_shards", "tokenizer")
+"""Settings every store of one teacher pass (:func:`precompute_stores`) must share: they fix the
+teacher, its windows and its micro-batches."""
+
+
+def _check_pass(cfgs: list[PrecomputeConfig]) -> None:
+    """One-line errors for stores that cannot share one teacher pass."""
+    if not cfgs:
+        raise ValueError("precompute_stores needs at least one store")
+    first = cfgs[0]
+    for cfg in cfgs[1:]:
+        for name in SHARED_FIELDS:
+            if getattr(cfg, name) != getattr(first, name):
+                raise ValueError(f"stores written in one teacher pass must share {name}: {cfg.out} has "
+                                 f"{getattr(cfg, name)!r}, {first.out} has {getattr(first, name)!r}")
+    outs = [str(Path(c.out).resolve()) for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"two stores of one teacher pass have the same --out ({', '.join(c.out for c in cfgs)}): "
+                         "give each its own directory")
+
+
+@dataclass
+class _StoreRun:
+    """One store of a teacher pass: its settings, header and the shard being written."""
+
+    cfg: PrecomputeConfig
+    header: dict[str, Any]
+    layout: codec.Layout
+    writer: Optional[ShardWriter] = None
+    audit: list = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.cfg.out)
+
+
 def precompute_logits(cfg: PrecomputeConfig, forward_only: bool | str = False) -> dict[str, Any]:
     """Compute (or resume) the store ``cfg.out``. Collective over all ranks (torchrun or single).
 
@@ -331,8 +413,24 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool | str = False) -
     seconds and CPU seconds of the shard loop (``process_time``: every thread of the process,
     the encoder's included), ``complete``.
     """
+    return precompute_stores([cfg], forward_only)[0]
+
+
+def precompute_stores(cfgs: list[PrecomputeConfig], forward_only: bool | str = False) -> list[dict[str, Any]]:
+    """Compute (or resume) several stores of the same teacher over the same data in ONE teacher pass.
+
+    The stores may differ in what they keep (``method``, ``top_p``, ``top_k``, ``num_samples``,
+    ``seed``, ``audit_fraction``, ``value_step``, ``label_logprobs``, ...) but share
+    :data:`SHARED_FIELDS`; each chunk of teacher logits is computed once and serves every store.
+    Each store stays a complete store on its own (manifest, shard records, resume): a shard is
+    computed when any store lacks it, and written only to the stores that lack it. Every store is
+    byte-identical to the one :func:`precompute_logits` writes alone. Returns one summary per store
+    (the pass's seconds and positions; ``complete`` per store).
+    """
     if forward_only not in (False, True, "logits", "model"):
         raise ValueError(f"forward_only={forward_only!r}: use False, True / 'logits' or 'model'")
+    cfgs = list(cfgs)
+    _check_pass(cfgs)
     from megatron.core import parallel_state as ps
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -340,95 +438,134 @@ def precompute_logits(cfg: PrecomputeConfig, forward_only: bool | str = False) -
     from megatron_kd.training.checkpoint import load_model_for_inference
     from megatron_kd.utils.progress import JsonlWriter, progress
 
-    header, meta, mcfg = _check_inputs(cfg)
-    init_distributed(ParallelConfig(cfg.tensor_parallel, cfg.pipeline_parallel))
-    barrier()  # every rank has checked the existing store before rank 0 writes to it
-    store = Path(cfg.out)
-    ds = IndexedDataset(mf.strip_dataset_prefix(cfg.data), mmap=True)
+    runs = []
+    for cfg in cfgs:
+        if cfg.seq_length is None:  # the first store's default window serves the pass
+            cfg.seq_length = cfgs[0].seq_length
+        header, meta, mcfg = _check_inputs(cfg)
+        runs.append(_StoreRun(cfg, header, store_layout(header["settings"])))
+    lead = cfgs[0]
+    init_distributed(ParallelConfig(lead.tensor_parallel, lead.pipeline_parallel))
+    barrier()  # every rank has checked the existing stores before rank 0 writes to them
+    ds = IndexedDataset(mf.strip_dataset_prefix(lead.data), mmap=True)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     doc_start = np.concatenate([[0], np.cumsum(lengths)])
-    shards = plan_shards(lengths, cfg.shard_tokens)
+    shards = plan_shards(lengths, lead.shard_tokens)
     if is_main_process() and not forward_only:
-        if not (store / mf.MANIFEST).is_file():
-            (store / mf.SHARDS).mkdir(parents=True, exist_ok=True)
-            np.save(store / mf.DOCUMENTS, doc_start)  # before the manifest: the manifest marks a started store
-            write_json_atomic(store / mf.MANIFEST, {**header, "num_documents": len(lengths),
-                                                    "num_tokens": int(doc_start[-1]), "num_shards": len(shards)})
+        for run in runs:
+            if not (run.path / mf.MANIFEST).is_file():
+                (run.path / mf.SHARDS).mkdir(parents=True, exist_ok=True)
+                np.save(run.path / mf.DOCUMENTS, doc_start)  # before the manifest: it marks a started store
+                write_json_atomic(run.path / mf.MANIFEST, {**run.header, "num_documents": len(lengths),
+                                                           "num_tokens": int(doc_start[-1]),
+                                                           "num_shards": len(shards)})
     barrier()
-    todo = [i for i in range(len(shards)) if forward_only or not mf.shard_record_file(store, i).is_file()]
+    lacking = {i: ([run for run in runs] if forward_only
+                   else [run for run in runs if not mf.shard_record_file(run.path, i).is_file()])
+               for i in range(len(shards))}
+    todo = [i for i in range(len(shards)) if lacking[i]]
     barrier()  # all ranks read the same set of finished shards before any new one appears
-    dtype = cfg.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
-    model, _, _ = load_model_for_inference(cfg.teacher, dtype, cfg.iteration)
+    dtype = lead.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
+    model, _, _ = load_model_for_inference(lead.teacher, dtype, lead.iteration)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mine = todo[dp_rank::dp_size][: cfg.max_shards]
+    mine = todo[dp_rank::dp_size][: lead.max_shards]
     writer_rank = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and not forward_only
     vocab = mcfg.vocab_size
-    layout = store_layout(header["settings"])
-    collect = partial(_collect, vocab=vocab, selector=cfg.selector(), keep=writer_rank, forward_only=forward_only)
-    source = _BatchSource(ds, vocab, device(), doc_start, mf.strip_dataset_prefix(cfg.data))
-    plans = {i: [w for d in range(*shards[i]) for w in document_windows(d, int(lengths[d]), cfg.seq_length,
-                                                                          cfg.overlap)] for i in mine}
+    want_labels = any(run.cfg.label_logprobs for run in runs) and not forward_only
+    source = _BatchSource(ds, vocab, device(), doc_start, mf.strip_dataset_prefix(lead.data), labels=want_labels)
+    plans = {i: [w for d in range(*shards[i]) for w in document_windows(d, int(lengths[d]), lead.seq_length,
+                                                                          lead.overlap)] for i in mine}
     total = sum(w.end - w.emit for i in mine for w in plans[i])
     bar = progress(total, "teacher logits", unit="tok")
-    metrics = JsonlWriter(None if forward_only else store / "metrics.jsonl")
+    metrics = [JsonlWriter(None if forward_only else run.path / "metrics.jsonl") for run in runs]
     pool = ThreadPoolExecutor(max_workers=1)  # encoding + writing overlap the next forward
     pending: list[Future] = []
     done_positions, t_start, c_start = 0, time.perf_counter(), time.process_time()
-    writer = None
+    active: list[_StoreRun] = []
     try:
         for i in mine:
             t0 = time.perf_counter()
             lo, hi = shards[i]
-            writer = ShardWriter(mf.shard_file(store, i), int(doc_start[hi] - doc_start[lo])) if writer_rank else None
-            audit: list = []
-            calls = plan_micro_batches(plans[i], cfg.seq_length, cfg.micro_batch_size,
-                                       fixed_rows=cfg.pipeline_parallel > 1)
+            active = lacking[i]
+            labels = want_labels and any(run.cfg.label_logprobs for run in active)
+            for run in active:
+                run.audit = []
+                run.writer = (ShardWriter(mf.shard_file(run.path, i), int(doc_start[hi] - doc_start[lo]))
+                              if writer_rank else None)
+            shard_labels = (np.full(int(doc_start[hi] - doc_start[lo]), np.nan, dtype=np.float32)
+                            if labels and writer_rank else None)
+            collect = partial(_collect, vocab=vocab, selectors=[run.cfg.selector() for run in active],
+                              keep=writer_rank, forward_only=forward_only, labels=labels)
+            calls = plan_micro_batches(plans[i], lead.seq_length, lead.micro_batch_size,
+                                       fixed_rows=lead.pipeline_parallel > 1)
             token_lo = doc_start - doc_start[lo]
-            for mb, result in _forward_calls(model, calls, source, collect, cfg.pipeline_parallel,
+            for mb, result in _forward_calls(model, calls, source, collect, lead.pipeline_parallel,
                                              fused_head=forward_only != "model"):
-                if writer is not None:
-                    pending.append(pool.submit(_write_chunk, writer, result, mb, token_lo, layout, audit))
-                    while len(pending) > 4:
+                if writer_rank:
+                    selections, lps = result
+                    for run, sel in zip(active, selections):
+                        pending.append(pool.submit(_write_chunk, run.writer, sel, mb, token_lo, run.layout, run.audit))
+                    if shard_labels is not None:
+                        _put_labels(shard_labels, lps, mb, token_lo)
+                    while len(pending) > 4 * len(active):
                         pending.pop(0).result()
                 n = sum(w.end - w.emit for w in mb.windows)
                 bar.update(n)
                 done_positions += n
-            if writer is not None:
+            if writer_rank:
                 for f in pending:
                     f.result()
                 pending.clear()
-                audit_info = write_audit(store, i, audit) if cfg.audit_fraction > 0 else {}
-                info = writer.close()
-                hist = np.bincount(np.asarray(writer.count), minlength=1)
-                write_json_atomic(mf.shard_record_file(store, i), {
-                    "index": i, "file": mf.shard_file(store, i).name, "doc_lo": lo, "doc_hi": hi,
-                    "token_lo": int(doc_start[lo]), "token_hi": int(doc_start[hi]), **info,
-                    "count_histogram": hist.tolist(), **audit_info})
+                for run in active:
+                    _finish_shard(run, i, lo, hi, doc_start, shard_labels if run.cfg.label_logprobs else None)
             dt = time.perf_counter() - t0
-            metrics.write({"shard": i, "positions": int(doc_start[hi] - doc_start[lo]), "seconds": round(dt, 3)})
+            for run, m in zip(runs, metrics):
+                if run in active:
+                    m.write({"shard": i, "positions": int(doc_start[hi] - doc_start[lo]), "seconds": round(dt, 3),
+                             "stores_in_pass": len(active)})
     except BaseException:
-        if writer is not None:
-            for f in pending:
-                f.cancel()
-            writer.abort()
+        for f in pending:
+            f.cancel()
+        for run in active:
+            if run.writer is not None:
+                run.writer.abort()
         raise
     finally:
         pool.shutdown(wait=True)
         bar.close()
-        metrics.close()
+        for m in metrics:
+            m.close()
     seconds = time.perf_counter() - t_start
     cpu_seconds = time.process_time() - c_start
     barrier()
-    complete = False
-    if not forward_only:
-        complete = all(mf.shard_record_file(store, i).is_file() for i in range(len(shards)))
-        if complete and is_main_process():
-            finalize_manifest(store)
-            _write_byte_key(cfg, meta)
-        barrier()
-    return {"shards": len(mine), "positions": done_positions, "seconds": seconds,
-            "positions_per_s": done_positions / max(seconds, 1e-9), "complete": complete,
-            "cpu_seconds": cpu_seconds, "cpu_positions_per_s": done_positions / max(cpu_seconds, 1e-9)}
+    summaries = []
+    for run in runs:
+        complete = False
+        if not forward_only:
+            complete = all(mf.shard_record_file(run.path, i).is_file() for i in range(len(shards)))
+            if complete and is_main_process():
+                finalize_manifest(run.path)
+                _write_byte_key(run.cfg, meta)
+        summaries.append({"shards": sum(1 for i in mine if run in lacking[i]), "positions": done_positions,
+                          "seconds": seconds, "positions_per_s": done_positions / max(seconds, 1e-9),
+                          "complete": complete, "cpu_seconds": cpu_seconds,
+                          "cpu_positions_per_s": done_positions / max(cpu_seconds, 1e-9), "stores_in_pass": len(runs)})
+    barrier()
+    return summaries
+
+
+def _finish_shard(run: _StoreRun, i: int, lo: int, hi: int, doc_start: np.ndarray,
+                  labels: np.ndarray | None) -> None:
+    """Close store ``run``'s shard ``i``: audit sample, label log-probs, then the record (its completion marker)."""
+    audit_info = write_audit(run.path, i, run.audit) if run.cfg.audit_fraction > 0 else {}
+    label_info = _save_labels(run.path, i, labels) if labels is not None else {}
+    info = run.writer.close()
+    hist = np.bincount(np.asarray(run.writer.count), minlength=1)
+    write_json_atomic(mf.shard_record_file(run.path, i), {
+        "index": i, "file": mf.shard_file(run.path, i).name, "doc_lo": lo, "doc_hi": hi,
+        "token_lo": int(doc_start[lo]), "token_hi": int(doc_start[hi]), **info,
+        "count_histogram": hist.tolist(), **audit_info, **label_info})
+    run.writer = None
 
 
 def _write_byte_key(cfg: PrecomputeConfig, meta: dict) -> None:

@@ -107,6 +107,19 @@ def _values_at(x: torch.Tensor, ids: torch.Tensor, tp, start: int) -> torch.Tens
     return torch.where(ids >= 0, v, float("-inf"))
 
 
+@torch.no_grad()
+def label_logprobs(logits: torch.Tensor, vocab_size: int, labels: torch.Tensor) -> torch.Tensor:
+    """The teacher's log-prob of ``labels`` [n] (global ids) under rows ``logits`` [n, V/tp]
+    (this TP rank's vocabulary shard; padded columns excluded), float32 [n]; collective over TP."""
+    tp = _tp()
+    v_local = logits.shape[-1]
+    start = tp.rank * v_local
+    x = logits.float()
+    if start + v_local > vocab_size:
+        x = x.masked_fill(torch.arange(start, start + v_local, device=x.device) >= vocab_size, float("-inf"))
+    return (_values_at(x, labels.unsqueeze(-1), tp, start).squeeze(-1) - _global_lse(x, tp)).float()
+
+
 def _gather_vocab(x: torch.Tensor, tp) -> torch.Tensor:
     if tp.group is None:
         return x

@@ -70,6 +70,11 @@ class ScoreConfig:
     """Stop after this many shards on each DP rank (time-boxed runs; resume later)."""
     tokenizer: str | None = None
     """Tokenizer of both models (overrides the one each checkpoint carries, ``CKPT/tokenizer``)."""
+    teacher_store: str | None = None
+    """A logits store of this teacher over this dataset written with ``--label-logprobs --overlap 0``
+    (``megatron-kd logits``): the teacher's NLL is read from it and the teacher is not run (its
+    windows must be ``chunk_length`` tokens; None chunk_length = the store's). See
+    :mod:`megatron_kd.miniplm.teacher_store`."""
 
 
 def _model_identity(meta: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +153,15 @@ def check_inputs(cfg: ScoreConfig) -> tuple[dict, dict, Any]:
     model_tok = tt or rt
     if dt and model_tok and dt != model_tok and _tokenizer_identity(dt) != _tokenizer_identity(model_tok):
         raise ValueError(f"dataset {cfg.data} was tokenized with {dt!r} but the models use {model_tok!r}: pass the dataset tokenized with the models' tokenizer (or --tokenizer if the checkpoints name the wrong one)")
+    if cfg.teacher_store:
+        from megatron_kd.logits import manifest as lmf
+        from megatron_kd.miniplm.teacher_store import check_teacher_store
+
+        man = check_teacher_store(cfg.teacher_store, lmf.teacher_identity(cfg.teacher, t_meta),
+                                  lmf.dataset_identity(cfg.data), cfg.chunk_length)
+        if cfg.chunk_length is None:
+            cfg.chunk_length = man["settings"]["seq_length"]
+            validate_instance_args(cfg.chunk_length, cfg.mode, cfg.min_length)
     if cfg.chunk_length is None:  # the default never exceeds the models' positions
         positions = [m["model_config"].get("max_position_embeddings") for m in (t_meta, r_meta)]
         cfg.chunk_length = min([DEFAULT_CHUNK_LENGTH] + [p + 1 for p in positions if p])
@@ -235,8 +249,12 @@ def _run_model(model, microbatches: list[dict], seq_length: int):
 
 def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
                  num_microbatches: int, device: torch.device,
-                 vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Score one shard's instances with each model. Returns (nll_sums [n_models, n], n_pred [n], tokens)."""
+                 vocab_size: int | None = None, stored: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Score one shard's instances with each model. Returns (nll_sums [n_models, n], n_pred [n], tokens).
+
+    ``stored``: a :class:`~megatron_kd.miniplm.teacher_store.StoreTeacherNLL` whose sums come first
+    (the teacher's, read instead of computed), before those of ``models``.
+    """
     windows, owner = scoring_windows(instances, cfg.chunk_length)
     pad = cfg.pad_multiple or (8 if device.type == "cuda" else 1)
     steps: list[Step] = plan_steps(windows["length"], cfg.micro_batch_size * cfg.chunk_length,
@@ -254,9 +272,12 @@ def _score_shard(models: list, dataset, instances: np.ndarray, cfg: ScoreConfig,
                 if m == 0:
                     counts.index_copy_(0, real, c[: len(real)])
     n = len(instances)
-    inst_sums = np.zeros((len(models), n), dtype=np.float64)
-    for m in range(len(models)):
-        np.add.at(inst_sums[m], owner, sums[m].cpu().numpy())
+    window_sums = [s.cpu().numpy() for s in sums]
+    if stored is not None:
+        window_sums.insert(0, stored.window_sums(windows))
+    inst_sums = np.zeros((len(window_sums), n), dtype=np.float64)
+    for m, ws in enumerate(window_sums):
+        np.add.at(inst_sums[m], owner, ws)
     n_pred = np.zeros(n, dtype=np.int64)
     np.add.at(n_pred, owner, counts.cpu().numpy())
     return inst_sums, n_pred, int(windows["length"].astype(np.int64).sum())
@@ -284,6 +305,8 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
         "shard_size": cfg.shard_size, "num_instances": int(len(instances)),
         "skipped_tokens": skipped_tokens(lengths, instances),
         "tokenizer": t_meta.get("tokenizer") or r_meta.get("tokenizer"),
+        "teacher_nll": ("logits store " + str(Path(cfg.teacher_store).resolve()) if cfg.teacher_store
+                        else "teacher forward"),
         "run": {k: v for k, v in asdict(cfg).items() if k not in ("teacher", "reference", "data", "out",
                                                                            "tokenizer")},
     }
@@ -299,10 +322,18 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
     mine = remaining[dp_rank::dp_size][: cfg.max_shards]
     if mine:
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-        teacher, _, _ = load_model_for_inference(cfg.teacher, dtype)
-        reference, _, _ = load_model_for_inference(cfg.reference, dtype)
+        stored = None
+        if cfg.teacher_store:  # the teacher's NLL is read from its logits store: only the reference runs
+            from megatron_kd.logits.manifest import read_store_manifest
+            from megatron_kd.miniplm.teacher_store import StoreTeacherNLL
+
+            stored = StoreTeacherNLL(cfg.teacher_store, read_store_manifest(cfg.teacher_store))
+            models = []
+        else:
+            models = [load_model_for_inference(cfg.teacher, dtype)[0]]
+        models.append(load_model_for_inference(cfg.reference, dtype)[0])
         vocab = t_meta["model_config"]["vocab_size"]
-        for model in (teacher, reference):
+        for model in models:
             install_nll_head(model, vocab, cfg.ce_chunk_tokens, cfg.nll_kernel)
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         n_mb = cfg.num_microbatches or (2 * pp if pp > 1 else 1)
@@ -316,8 +347,7 @@ def score_corpus(cfg: ScoreConfig) -> dict[str, Any]:
         for k in mine:
             start, end = shard_bounds(k, cfg.shard_size, len(instances))
             t0, c0 = time.perf_counter(), time.process_time()
-            sums, n_pred, tokens = _score_shard([teacher, reference], ds, instances[start:end], cfg,
-                                                n_mb, dev, vocab)
+            sums, n_pred, tokens = _score_shard(models, ds, instances[start:end], cfg, n_mb, dev, vocab, stored)
             if writer:
                 rows = np.empty(end - start, dtype=SCORE_DTYPE)
                 rows["instance"] = np.arange(start, end)

@@ -29,7 +29,7 @@ from megatron_kd.utils.io import read_json, write_json_atomic
 
 STAGE_COST = {  # seconds per stage of the `full` size, one thread, 2 idle cores (2026-12-06): scheduling weights
     "corpus": 4.4, "tokenizer": 0.5, "preprocess": 6.2, "xtok_tokenizer": 0.5, "xtok_preprocess": 0.8,
-    "teacher": 210, "reference": 28, "miniplm": 71, "logits": 78, "logits_sampled": 86,
+    "teacher": 210, "reference": 28, "miniplm": 15, "logits": 100,
     "no_kd": 36, "online_kd": 58, "offline_kd": 32, "miniplm_data": 36, "miniplm_kd": 64,
     "offline_sampled_kd": 29, "xtok_no_kd": 29, "xtok_kd": 86, "eval_teacher": 15, "eval": 5.5,
 }
@@ -183,9 +183,9 @@ class Quickstart:
         if xtok:  # the teacher re-reads the same text with its own tokenizer in the job (issue 17)
             data["teacher"]["tokenizer"] = self.tokenizer_path
             data["kd"].update(cross_tokenizer=cross_tokenizer, alpha=s.xtok_alpha)
-        if mode == "offline":  # store: the stage that wrote it (logits = top-k, logits_sampled = draws)
-            data["kd"]["logits_store"] = self.results[store]["store"]
-            data["kd"]["target_kind"] = "weights" if store == "logits_sampled" else "logprobs"
+        if mode == "offline":  # store: logits = the top-k store, sampled = the draws
+            data["kd"]["logits_store"] = (self.sampled_store() if store == "sampled" else self.results[store])["store"]
+            data["kd"]["target_kind"] = "weights" if store == "sampled" else "logprobs"
             if store == "logits":  # top-k: its own α (sizes.topk_alpha), + remainder bucket (sizes.kd_residual)
                 data["kd"]["alpha"] = s.topk_alpha
                 if s.kd_residual and s.kd_temperature == 1.0:
@@ -207,29 +207,52 @@ class Quickstart:
 
     # ------------------------------------------------------------------ MiniPLM and logits
     def miniplm(self) -> dict[str, Any]:
+        """Score the train split (teacher NLL from the ``logits`` stage's store, reference NLL by a forward)
+        and keep the top ``miniplm_alpha`` by r = NLL_ref - NLL_teacher."""
         from megatron_kd.miniplm.score import ScoreConfig, score_corpus
         from megatron_kd.miniplm.select import SelectConfig, select_corpus
 
         scores = self.out / "miniplm" / "scores"
+        logits = self.results.get("logits") or {}
+        # A run resumed from before the shared teacher pass has a store without label log-probs.
+        teacher_store = logits["store"] if logits.get("label_logprobs") else None
         score_corpus(ScoreConfig(teacher=self.results["teacher"]["checkpoint"],
                                  reference=self.results["reference"]["checkpoint"], data=self.prefix("train"),
-                                 out=str(scores), chunk_length=self.size.seq_length, overwrite=True))
+                                 out=str(scores), chunk_length=self.size.seq_length, overwrite=True,
+                                 teacher_store=teacher_store))
         report = select_corpus(SelectConfig(scores=str(scores), alpha=self.size.miniplm_alpha,
                                             out=self.prefix("miniplm"), overwrite=True))
-        return {"scores": str(scores), "prefix": self.prefix("miniplm"), "report": report}
+        return {"scores": str(scores), "prefix": self.prefix("miniplm"), "report": report,
+                "teacher_nll": "logits store" if teacher_store else "teacher forward"}
 
-    def logits(self, method: str = "topk") -> dict[str, Any]:
-        """The offline teacher store over the train split: ``topk`` (top-p/top-k log-probs) or ``sample``
-        (``size.sample_draws`` teacher draws per position, unbiased weights; issue 16)."""
-        from megatron_kd.logits.precompute import PrecomputeConfig, precompute_logits
+    def logits(self) -> dict[str, Any]:
+        """ONE teacher pass over the train split writes both offline stores and the teacher's NLL for
+        MiniPLM: the top-k store (top-p/top-k log-probs, plus the label log-probs ``miniplm`` reads) and
+        the sampled store (``size.sample_draws`` teacher draws per position, unbiased weights; issue 16)."""
+        from megatron_kd.logits.precompute import PrecomputeConfig, precompute_stores
 
         s = self.size
-        store = self.out / ("logits_store" if method == "topk" else f"logits_store_{method}")
-        summary = precompute_logits(PrecomputeConfig(
-            teacher=self.results["teacher"]["checkpoint"], data=self.prefix("train"), out=str(store),
-            top_p=s.top_p, top_k=s.top_k, seq_length=s.seq_length, method=method, num_samples=s.sample_draws,
-            seed=self.seed, audit_fraction=s.audit_fraction))
-        return {"store": str(store), "summary": summary, "method": method}
+
+        def store(name: str, method: str, labels: bool = False) -> PrecomputeConfig:
+            # overlap 0 and seq_length windows: the label log-probs line up with MiniPLM's chunks
+            return PrecomputeConfig(
+                teacher=self.results["teacher"]["checkpoint"], data=self.prefix("train"), out=str(self.out / name),
+                top_p=s.top_p, top_k=s.top_k, seq_length=s.seq_length, overlap=0, method=method,
+                num_samples=s.sample_draws, seed=self.seed, audit_fraction=s.audit_fraction, label_logprobs=labels)
+
+        topk, sample = precompute_stores([store("logits_store", "topk", labels=True),
+                                          store("logits_store_sample", "sample")])
+        return {"store": str(self.out / "logits_store"), "summary": topk, "method": "topk", "label_logprobs": True,
+                "sampled": {"store": str(self.out / "logits_store_sample"), "summary": sample, "method": "sample"}}
+
+    def sampled_store(self) -> dict[str, Any]:
+        """The sampled store's result (written by the ``logits`` stage; by its own stage before 2026-12-06)."""
+        if "sampled" in self.results.get("logits", {}):
+            return self.results["logits"]["sampled"]
+        if "logits_sampled" in self.results:
+            return self.results["logits_sampled"]
+        raise ValueError(f"the logits stage of {self.out} wrote no sampled store (an older run): rerun with a new "
+                         "--out")
 
     # ------------------------------------------------------------------ students and evaluation
     def student(self, name: str) -> dict[str, Any]:
@@ -241,7 +264,7 @@ class Quickstart:
         if name == "offline_kd":
             return self._distill(name, self.prefix("train"), "offline")
         if name == "offline_sampled_kd":
-            return self._distill(name, self.prefix("train"), "offline", store="logits_sampled")
+            return self._distill(name, self.prefix("train"), "offline", store="sampled")
         if name == "xtok_no_kd":  # its own vocabulary, no KD: the twin of xtok_kd (and vs no_kd in bits/byte)
             out = self._pretrain(s.student, self.prefix("xtok_train"), s.student_iters, s.student_lr, name, True,
                                  xtok=True)
@@ -279,11 +302,12 @@ class Quickstart:
         xtok = ("xtok_tokenizer", "xtok_preprocess")
         if self.size.xtok_vocab_size:
             specs += [spec("xtok_tokenizer", "corpus"), spec("xtok_preprocess", "xtok_tokenizer")]
-        specs += [spec("teacher", *data), spec("reference", *data), spec("miniplm", "teacher", "reference"),
-                  spec("logits", "teacher"), spec("logits_sampled", "teacher")]
+        # logits: one teacher pass -> both stores + the teacher NLL that miniplm reads (no second teacher pass)
+        specs += [spec("teacher", *data), spec("reference", *data), spec("logits", "teacher"),
+                  spec("miniplm", "teacher", "reference", "logits")]
         needs = {"no_kd": data, "online_kd": ("teacher",), "offline_kd": ("logits",),
                  "miniplm_data": ("miniplm",), "miniplm_kd": ("miniplm", "teacher"),
-                 "offline_sampled_kd": ("logits_sampled",), "xtok_no_kd": xtok, "xtok_kd": ("teacher", *xtok)}
+                 "offline_sampled_kd": ("logits",), "xtok_no_kd": xtok, "xtok_kd": ("teacher", *xtok)}
         students = [name for name, _ in students_of(self.size)]
         specs += [spec(name, *needs[name]) for name in students]
         specs += [spec(f"eval_{name}", name) for name in ["teacher", "reference"] + students]
@@ -294,7 +318,7 @@ class Quickstart:
         fixed = {"corpus": self.corpus, "tokenizer": self.tokenizer, "preprocess": self.preprocess,
                  "xtok_tokenizer": lambda: self.tokenizer(xtok=True), "xtok_preprocess": lambda: self.preprocess(xtok=True),
                  "teacher": self.teacher, "reference": self.reference, "miniplm": self.miniplm,
-                 "logits": self.logits, "logits_sampled": lambda: self.logits("sample")}
+                 "logits": self.logits}
         if name in fixed:
             return fixed[name]
         if name.startswith("eval_"):

@@ -89,7 +89,10 @@ def _conclusions(students: list[dict[str, Any]], teacher: dict[str, Any]) -> lis
 def _store_summary(qs, stage: str) -> dict[str, Any]:
     """``logits_store`` of report.json: what ``megatron-kd logits --stats`` prints for the store (size per
     token and entry, method, kind, positions) plus the precompute time."""
-    res = qs.results.get(stage)
+    try:
+        res = qs.sampled_store() if stage == "sampled" else qs.results.get(stage)
+    except ValueError:
+        res = None
     if not res:
         return {}
     out: dict[str, Any] = {}
@@ -100,7 +103,9 @@ def _store_summary(qs, stage: str) -> dict[str, Any]:
     except (ImportError, OSError, KeyError, ValueError) as exc:  # an old store: keep what precompute said
         out["stats_error"] = f"{type(exc).__name__}: {exc}"
     summary = res.get("summary") or {}
-    out.update({"precompute_seconds": res.get("seconds"), "positions_per_s": summary.get("positions_per_s"),
+    # One teacher pass writes both stores: its seconds and rate are each store's (stores_in_pass says so).
+    out.update({"precompute_seconds": res.get("seconds") or summary.get("seconds"),
+                "positions_per_s": summary.get("positions_per_s"), "stores_in_pass": summary.get("stores_in_pass", 1),
                 "path": res["store"]})
     return out
 
@@ -189,11 +194,12 @@ def write_report(qs, total_seconds: float, schedule: dict[str, Any] | None = Non
         "reference": {**_eval_row(evals["reference"]), "train_tokens": r["reference"]["tokens"],
                       "wall_time_s": r["reference"]["wall_time_s"]},
         "miniplm": {"alpha": miniplm["alpha"], "instances": miniplm["num_instances"],
+                    "teacher_nll": r["miniplm"].get("teacher_nll", "teacher forward"),
                     "kept_instances": miniplm["kept_instances"], "kept_token_fraction": miniplm["kept_token_fraction"],
                     "thresholds": miniplm["thresholds"],
                     "kept_fraction_by_domain": {d: v["kept_fraction"] for d, v in miniplm["domains"].items()}},
         "logits_store": _store_summary(qs, "logits"),
-        "logits_stores": {"topk": _store_summary(qs, "logits"), "sample": _store_summary(qs, "logits_sampled")},
+        "logits_stores": {"topk": _store_summary(qs, "logits"), "sample": _store_summary(qs, "sampled")},
         "students": students,
         "conclusions": _conclusions(students, teacher),
         "plots": {"loss_curves": "loss_curves.png", "miniplm_scores": "miniplm_scores.png"},

@@ -76,6 +76,9 @@ def test_quickstart_tiny_report(tmp_path, wait_gone):
     sampled = report["logits_stores"]["sample"]
     assert sampled["method"] == "sample" and sampled["target_kind"] == "weights" and sampled["num_samples"] == 12
     assert students["offline_sampled_kd"]["kd"]["target_kind"] == "weights"
+    # one teacher pass wrote both stores and the teacher NLL MiniPLM scored with
+    assert sampled["stores_in_pass"] == 2 and store["stores_in_pass"] == 2
+    assert report["miniplm"]["teacher_nll"] == "logits store" and "logits_sampled" not in report["stages"]
     assert students["offline_kd"]["kd"]["target_kind"] == "logprobs" and students["offline_kd"]["kd"]["residual"]
     # the own-tokenizer student is compared with its own no-KD twin, in bits per byte
     assert students["xtok_kd"]["vs_no_kd"]["baseline"] == "xtok_no_kd"

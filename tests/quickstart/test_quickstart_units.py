@@ -108,7 +108,7 @@ def test_offline_students_read_their_store_with_the_right_target_kind(tmp_path, 
     qs = Quickstart(tmp_path, SIZES["tiny"], log=lambda s: None)
     qs.results = {"tokenizer": {"path": str(tmp_path / "spm.model"), "vocab_size": 1024},
                   "teacher": {"checkpoint": str(tmp_path / "teacher")},
-                  "logits": {"store": str(tmp_path / "topk")}, "logits_sampled": {"store": str(tmp_path / "sample")}}
+                  "logits": {"store": str(tmp_path / "topk"), "sampled": {"store": str(tmp_path / "sample")}}}
     size = SIZES["tiny"]
     want = {"offline_kd": ("topk", "logprobs", True, size.topk_alpha),
             "offline_sampled_kd": ("sample", "weights", False, size.kd_alpha),
