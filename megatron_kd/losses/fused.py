@@ -169,9 +169,10 @@ def _sparse_fast_local(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offse
     if not bool(lp.amax() < float("inf")):  # NaN or +inf log-probs
         return None
     li, own = owned_ids(labels, v_local, tp, offset)
-    mx = global_row_max(S, tp=tp)[0]
     lidx = ids.clamp(0, v_local - 1)  # padding entries read some real column; their terms are 0 below
-    sv = S.gather(-1, lidx).sub_(mx.unsqueeze(-1))  # = the shifted logits at the ids (same rounding)
+    sv = S.gather(-1, lidx)  # first, while the chunk's logits are fresh from the matmul (random reads)
+    mx = global_row_max(S, tp=tp)[0]
+    sv.sub_(mx.unsqueeze(-1))  # = the shifted logits at the ids (the same rounding as S.sub_ below)
     if not bool(sv.sum().isfinite()):
         return None
     S.sub_(mx.unsqueeze(-1))
