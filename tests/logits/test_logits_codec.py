@@ -246,3 +246,23 @@ def test_cpu_fast_selection_equals_general_path():
     fi, fl = flatten_selection(ids, lp, n)
     assert torch.equal(fi, key.masked_select(valid))
     torch.testing.assert_close(fl, lp.gather(-1, perm).masked_select(valid), rtol=0, atol=0, equal_nan=True)
+
+
+def test_encode_in_segment_groups_gives_the_same_bytes(monkeypatch):
+    """encode() works on cache-sized groups of whole segments (issue 15): the bytes and tables equal
+    one pass over all segments, top-k and sampled layouts, empty segments and tokens included."""
+    rng = np.random.default_rng(7)
+    vocab, K, T = 5000, 40, 900
+    ids, lp, counts = _random_rows(rng, T, K, vocab)
+    seg = np.array([0, 100, 250, 0, 1, 300, 249])
+    fi, fl = codec.flatten_rows(ids, lp, counts)
+    draws = np.concatenate([np.bincount(rng.integers(0, c, 48), minlength=c) for c in counts if c])
+    layout = codec.Layout(codec.id_bits_for(vocab), STEP, num_draws=48, draw_offset=0)
+    outs = []
+    for group in (1 << 40, 500):  # one group / many
+        monkeypatch.setattr(codec, "GROUP_ENTRIES", group)
+        outs.append((codec.encode(counts, fi, fl, seg, codec.id_bits_for(vocab), STEP),
+                     codec.encode(counts, fi, fl, seg, layout.id_bits, STEP, draws=draws, layout=layout)))
+    for a, b in zip(outs[0], outs[1]):
+        for f in ("payload", "count", "widths", "top", "segment_bytes", "num_entries"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), f
