@@ -139,9 +139,40 @@ def encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray | None, seg
     """
     layout = layout or Layout(id_bits, value_step)
     counts = np.asarray(counts, dtype=np.int64)
+    seg_len = np.asarray(segment_lengths, dtype=np.int64)
+    if len(seg_len) > 1 and len(ids) > 2 * GROUP_ENTRIES and seg_len.sum() == len(counts) and np.all(seg_len >= 0):
+        # Segments are independent and byte-aligned: encode cache-sized groups of whole segments and
+        # concatenate (the same bytes; numpy's [E] temporaries then stay in cache, ~2x faster).
+        tok_cut = _excl_cumsum(seg_len)
+        ent_cut = _excl_cumsum(counts)[tok_cut]
+        if ent_cut[-1] == len(ids):
+            groups, g0 = [], 0
+            for s in range(1, len(seg_len) + 1):
+                if s == len(seg_len) or ent_cut[s] - ent_cut[g0] >= GROUP_ENTRIES:
+                    t0, t1, e0, e1 = tok_cut[g0], tok_cut[s], ent_cut[g0], ent_cut[s]
+                    groups.append(_encode(counts[t0:t1], np.asarray(ids)[e0:e1],
+                                          None if logprobs is None else np.asarray(logprobs)[e0:e1], seg_len[g0:s],
+                                          id_bits, value_step, None if draws is None else np.asarray(draws)[e0:e1],
+                                          layout))
+                    g0 = s
+            return EncodedChunk(payload=np.concatenate([g.payload for g in groups]),
+                                count=np.concatenate([g.count for g in groups]),
+                                widths=np.concatenate([g.widths for g in groups]),
+                                top=np.concatenate([g.top for g in groups]),
+                                segment_bytes=np.concatenate([g.segment_bytes for g in groups]),
+                                num_entries=sum(g.num_entries for g in groups))
+    return _encode(counts, ids, logprobs, seg_len, id_bits, value_step, draws, layout)
+
+
+GROUP_ENTRIES = 1 << 15
+"""Entries per group of segments that :func:`encode` encodes at once (32k: a few hundred positions
+of a top-100 store; each [E] int64 temporary is then 256 KiB)."""
+
+
+def _encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray | None, seg_len: np.ndarray, id_bits: int,
+            value_step: float, draws: np.ndarray | None, layout: Layout) -> EncodedChunk:
     ids = np.asarray(ids, dtype=np.int64)
     lp = np.asarray(logprobs if layout.values else np.zeros(len(ids)), dtype=np.float64)
-    seg_len = np.asarray(segment_lengths, dtype=np.int64)
     T, E = len(counts), int(counts.sum())
     if seg_len.sum() != T or np.any(seg_len < 0):
         raise ValueError(f"segment lengths sum to {int(seg_len.sum())}, expected {T} tokens")

@@ -46,7 +46,16 @@ def _block_size(v: int, k: int) -> int:
     return b if b >= 4 else 1
 
 
-def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_maxima(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The block maxima [R, V / B] :func:`_topk` ranks for ``k`` (None when it does not prune)."""
+    rows, v = x.shape
+    b = _block_size(v, k)
+    if b == 1 or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    return x.view(rows, b, v // b).amax(1)
+
+
+def _topk(x: torch.Tensor, k: int, bm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest entries of each row of ``x`` [R, V]: values and column ids, in no order.
 
     The same entries as ``torch.topk`` (which of several entries equal to the k-th largest value
@@ -62,10 +71,62 @@ def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if b == 1 or x.device.type != "cpu" or not x.is_contiguous():
         return torch.topk(x, k, dim=-1, sorted=False)
     nb = v // b
-    _, blocks = torch.topk(x.view(rows, b, nb).amax(1), k, dim=-1, sorted=False)
+    if bm is None or bm.shape != (rows, nb):
+        bm = x.view(rows, b, nb).amax(1)
+    _, blocks = torch.topk(bm, k, dim=-1, sorted=False)
     cols = (blocks.unsqueeze(-1) + nb * torch.arange(b, device=x.device)).view(rows, k * b)
     vals, j = torch.topk(x.gather(1, cols), k, dim=-1, sorted=False)
     return vals, cols.gather(1, j)
+
+
+def _order_keys(vals: torch.Tensor, ids: torch.Tensor, id_bits: int) -> torch.Tensor:
+    """int64 keys whose decreasing order is the selection order: decreasing value, ties smaller id.
+
+    ``vals`` fp32, ``ids`` in ``[0, 2^id_bits)``; key = ordered bits of the value (the fp32 bit
+    pattern with the magnitude bits of negatives flipped, -0.0 as +0.0, every NaN as one NaN
+    above +inf, as torch's sort places NaN) shifted left by ``id_bits``, or'ed with the complemented
+    id. Keys are distinct, so any sort gives the order a stable value sort of id-sorted entries gives.
+    """
+    b = (vals + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 -> +0.0 (they compare equal)
+    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+    b = torch.where(vals != vals, 0x7FC00000, b)  # NaN (any payload / sign) ranks first
+    mask = (1 << id_bits) - 1
+    return (b << id_bits) | (mask - ids)
+
+
+_CPU_BUF: list[torch.Tensor] = [torch.empty(0)]
+_CPU_BUF_MAX = 1 << 22
+"""Elements of the reused CPU work buffer of :func:`_logsumexp_cpu` (16 MiB fp32; larger chunks allocate)."""
+
+
+def _logsumexp_cpu(x: torch.Tensor, rowmax: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(x, -1)`` bit for bit (its own steps: max with +-inf -> 0, ``sum(exp(x - max))``,
+    log, add the max), from the row maxima ``rowmax`` [R] (exact however they were reduced), in a
+    reused buffer instead of two fresh [R, V] temporaries."""
+    m = rowmax.masked_fill(rowmax.abs() == float("inf"), 0.0)
+    n = x.numel()
+    if n <= _CPU_BUF_MAX:
+        if _CPU_BUF[0].numel() < n:
+            _CPU_BUF[0] = torch.empty(n, dtype=torch.float32)
+        buf = _CPU_BUF[0][:n].view(x.shape)
+        torch.sub(x, m.unsqueeze(-1), out=buf)
+    else:
+        buf = x - m.unsqueeze(-1)
+    return buf.exp_().sum(-1).log_().add_(m)
+
+
+def _truncate_cpu(x, kk, lse, top_p, bm=None):
+    """:func:`_truncate` on CPU, one rank, fp32 contiguous ``x``: the same results, with one sort of
+    :func:`_order_keys` instead of two sorts and four gathers (``bm``: :func:`_block_maxima`)."""
+    vals, idx = _topk(x, min(kk, x.shape[-1]), bm)
+    id_bits = max(1, (x.shape[-1] - 1).bit_length())
+    key = torch.sort(_order_keys(vals, idx, id_bits), dim=-1, descending=True).values[:, :kk]
+    gids = ((1 << id_bits) - 1) - (key & ((1 << id_bits) - 1))
+    lp = x.gather(-1, gids).double() - lse.unsqueeze(-1)
+    p = torch.exp(lp)
+    cum = torch.cumsum(p, dim=-1)
+    n = ((cum - p < top_p) & torch.isfinite(lp)).sum(dim=-1).clamp_(1, kk)
+    return gids, lp, n, cum[:, -1] >= top_p
 
 
 def _truncate(x, kk, start, lse, top_p, group, tp):
@@ -107,6 +168,15 @@ def select_top_p_top_k(logits: torch.Tensor, vocab_size: int, top_p: float, top_
         ``k = min(top_k, vocab_size)``. Identical on every TP rank.
     """
     group, tp = _tp_group_and_size()
+    if tp == 1 and logits.device.type == "cpu":
+        # The CPU single-rank path (:func:`_truncate_cpu`) runs dozens of small ops per chunk: skip
+        # the Python torch-function modes (megatron_kd.runtime.cpu's device rewrite) around them.
+        with torch._C.DisableTorchFunction():
+            return _select(logits, vocab_size, top_p, top_k, chunk_tokens, None, 1)
+    return _select(logits, vocab_size, top_p, top_k, chunk_tokens, group, tp)
+
+
+def _select(logits, vocab_size, top_p, top_k, chunk_tokens, group, tp):
     T, v_local = logits.shape
     start = (dist.get_rank(group) if tp > 1 else 0) * v_local
     k = min(top_k, vocab_size)
@@ -116,8 +186,15 @@ def select_top_p_top_k(logits: torch.Tensor, vocab_size: int, top_p: float, top_
         x = logits[c0:c0 + chunk].float()
         if start + v_local > vocab_size:  # padded vocabulary columns get probability 0
             x = x.masked_fill(torch.arange(start, start + v_local, device=x.device) >= vocab_size, float("-inf"))
+        k0 = min(FIRST_K, k) if _first_stage_hits[0] >= 0.5 else k
+        fast = tp == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+        bm = None
+        if fast:  # the row maxima from the top-k's block maxima (max is exact in any order)
+            bm = _block_maxima(x, min(k0, v_local))
+            lse = _logsumexp_cpu(x, (bm if bm is not None else x).amax(-1))
+        else:
+            lse = torch.logsumexp(x, dim=-1)
         # Global log-sum-exp from the per-rank ones: two all-reduces of [T] values.
-        lse = torch.logsumexp(x, dim=-1)
         if tp > 1:
             m = lse.clone()
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -129,8 +206,10 @@ def select_top_p_top_k(logits: torch.Tensor, vocab_size: int, top_p: float, top_
         # (their mass already reaches top_p); only the others pay for the full top-k.
         # The first stage is skipped while it decides under half of the positions (a flat teacher),
         # where it would only add a second top-k pass.
-        k0 = min(FIRST_K, k) if _first_stage_hits[0] >= 0.5 else k
-        gids, lp, n, done = _truncate(x, k0, start, lse, top_p, group, tp)
+        if fast:
+            gids, lp, n, done = _truncate_cpu(x, k0, lse, top_p, bm)
+        else:
+            gids, lp, n, done = _truncate(x, k0, start, lse, top_p, group, tp)
         decided = done if k0 < k else torch.exp(lp[:, :FIRST_K]).sum(-1) >= top_p
         _first_stage_hits[0] = 0.8 * _first_stage_hits[0] + 0.2 * float(decided.double().mean())
         if k0 < k:
@@ -138,8 +217,11 @@ def select_top_p_top_k(logits: torch.Tensor, vocab_size: int, top_p: float, top_
             lp = torch.cat([lp, lp.new_full((len(lp), k - k0), float("-inf"))], dim=-1)
             rest = torch.nonzero(~done).squeeze(-1)  # identical on every TP rank
             if len(rest):
-                g2, lp2, n2, _ = _truncate(x.index_select(0, rest), k, start, lse.index_select(0, rest), top_p,
-                                           group, tp)
+                if fast:
+                    g2, lp2, n2, _ = _truncate_cpu(x.index_select(0, rest), k, lse.index_select(0, rest), top_p)
+                else:
+                    g2, lp2, n2, _ = _truncate(x.index_select(0, rest), k, start, lse.index_select(0, rest), top_p,
+                                               group, tp)
                 gids[rest], lp[rest], n[rest] = g2, lp2, n2
         out_ids.append(gids)
         out_lp.append(lp.float())
@@ -160,6 +242,14 @@ def flatten_selection(ids: torch.Tensor, logprobs: torch.Tensor, counts: torch.T
     returns ``(ids [E], logprobs [E])`` with ``E = counts.sum()``.
     """
     valid = torch.arange(ids.shape[-1], device=ids.device).unsqueeze(0) < counts.unsqueeze(-1)
+    if ids.device.type == "cpu" and logprobs.dtype == torch.float32 and ids.numel():
+        with torch._C.DisableTorchFunction():
+            # One sort of (id << 32 | the log-prob's 32 bits): ids and values come out together.
+            bits = logprobs.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+            key = torch.sort(torch.where(valid, (ids << 32) | bits, torch.iinfo(torch.long).max), dim=-1).values
+            key = key.masked_select(valid)
+            low = key & 0xFFFFFFFF
+            return key >> 32, ((low ^ 0x80000000) - 0x80000000).to(torch.int32).view(torch.float32)
     key, perm = torch.sort(torch.where(valid, ids, torch.iinfo(torch.long).max), dim=-1)
     # Sorting pushed the unused entries to the end of each row, so ``valid`` still marks the kept ones.
     return key.masked_select(valid), logprobs.gather(-1, perm).masked_select(valid)

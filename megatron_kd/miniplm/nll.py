@@ -22,6 +22,7 @@ Two interchangeable shard kernels (equal to megatron's function and to float64 m
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -192,8 +193,13 @@ def hidden_nll_sbv(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     flat = hidden.reshape(s * b, h)
     out = torch.zeros(s * b, dtype=torch.float32, device=hidden.device)
     rows = torch.nonzero(flat_labels >= 0, as_tuple=False).reshape(-1)
-    for lo, hi in cache_chunks(rows.numel(), chunk_tokens, weight.shape[0], hidden.device):
-        idx = rows[lo:hi]
-        logits = torch.matmul(flat.index_select(0, idx).to(weight.dtype), weight.t())
-        out.index_copy_(0, idx, vocab_parallel_nll(logits, flat_labels.index_select(0, idx), vocab_size, kernel))
+    kernel = resolve_kernel(kernel)
+    # On CPU the chunks are small (cache-sized): skip the Python torch-function modes (the CPU
+    # runtime's device rewrite, which none of these calls needs) around their many small ops.
+    cpu_eager = hidden.device.type == "cpu" and kernel == "eager"
+    with torch._C.DisableTorchFunction() if cpu_eager else contextlib.nullcontext():
+        for lo, hi in cache_chunks(rows.numel(), chunk_tokens, weight.shape[0], hidden.device):
+            idx = rows[lo:hi]
+            logits = torch.matmul(flat.index_select(0, idx).to(weight.dtype), weight.t())
+            out.index_copy_(0, idx, vocab_parallel_nll(logits, flat_labels.index_select(0, idx), vocab_size, kernel))
     return out.view(s, b).transpose(0, 1)

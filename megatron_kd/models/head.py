@@ -64,12 +64,17 @@ def capture_for(model: Any) -> Optional[HeadCapture]:
     return cap
 
 
-CPU_CHUNK_BYTES = 1 << 21
-"""On CPU, fused heads produce about this many bytes of fp32 logits per chunk (2 MiB), so that the
-chunk is still in cache when the NLL / top-k reads it right after the matmul (a [2048, V] chunk
-goes to DRAM and back several times, and each fresh allocation of it page-faults)."""
+CPU_CHUNK_BYTES = 1 << 23
+"""On CPU, fused heads produce at most about this many bytes of fp32 logits per chunk (8 MiB), so
+that the chunk is still in cache when the NLL / top-k reads it right after the matmul (a [2048, V]
+chunk goes to DRAM and back several times, and each fresh allocation of it page-faults)."""
 CPU_MIN_CHUNK_ROWS = 64
 """Fewest rows per CPU chunk (the matmul streams the whole output weight once per chunk)."""
+CPU_MAX_CHUNK_ROWS = 256
+"""Most rows per CPU chunk. 256 rows (4 MiB of logits at V = 4,096, 8 MiB at 8,192) measured faster
+than 64-128 rows (2 MiB, the first setting: the output weight, 4-8 MiB here, is streamed once per
+chunk, and the per-chunk ops are fewer) and than 320-512 rows (the chunk falls out of cache):
+micro-benchmarks on the 2-core EPYC VM, 1 thread, 2026-12-06 (BENCHMARKS.md, issue 15)."""
 _MIN_TAIL_ROWS = 16
 """A last chunk shorter than this joins the one before it: MKL's sgemm gives a row the same bits
 at every row count M >= 4 (checked for M = 4 ... 4,100), but not at M <= 3 (another code path)."""
@@ -78,14 +83,14 @@ at every row count M >= 4 (checked for M = 4 ... 4,100), but not at M <= 3 (anot
 def cache_chunks(n: int, chunk_tokens: int, width: int, device: torch.device) -> list[tuple[int, int]]:
     """``[lo, hi)`` row ranges of a fused LM head over ``n`` rows with ``width`` output columns.
 
-    On GPU: ``chunk_tokens`` rows each (the last one shorter). On CPU: cache-sized chunks of about
-    :data:`CPU_CHUNK_BYTES` of fp32 logits (at least :data:`CPU_MIN_CHUNK_ROWS` rows, at most
-    ``chunk_tokens``), and a short tail joins the chunk before it, so that every row's logits have
-    the same bits as in one matmul over all ``n`` rows. Same ranges on every rank for the same
+    On GPU: ``chunk_tokens`` rows each (the last one shorter). On CPU: cache-sized chunks of at most
+    :data:`CPU_CHUNK_BYTES` of fp32 logits and :data:`CPU_MAX_CHUNK_ROWS` rows (at least
+    :data:`CPU_MIN_CHUNK_ROWS` rows, at most ``chunk_tokens``), and a short tail joins the chunk
+    before it, so that every row's logits have the same bits as in one matmul over all ``n`` rows. Same ranges on every rank for the same
     ``(n, width)`` (collectives inside a chunk stay matched)."""
     step = max(1, chunk_tokens)
     if device.type == "cpu":
-        step = min(step, max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(width, 1))))
+        step = min(step, CPU_MAX_CHUNK_ROWS, max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * max(width, 1))))
     bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
     if device.type == "cpu" and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < _MIN_TAIL_ROWS:
         bounds[-2:] = [(bounds[-2][0], n)]

@@ -214,3 +214,55 @@ def test_write_fields_matches_bytewise_or():
         for order in (np.arange(f), rng.permutation(f)):
             got = codec._write_fields(nbytes, pos[order], width[order], val[order])
             assert got.dtype == np.uint8 and np.array_equal(got, want)
+
+
+def test_cpu_fast_selection_equals_general_path():
+    """The CPU single-rank path (issue 15: order keys, one sort, block-maxima log-sum-exp, key-sorted
+    flatten) gives the general path's bits: ties, -0.0 / +0.0, -inf padding, an all -inf row, NaN."""
+    from megatron_kd.logits import truncation as tr
+
+    torch.manual_seed(3)
+    x = torch.randn(48, 4096) * torch.linspace(0.3, 9.0, 48).unsqueeze(1)
+    x[1] = torch.round(x[1] * 2) / 2  # many exact ties, also at the top-k boundary
+    x[2, :] = 0.0
+    x[2, 7] = -0.0
+    x[3, 100:] = float("-inf")
+    x[4, :] = float("-inf")
+    vals = torch.tensor([0.0, -0.0, 1.5, -1.5, float("inf"), float("-inf"), float("nan"), 1.5])
+    ids = torch.arange(8)
+    order = torch.sort(tr._order_keys(vals, ids, 3), descending=True).indices.tolist()
+    assert order == [6, 4, 2, 7, 0, 1, 3, 5]  # NaN first (as torch's sort), ties by smaller id
+    for rows in (x, x[:, :300].contiguous()):
+        lse_ref = torch.logsumexp(rows, -1)
+        assert torch.equal(tr._logsumexp_cpu(rows, rows.amax(-1)), lse_ref)
+        for kk in (1, 16, 100):
+            fast = tr._truncate_cpu(rows, kk, lse_ref.double(), 0.9)
+            slow = tr._truncate(rows, kk, 0, lse_ref.double(), 0.9, None, 1)
+            for a, b in zip(fast, slow):  # (the all -inf row has NaN log-probs in both)
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    ids, lp, n = select_top_p_top_k(x, 4000, 0.95, 100)
+    valid = torch.arange(100).unsqueeze(0) < n.unsqueeze(1)
+    key, perm = torch.sort(torch.where(valid, ids, torch.iinfo(torch.long).max), dim=-1)
+    fi, fl = flatten_selection(ids, lp, n)
+    assert torch.equal(fi, key.masked_select(valid))
+    torch.testing.assert_close(fl, lp.gather(-1, perm).masked_select(valid), rtol=0, atol=0, equal_nan=True)
+
+
+def test_encode_in_segment_groups_gives_the_same_bytes(monkeypatch):
+    """encode() works on cache-sized groups of whole segments (issue 15): the bytes and tables equal
+    one pass over all segments, top-k and sampled layouts, empty segments and tokens included."""
+    rng = np.random.default_rng(7)
+    vocab, K, T = 5000, 40, 900
+    ids, lp, counts = _random_rows(rng, T, K, vocab)
+    seg = np.array([0, 100, 250, 0, 1, 300, 249])
+    fi, fl = codec.flatten_rows(ids, lp, counts)
+    draws = np.concatenate([np.bincount(rng.integers(0, c, 48), minlength=c) for c in counts if c])
+    layout = codec.Layout(codec.id_bits_for(vocab), STEP, num_draws=48, draw_offset=0)
+    outs = []
+    for group in (1 << 40, 500):  # one group / many
+        monkeypatch.setattr(codec, "GROUP_ENTRIES", group)
+        outs.append((codec.encode(counts, fi, fl, seg, codec.id_bits_for(vocab), STEP),
+                     codec.encode(counts, fi, fl, seg, layout.id_bits, STEP, draws=draws, layout=layout)))
+    for a, b in zip(outs[0], outs[1]):
+        for f in ("payload", "count", "widths", "top", "segment_bytes", "num_entries"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), f
