@@ -245,6 +245,11 @@ def main() -> int:
         "offline_over_plain": round(med["offline"] / med["plain"], 4),
         "online_over_plain_plus_teacher": round(med["online"] / (med["plain"] + med["teacher_forward"]), 4),
         "teacher_share_of_online_step": round(med["teacher_forward"] / med["online"], 4),
+        # the same ratios round by round (the steps of one round run back to back): their spread shows how
+        # far a median of this many rounds can be trusted on a shared machine
+        "per_round": {"offline_over_plain": [round(o / p, 4) for p, o in zip(times["plain"], times["offline"])],
+                      "online_over_plain_plus_teacher": [round(o / (p + t), 4) for p, o, t in zip(
+                          times["plain"], times["online"], times["teacher_forward"])]},
         "online_tokens_per_s": round(online_tps, 1),
         "online_model_tflops_per_s": round(online_flops / 1e12, 4),
         "online_mfu": round(online_flops / (peak * world_size()), 4) if peak else None,

@@ -61,6 +61,10 @@ class TrainConfig(TrainScheduleConfig):
     """Tokens per sequence."""
     eval_iters: int = 0
     """Global batches per evaluation (0 = no evaluation)."""
+    fused_lm_loss: bool = True
+    """pretrain: the output layer and the LM cross-entropy run chunk by chunk over the tokens, so the
+    [tokens, V] logits are never held whole (the kernel of the distill step's LM term); false =
+    megatron's full-logits cross-entropy. (distill steps follow kd.fused_linear instead.)"""
 
 
 @dataclass

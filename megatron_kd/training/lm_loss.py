@@ -69,6 +69,48 @@ def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: tor
     return output, partial(lm_loss_func, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab_size)
 
 
-def make_lm_forward_step(vocab_size: int):
-    """``lm_forward_step`` bound to the real vocabulary size (what the Trainer takes)."""
-    return partial(lm_forward_step, vocab_size=vocab_size)
+def fused_lm_loss_func(loss_mask: torch.Tensor, hidden: torch.Tensor, *, labels: torch.Tensor, weight: torch.Tensor,
+                       vocab_size: int, sequence_parallel: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`lm_loss_func` from the final hidden states ``hidden`` [b, s, H] (``[b, s/tp, H]`` sequence
+    parallel) and the output weight shard ``weight`` [V/tp, H]: the output layer and the cross-entropy
+    run chunk by chunk over the tokens (:func:`megatron_kd.losses.fused_linear.fused_linear_kd`, LM
+    only), so the [tokens, V] logits are never held whole, in forward or backward. Tokens count where
+    ``loss_mask`` is non-zero (GPT datasets' masks are 0/1)."""
+    from megatron_kd.losses.fused_linear import fused_linear_kd
+
+    mask = loss_mask != 0
+    loss_sum, _, _ = fused_linear_kd(hidden, weight, labels.masked_fill(~mask, 0), mask, w_lm=1.0,
+                                     vocab_size=vocab_size, sequence_parallel=sequence_parallel)
+    count = mask.sum()
+    report = {"lm": torch.stack([loss_sum.detach().float(), count.detach().float()])}
+    return loss_sum, count.to(torch.int), report
+
+
+def fused_lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module,
+                          vocab_size: int):
+    """:func:`lm_forward_step` with the fused output layer + cross-entropy (:func:`fused_lm_loss_func`).
+
+    On the last pipeline stage the output layer is captured (:mod:`megatron_kd.models.head`): the
+    model returns its final hidden states and the loss runs the output layer itself. Other stages
+    have no output layer and run as before.
+    """
+    from megatron_kd.models.head import capture_for
+
+    cap = capture_for(model)
+    if cap is None:
+        return lm_forward_step(data_iterator, model, vocab_size)
+    batch = batch_to_device(next(data_iterator))
+    cap.active = True
+    try:
+        hidden = model(batch["tokens"], batch["position_ids"], None)
+    finally:
+        cap.active = False
+    return hidden, partial(fused_lm_loss_func, batch["loss_mask"], labels=batch["labels"], weight=cap.pop_weight(),
+                           vocab_size=vocab_size, sequence_parallel=cap.sequence_parallel)
+
+
+def make_lm_forward_step(vocab_size: int, fused: bool = False):
+    """``lm_forward_step`` bound to the real vocabulary size (what the Trainer takes); ``fused``:
+    :func:`fused_lm_forward_step` (``train.fused_lm_loss``)."""
+    return partial(fused_lm_forward_step if fused else lm_forward_step, vocab_size=vocab_size)

@@ -177,7 +177,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             print(f"pretrain: {n / 1e6:.2f}M parameters, world {_launch_world_size()} "
                   f"(TP {cfg.parallel.tensor_parallel}, PP {cfg.parallel.pipeline_parallel}), "
                   f"{'synthetic data' if cfg.data.synthetic else 'data ' + ','.join(cfg.data.prefixes)}", flush=True)
-        trainer = Trainer(chunks, optimizer, scheduler, make_lm_forward_step(model_cfg.vocab_size), model_cfg,
+        trainer = Trainer(chunks, optimizer, scheduler, make_lm_forward_step(model_cfg.vocab_size, cfg.train.fused_lm_loss),
+                          model_cfg,
                           cfg.train, cfg.checkpoint, cfg.logging, tokenizer=cfg.data.tokenizer, desc="pretrain")
         trainer.resume()
         result = trainer.fit(make_train, make_valid)

@@ -58,9 +58,14 @@ def test_local_form_identical_to_general(monkeypatch, dtype, ragged, need_grad, 
     local, general = _both(s, labels, ids, lps, need_grad, w_kd, monkeypatch=monkeypatch)
     assert local is not None
     _assert_identical(local, general)
-    # and the dispatcher picks it
+    # and the dispatcher picks it, also with a separate gradient buffer (the one-pass loss's ``out``)
     out = fused._sparse_fast(s.clone(), ids, lps, labels, TP1, need_grad, None, w_kd, 0.4, 0, s.shape[-1])
     _assert_identical(out, local)
+    buf = torch.empty_like(s)
+    out = fused._sparse_fast(s.clone(), ids, lps, labels, TP1, need_grad, buf, w_kd, 0.4, 0, s.shape[-1])
+    _assert_identical(out, local)
+    if need_grad:
+        assert out[2].data_ptr() == buf.data_ptr()
 
 
 def test_local_form_ids_beyond_vocab_limit_and_underflow(monkeypatch):
@@ -94,6 +99,8 @@ def test_local_form_declines_outside_its_preconditions(monkeypatch, case):
         vocab_limit = s.shape[-1] + 3
     local, general = _both(s, labels, ids, lps, vocab_limit=vocab_limit, monkeypatch=monkeypatch)
     assert local is None
+    assert fused._sparse_fast_local(s[:0].clone(), ids[:0], lps[:0], labels[:0], TP1, True, None, 0.6, 0.4, 0,
+                                    s.shape[-1]) is None  # an empty chunk
     out = fused._sparse_fast(s.clone(), ids, lps, labels, TP1, True, None, 0.6, 0.4, 0,
                              s.shape[-1] if vocab_limit is None else vocab_limit)
     _assert_identical(out, general)

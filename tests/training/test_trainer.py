@@ -16,7 +16,7 @@ MODEL = dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_grou
 STEPS = 4
 
 
-def _trainer(tp, pp, mbs, gbs, full_state, ckpt_dir=None, forward_step=None, **kwargs):
+def _trainer(tp, pp, mbs, gbs, full_state, ckpt_dir=None, forward_step=None, fused=False, **kwargs):
     from megatron_kd.models import ModelConfig
     from megatron_kd.models.sharding import gather_full_state, load_full_state
     from megatron_kd.runtime import ParallelConfig, init_distributed, set_seed
@@ -36,7 +36,7 @@ def _trainer(tp, pp, mbs, gbs, full_state, ckpt_dir=None, forward_step=None, **k
     load_full_state(unwrap_model(chunks[0]), full_state, cfg)
     train = TrainConfig(micro_batch_size=mbs, global_batch_size=gbs, seq_length=16, train_iters=STEPS,
                         log_interval=0, eval_iters=1, eval_interval=2)
-    trainer = Trainer(chunks, optimizer, scheduler, forward_step or make_lm_forward_step(cfg.vocab_size), cfg,
+    trainer = Trainer(chunks, optimizer, scheduler, forward_step or make_lm_forward_step(cfg.vocab_size, fused), cfg,
                       train, CheckpointConfig(save=ckpt_dir, save_interval=2 if ckpt_dir else 0),
                       LoggingConfig(quiet=True), **kwargs)
     data = SyntheticDataset(cfg.vocab_size, 16, seed=3)
@@ -49,8 +49,8 @@ def _trainer(tp, pp, mbs, gbs, full_state, ckpt_dir=None, forward_step=None, **k
     return trainer, make_train, make_valid, full_state
 
 
-def _curve(tp, pp, mbs, gbs, full_state):
-    trainer, make_train, make_valid, state = _trainer(tp, pp, mbs, gbs, full_state)
+def _curve(tp, pp, mbs, gbs, full_state, fused=False):
+    trainer, make_train, make_valid, state = _trainer(tp, pp, mbs, gbs, full_state, fused=fused)
     steps = []
     trainer.on_step_end = lambda step, m: steps.append((m["loss"], m["grad_norm"], m["lr"]))
     result = trainer.fit(make_train, make_valid)
@@ -123,8 +123,8 @@ def _unpacked(data):
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _pp_worker(rank, world_size, tp, pp, state):
-    steps, valid, _ = _curve(tp, pp, 2, 8, state)
+def _pp_worker(rank, world_size, tp, pp, state, fused=False):
+    steps, valid, _ = _curve(tp, pp, 2, 8, state, fused=fused)
     return steps, valid
 
 
@@ -155,6 +155,16 @@ def test_gradient_accumulation_equals_one_big_microbatch(reference):
 def test_pp2_1f1b_equals_pp1_same_weights(reference):
     outs = run_workers(_pp_worker, 2, 1, 2, reference["state"])
     for steps, valid in outs:  # every rank gets the metrics (broadcast from the last stage)
+        _assert_same_curve(steps, reference["ref"])
+        assert valid == pytest.approx(reference["ref_valid"], abs=1e-5)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_fused_lm_loss_equals_megatron_cross_entropy(reference, tp, pp):
+    """train.fused_lm_loss (output layer + cross-entropy chunk by chunk, pretrain's default) trains the
+    same curve as megatron's full-logits cross-entropy at TP=1 (the reference), TP=2 and PP=2."""
+    outs = run_workers(_pp_worker, tp * pp, tp, pp, reference["state"], True)
+    for steps, valid in outs:
         _assert_same_curve(steps, reference["ref"])
         assert valid == pytest.approx(reference["ref_valid"], abs=1e-5)
 
