@@ -158,7 +158,7 @@ def _sparse_fast_local(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offse
     mass, non-finite logits) returns None.
     """
     v_local = S.shape[-1]
-    if offset != 0 or vocab_limit > v_local or v_local == 0 or ids.shape[-1] == 0:
+    if offset != 0 or vocab_limit > v_local or v_local == 0 or ids.numel() == 0:
         return None
     lo, hi = (int(x) for x in torch.aminmax(ids))
     valid = None  # None: every id is valid

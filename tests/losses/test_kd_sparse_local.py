@@ -99,6 +99,8 @@ def test_local_form_declines_outside_its_preconditions(monkeypatch, case):
         vocab_limit = s.shape[-1] + 3
     local, general = _both(s, labels, ids, lps, vocab_limit=vocab_limit, monkeypatch=monkeypatch)
     assert local is None
+    assert fused._sparse_fast_local(s[:0].clone(), ids[:0], lps[:0], labels[:0], TP1, True, None, 0.6, 0.4, 0,
+                                    s.shape[-1]) is None  # an empty chunk
     out = fused._sparse_fast(s.clone(), ids, lps, labels, TP1, True, None, 0.6, 0.4, 0,
                              s.shape[-1] if vocab_limit is None else vocab_limit)
     _assert_identical(out, general)
