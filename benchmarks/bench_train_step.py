@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Throughput of one plain pre-training step (forward + backward + AdamW) through megatron-kd's Trainer.
 
-Prints one JSON object: tokens/s, step time, and model FLOPs utilisation (MFU, on GPU).
+Prints one JSON object: tokens/s, step time, and model FLOPs utilisation (MFU, on GPU). The step is
+pretrain's default (fused output layer + LM loss, ``train.fused_lm_loss``); ``--compare-unfused`` times
+megatron's full-logits cross-entropy beside it in the same process (``fused_over_unfused``).
 
     # CPU (defaults: cpu-student 2x128, vocab 8192, seq 256, micro-batch 8, fp32)
     python benchmarks/bench_train_step.py
@@ -49,6 +51,15 @@ def parse_args() -> argparse.Namespace:
                    "LlamaForCausalLM of the same shape, torch AdamW) in the same process, one process only")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per GPU for MFU "
                    "(default: looked up from the GPU name)")
+    p.add_argument("--unfused-lm-loss", action="store_true",
+                   help="megatron's full-logits cross-entropy instead of pretrain's default fused output layer + "
+                        "loss (train.fused_lm_loss=false)")
+    p.add_argument("--compare-unfused", action="store_true",
+                   help="also time the unfused LM loss in the same process (interleaved rounds of --steps, medians): "
+                        "adds unfused_step_s and fused_over_unfused to the JSON")
+    p.add_argument("--rounds", type=int, default=3, help="with --compare-unfused: interleaved rounds")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on CPU, so that a plain run gives a reproducible figure)")
     return p.parse_args()
 
 
@@ -94,6 +105,8 @@ def baseline_step_time(cfg, batches, steps: int, warmup: int) -> float:
 
 def main() -> int:
     args = parse_args()
+    if not torch.cuda.is_available() or args.threads:
+        torch.set_num_threads(args.threads or 1)
     from megatron.core import parallel_state
 
     from megatron_kd.models import get_preset
@@ -116,8 +129,9 @@ def main() -> int:
     optim = OptimConfig(lr=1e-4, min_lr=1e-5, warmup_iters=1, precision=args.precision,
                         use_distributed_optimizer=args.distributed_optimizer)
     chunks, optimizer, scheduler = setup_model_and_optimizer(cfg, parallel, optim, total)
-    trainer = Trainer(chunks, optimizer, scheduler, make_lm_forward_step(cfg.vocab_size), cfg, train,
-                      logging=LoggingConfig(quiet=True))
+    steps = {"fused": make_lm_forward_step(cfg.vocab_size, True), "unfused": make_lm_forward_step(cfg.vocab_size, False)}
+    main_kind = "unfused" if args.unfused_lm_loss else "fused"
+    trainer = Trainer(chunks, optimizer, scheduler, steps[main_kind], cfg, train, logging=LoggingConfig(quiet=True))
 
     # Pre-generate the micro-batches once, so the timing is the training step only.
     data = SyntheticDataset(cfg.vocab_size, args.seq_length, seed=0)
@@ -145,6 +159,27 @@ def main() -> int:
             cpu_times.append(time.process_time() - c0)
         losses.append(metrics["loss"])
     step_time = sum(times) / len(times)
+    ab = {}
+    if args.compare_unfused:  # the same model and batches, the two losses in interleaved rounds
+        import statistics
+
+        rounds: dict[str, list[float]] = {"fused": [], "unfused": []}
+        for _ in range(args.rounds):
+            for kind in ("unfused", "fused"):
+                trainer.forward_step_func = trainer.valid_forward_step_func = steps[kind]
+                trainer.train_step(data_iter)  # warm-up of this path
+                sync()
+                c0, t0 = time.process_time(), time.perf_counter()
+                for _ in range(args.steps):
+                    trainer.train_step(data_iter)
+                sync()
+                spent = (time.perf_counter() - t0) if torch.cuda.is_available() else (time.process_time() - c0)
+                rounds[kind].append(spent / args.steps)
+        med = {k: statistics.median(v) for k, v in rounds.items()}
+        ab = {"fused_step_s": round(med["fused"], 4), "unfused_step_s": round(med["unfused"], 4),
+              "fused_over_unfused": round(med["fused"] / med["unfused"], 4),
+              "ab_clock": "wall (GPU)" if torch.cuda.is_available() else "process CPU",
+              "ab_rounds": {k: [round(x, 4) for x in v] for k, v in rounds.items()}}
     tokens_per_s = gbs * args.seq_length / step_time
     peak = peak_flops(args.peak_tflops)
     model_flops = 3 * cfg.flops_per_token(args.seq_length) * tokens_per_s
@@ -154,7 +189,7 @@ def main() -> int:
         "world_size": world_size(), "tp": args.tp, "pp": args.pp, "dp": dp,
         "model": args.preset, "params_M": round(cfg.num_parameters() / 1e6, 2), "vocab_size": cfg.vocab_size,
         "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size, "global_batch_size": gbs,
-        "precision": args.precision, "timed_steps": args.steps,
+        "precision": args.precision, "timed_steps": args.steps, "lm_loss": main_kind,
         "step_time_s": round(step_time, 4), "tokens_per_s": round(tokens_per_s, 1),
         "model_tflops_per_s": round(model_flops / 1e12, 3),
         # CPU seconds this process used per step: on a shared, oversubscribed CPU this shows the
@@ -165,6 +200,7 @@ def main() -> int:
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
         "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
+    result.update(ab)
     if args.baseline and world_size() == 1 and gbs == args.micro_batch_size:
         base = baseline_step_time(cfg, batches, args.steps, args.warmup)
         result["baseline_hf_torch_tokens_per_s"] = round(gbs * args.seq_length / base, 1)
