@@ -132,16 +132,19 @@ def _sparse_target_terms(present: torch.Tensor, sv: torch.Tensor, lzs: torch.Ten
     (after the max shift), ``lp`` the stored log-probs. Returns (p [n, k] the teacher renormalised over
     the present ids, kd [n] = KL(p || student), has [n] = any mass present)."""
     lq = torch.where(present, sv - lzs.unsqueeze(-1), 0.0)
-    a = torch.where(present, lp, float("-inf"))
+    p, lp_hat, has = _renormalise(torch.where(present, lp, float("-inf")))
+    return p, torch.where(p > 0, p * (lp_hat - lq), 0.0).sum(-1), has
+
+
+def _renormalise(a: torch.Tensor):
+    """Stored log-probs ``a`` [n, k] (-inf = absent) renormalised per row: (p, log p, has [n] = any mass)."""
     amax = a.amax(-1)
     amax = torch.where(torch.isfinite(amax), amax, 0.0)
     e = torch.exp(a - amax.unsqueeze(-1))
     z = e.sum(-1)
     has = z > 0
     z = torch.where(has, z, 1.0)
-    p = e / z.unsqueeze(-1)
-    lp_hat = a - (amax + z.log()).unsqueeze(-1)
-    return p, torch.where(p > 0, p * (lp_hat - lq), 0.0).sum(-1), has
+    return e / z.unsqueeze(-1), a - (amax + z.log()).unsqueeze(-1), has
 
 
 def _sparse_fast_local(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offset, vocab_limit):
@@ -183,14 +186,7 @@ def _sparse_fast_local(S, ids, lp, labels, tp, need_grad, out, w_kd, w_lm, offse
     lzs = zs.log()
     lm = lzs - sl
     # The target side (_sparse_target_terms with present = valid, hence a = lp).
-    amax = lp.amax(-1)
-    amax = torch.where(torch.isfinite(amax), amax, 0.0)
-    e = torch.exp(lp - amax.unsqueeze(-1))
-    z = e.sum(-1)
-    has = z > 0
-    z = torch.where(has, z, 1.0)
-    p = e / z.unsqueeze(-1)
-    lp_hat = lp - (amax + z.log()).unsqueeze(-1)
+    p, lp_hat, has = _renormalise(lp)
     lq = sv - lzs.unsqueeze(-1)
     # p = 0 exactly wherever lp_hat = -inf (padding, zero mass); clamping those to the lowest float makes
     # their term p * (...) = 0 instead of NaN, so no mask is needed. (lq <= 0: no overflow.)
