@@ -211,7 +211,7 @@ def precompute_stores(cfgs: list[PrecomputeConfig], forward_only: bool | str = F
                                                            "num_tokens": int(doc_start[-1]),
                                                            "num_shards": len(shards)})
     barrier()
-    lacking = {i: ([run for run in runs] if forward_only
+    lacking = {i: (list(runs) if forward_only
                    else [run for run in runs if not mf.shard_record_file(run.path, i).is_file()])
                for i in range(len(shards))}
     todo = [i for i in range(len(shards)) if lacking[i]]
