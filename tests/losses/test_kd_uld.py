@@ -219,3 +219,50 @@ def test_tp2_equals_tp1():
             np.testing.assert_allclose(r[name][0], ref_loss.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
         grad = np.concatenate([ranks[0][name][1], ranks[1][name][1]], axis=-1)
         np.testing.assert_allclose(grad, ref_grad.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _projected_plain(s, t, proj, temperature, mask):
+    """The projected loss written as plain out-of-place formulas over whole [n, V] tensors (the kernel's
+    form before it worked in place): the in-place kernel must give the same bits, not merely close ones."""
+    proj = torch.as_tensor(proj)
+    src = (proj >= 0).nonzero().reshape(-1)
+    z_t = t / temperature
+    m_t = z_t.amax(-1, keepdim=True)
+    m_t = torch.where(torch.isfinite(m_t), m_t, torch.zeros_like(m_t))
+    e_t = torch.exp(z_t - m_t)
+    tot_t = e_t.sum(-1, keepdim=True)
+    p = e_t / torch.where(tot_t > 0, tot_t, torch.ones_like(tot_t))
+    r = torch.zeros(s.shape[0], s.shape[1], dtype=s.dtype)
+    r.index_add_(1, proj[src], p.index_select(1, src))
+    mass = r.sum(-1, keepdim=True)
+    r = r / torch.where(mass > 0, mass, torch.ones_like(mass))
+    z = s / temperature
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(z - m)
+    total = e.sum(-1, keepdim=True)
+    lse = m + torch.log(total)
+    log_q = torch.where(r > 0, z - lse, torch.zeros_like(z))
+    log_r = torch.where(r > 0, torch.log(torch.where(r > 0, r, torch.ones_like(r))), torch.zeros_like(r))
+    loss = torch.where(mass.squeeze(-1) > 0, (r * (log_r - log_q)).sum(-1), torch.zeros(()))
+    grad = torch.where(mass > 0, (e / total - r) / temperature, torch.zeros(()))
+    return loss * mask, grad * mask.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, T])
+def test_projected_in_place_kernel_gives_the_plain_formulas_bits(temperature):
+    g = torch.Generator().manual_seed(3)
+    n, vs, vt = 300, 257, 389
+    s = torch.randn(n, vs, generator=g) * 3
+    t = torch.randn(n, vt, generator=g) * 3
+    s[:, 250:] = t[:, 380:] = float("-inf")
+    t[7] = float("-inf")  # a position whose teacher row is all padding: no mass, loss and gradient 0
+    proj = torch.randint(0, 250, (vt,), generator=g)
+    proj[380:] = -1
+    proj[::5] = -1
+    mask = (torch.rand(n, generator=g) > 0.1).float()
+    ref_loss, ref_grad = _projected_plain(s, t, proj.numpy(), temperature, mask)
+    loss, grad = _ours(projected_kd_loss, s, t, mask, proj.numpy(), temperature, chunk_size=64)
+    assert ref_loss[7] == 0 and not ref_grad[7].any()
+    assert torch.equal(loss, ref_loss)
+    assert torch.equal(grad, ref_grad)
