@@ -29,14 +29,15 @@ DEFAULT_BLOCK = 64
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixing bijection on int64 tensors holding values in [0, 2^32)."""
+    """A 32-bit integer mixing bijection on int64 tensors holding values in [0, 2^32) (a new tensor)."""
     x = x ^ (x >> 16)
-    x = (x * _K1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * _K2) & _M32
-    x = x ^ (x >> 15)
-    x = (x * _K3) & _M32
-    return x ^ (x >> 16)
+    # in place from here: integer ops are exact, so the values are those of the out-of-place formula
+    x.mul_(_K1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_K2).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_K3).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
 
 
 def position_keys(seed: int, positions: torch.Tensor) -> torch.Tensor:
@@ -51,13 +52,17 @@ def position_keys(seed: int, positions: torch.Tensor) -> torch.Tensor:
 def _uniform(keys: torch.Tensor, cols: torch.Tensor, salt: int) -> torch.Tensor:
     """float64 uniforms in (0, 1): [*keys.shape, len(cols)] from keys [...] and ids [m]."""
     c = mix32((cols.to(torch.long) ^ salt) & _M32)
-    h = mix32(keys.unsqueeze(-1) ^ c)
-    return (h.double() + 0.5) / 4294967296.0
+    return _to_unit(mix32(keys.unsqueeze(-1) ^ c))
+
+
+def _to_unit(h: torch.Tensor) -> torch.Tensor:
+    """(h + 0.5) / 2^32 in float64 for 32-bit hashes ``h``: uniforms in (0, 1)."""
+    return h.double().add_(0.5).div_(4294967296.0)
 
 
 def gumbel(keys: torch.Tensor, cols: torch.Tensor, salt: int) -> torch.Tensor:
     """Standard Gumbel noise [*keys.shape, len(cols)] (float64), a pure function of (key, col)."""
-    return -torch.log(-torch.log(_uniform(keys, cols, salt)))
+    return _uniform(keys, cols, salt).log_().neg_().log_().neg_()  # -log(-log(u))
 
 
 def audit_mask(seed: int, positions: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -113,33 +118,47 @@ def draw_tokens(logits: torch.Tensor, vocab_size: int, positions: torch.Tensor, 
     out = torch.empty(n, num_samples, dtype=torch.long, device=dev)
     cols_v = torch.arange(start, start + v_local, device=dev)
     blocks_all = torch.arange(num_blocks, device=dev)
+    padded = bool((cols_v >= vocab_size).any())
+    aligned = start == b_lo * block and v_local == (b_hi - b_lo) * block  # the shard is whole blocks
+    # stage 2 hashes ids: from a table of every id when the chunk hashes more (row, draw, id) triples
+    id_hash = _id_hashes(num_blocks * block, dev) if min(n, row_chunk) * num_samples >= num_blocks else None
     for r0 in range(0, n, row_chunk):
-        x = logits[r0:r0 + row_chunk].float() / temperature
+        x = logits[r0:r0 + row_chunk]
         rows = x.shape[0]
-        x = x.masked_fill((cols_v >= vocab_size).unsqueeze(0), float("-inf"))
+        fresh = x.dtype != torch.float32  # x is a new tensor (not the caller's), so it may be written
+        x = x.float()
+        if temperature != 1.0:  # x / 1 is x: no pass (and no copy unless x is written below)
+            x, fresh = x / temperature, True
+        if padded:
+            x, fresh = x.masked_fill((cols_v >= vocab_size).unsqueeze(0), float("-inf")), True
         if exclude is not None:
+            if not fresh:
+                x = x.clone()  # never write into the caller's logits
             ex = exclude[r0:r0 + row_chunk].to(torch.long) - start
             ok = (ex >= 0) & (ex < v_local)
             r_idx = torch.arange(rows, device=dev).unsqueeze(1).expand_as(ex)
             x[r_idx[ok], ex[ok]] = float("-inf")
         # Block log-sum-exp: local columns padded on both sides to whole blocks.
-        pad_lo = start - b_lo * block
-        width = (b_hi - b_lo) * block
-        xb = torch.full((rows, width), float("-inf"), device=dev)
-        take = min(v_local, width - pad_lo)
-        xb[:, pad_lo:pad_lo + take] = x[:, :take]
-        xb = xb.view(rows, b_hi - b_lo, block)
+        if aligned:
+            xb = x.reshape(rows, b_hi - b_lo, block)
+        else:
+            pad_lo = start - b_lo * block
+            width = (b_hi - b_lo) * block
+            xb = torch.full((rows, width), float("-inf"), device=dev)
+            take = min(v_local, width - pad_lo)
+            xb[:, pad_lo:pad_lo + take] = x[:, :take]
+            xb = xb.view(rows, b_hi - b_lo, block)
         bmax = torch.full((rows, num_blocks), float("-inf"), device=dev)
         bmax[:, b_lo:b_hi] = xb.amax(-1)
         _all_reduce(bmax, tp, dist.ReduceOp.MAX)
         safe = torch.where(torch.isfinite(bmax), bmax, 0.0)
         bsum = torch.zeros(rows, num_blocks, device=dev)
-        bsum[:, b_lo:b_hi] = torch.exp(xb - safe[:, b_lo:b_hi].unsqueeze(-1)).sum(-1)
+        bsum[:, b_lo:b_hi] = torch.sub(xb, safe[:, b_lo:b_hi].unsqueeze(-1)).exp_().sum(-1)
         _all_reduce(bsum, tp, dist.ReduceOp.SUM)
         lse = (safe + torch.log(bsum)).double()  # -inf for empty blocks
         keys = position_keys(seed, positions[r0:r0 + rows].to(dev))
         dkeys = mix32(keys.unsqueeze(-1) ^ mix32(torch.arange(num_samples, device=dev) ^ _SALT_DRAW))  # [rows, N]
-        score = lse.unsqueeze(1) + gumbel(dkeys, blocks_all, _SALT_BLOCK)  # [rows, N, B]
+        score = gumbel(dkeys, blocks_all, _SALT_BLOCK).add_(lse.unsqueeze(1))  # lse + G: [rows, N, B]
         best = score.amax(-1)
         chosen = score.argmax(-1)  # identical on every rank (same inputs)
         empty = ~torch.isfinite(best)
@@ -148,7 +167,7 @@ def draw_tokens(logits: torch.Tensor, vocab_size: int, positions: torch.Tensor, 
         local = ids - start
         owned = (local >= 0) & (local < v_local)
         xv = torch.gather(x.unsqueeze(1).expand(rows, num_samples, v_local), 2, torch.where(owned, local, 0))
-        s2 = torch.where(owned, xv.double() + _stage2_noise(dkeys, ids), float("-inf"))
+        s2 = torch.where(owned, _stage2_noise(dkeys, ids, id_hash).add_(xv.double()), float("-inf"))
         v2, a2 = s2.max(-1)
         win = torch.gather(ids, 2, a2.unsqueeze(-1)).squeeze(-1)
         gmax = _all_reduce(v2.clone(), tp, dist.ReduceOp.MAX)
@@ -158,8 +177,13 @@ def draw_tokens(logits: torch.Tensor, vocab_size: int, positions: torch.Tensor, 
     return out
 
 
-def _stage2_noise(dkeys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise [rows, N, block] of draw keys [rows, N] at ids [rows, N, block]."""
-    c = mix32((ids ^ _SALT_ID) & _M32)
-    h = mix32(dkeys.unsqueeze(-1) ^ c)
-    return -torch.log(-torch.log((h.double() + 0.5) / 4294967296.0))
+def _id_hashes(n: int, device: torch.device) -> torch.Tensor:
+    """``mix32((id ^ salt) & M32)`` of every id in [0, n) (stage 2's per-id hash, computed once per call
+    instead of once per (row, draw, id))."""
+    return mix32((torch.arange(n, device=device) ^ _SALT_ID) & _M32)
+
+
+def _stage2_noise(dkeys: torch.Tensor, ids: torch.Tensor, id_hash: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gumbel noise [rows, N, block] (float64) of draw keys [rows, N] at ids [rows, N, block]."""
+    c = id_hash[ids] if id_hash is not None else mix32((ids ^ _SALT_ID) & _M32)
+    return _to_unit(mix32(dkeys.unsqueeze(-1) ^ c)).log_().neg_().log_().neg_()  # -log(-log(u))
