@@ -246,7 +246,11 @@ class Quickstart:
             return PrecomputeConfig(
                 teacher=self.results["teacher"]["checkpoint"], data=self.prefix("train"), out=str(self.out / name),
                 top_p=s.top_p, top_k=s.top_k, seq_length=s.seq_length, overlap=0, method=method,
-                num_samples=s.sample_draws, seed=self.seed, audit_fraction=s.audit_fraction, label_logprobs=labels)
+                num_samples=s.sample_draws, seed=self.seed, audit_fraction=s.audit_fraction, label_logprobs=labels,
+                # the training micro-batch (16 rows) rather than the default 4: a quarter of the forwards,
+                # ~20% less stage time; the stores' bytes are unchanged (the label log-probs move in the
+                # last bits on a few positions: the teacher's matmuls block by rows differently)
+                micro_batch_size=s.micro_batch_size)
 
         topk, sample = precompute_stores([store("logits_store", "topk", labels=True),
                                           store("logits_store_sample", "sample")])
