@@ -41,6 +41,33 @@ def top1_confidence(logits: torch.Tensor, labels: torch.Tensor,
     return 1.0 / z, cand == labels
 
 
+def logprobs_and_top1(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p(label), top-1 confidence, top-1 correct)`` per position of single-process ``logits``
+    [..., V_padded] (ids >= ``vocab_size`` are padding), in one pass over the vocabulary.
+
+    The same numbers, to the bit, as ``token_logprobs(logits, labels, vocab_size)`` (megatron's
+    cross-entropy steps: max, subtract, exp, sum, log) and :func:`top1_confidence` of
+    ``logits[..., :vocab_size]``, which would each take their own max and exp pass: evaluation
+    computes both at every held-out position. ``logits`` is not modified.
+    """
+    x = logits.float()
+    x = x.clone() if x.data_ptr() == logits.data_ptr() else x  # worked on in place below
+    v = x.shape[-1]
+    if v > vocab_size:
+        x[..., vocab_size:] = float("-inf")
+    lmax, arg = x.max(-1)
+    labels = labels.long()
+    x.sub_(lmax.unsqueeze(-1))
+    predicted = x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    e = x.exp_()
+    total = e.sum(-1)
+    logprob = -(torch.log(total) - predicted)
+    # top1_confidence sums exp over the real columns only: the padded zeros change its summation
+    z = e[..., :vocab_size].sum(-1) if v > vocab_size else total
+    return logprob, 1.0 / z, arg == labels
+
+
 class CalibrationAccumulator:
     """Per-bin sums of confidence and accuracy over many chunks (see the module docstring)."""
 

@@ -56,3 +56,26 @@ def test_tp2_confidence_equals_tp1():
     for c2, k2 in run_workers(_worker, 2, logits, labels):
         torch.testing.assert_close(c2, c1)
         assert torch.equal(k2, k1)
+
+
+def test_one_pass_logprobs_and_top1_give_the_two_calls_bits(dist1):
+    """Held-out evaluation's one pass equals token_logprobs + top1_confidence exactly (padded or not)."""
+    from megatron_kd.evaluation.calibration import logprobs_and_top1
+    from megatron_kd.evaluation.vocab import token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    for width, vocab in [(512, 512), (384, 300), (128, 127)]:
+        for scale in (1.0, 8.0):
+            x = torch.randn(4, 33, width, generator=g) * scale
+            labels = torch.randint(0, vocab, (4, 33), generator=g)
+            before = x.clone()
+            lp, conf, correct = logprobs_and_top1(x, labels, vocab)
+            assert torch.equal(x, before)
+            ref_conf, ref_correct = top1_confidence(x[..., :vocab], labels)
+            assert torch.equal(lp, token_logprobs(x.clone(), labels, vocab))
+            assert torch.equal(conf, ref_conf) and torch.equal(correct, ref_correct)
+            # and they are what they claim to be (float64 reference)
+            ref = torch.log_softmax(x[..., :vocab].double(), -1)
+            torch.testing.assert_close(lp.double(), ref.gather(-1, labels.unsqueeze(-1)).squeeze(-1), rtol=0,
+                                       atol=1e-5)
+            torch.testing.assert_close(conf.double(), ref.exp().amax(-1), rtol=1e-6, atol=1e-7)
