@@ -1,7 +1,7 @@
 """Quickstart sizes: how big each model is and how long each stage runs.
 
-``full`` (the default of ``megatron-kd quickstart``) takes about 13 minutes on 2 idle CPU cores (777 s
-measured with two workers, 2026-12-06, after the shared teacher pass; 872 s before),
+``full`` (the default of ``megatron-kd quickstart``) takes about 12 minutes on 2 idle CPU cores (731 s
+measured with two workers, 2026-12-07; 777 s the day before, 872 s before the shared teacher pass),
 ``tiny`` at a few minutes (CI smoke use; 303 s of stage time with all eight students, measured
 2026-12-06 on a 2-core machine at load average ~30). Both keep
 the teacher clearly stronger than the students (2x deeper, 2x wider, more tokens), so that
