@@ -15,6 +15,7 @@ one of the winning ids. Cost per draw: ``V / block + block`` hash evaluations in
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -120,19 +121,16 @@ def draw_tokens(logits: torch.Tensor, vocab_size: int, positions: torch.Tensor, 
     blocks_all = torch.arange(num_blocks, device=dev)
     padded = bool((cols_v >= vocab_size).any())
     aligned = start == b_lo * block and v_local == (b_hi - b_lo) * block  # the shard is whole blocks
-    # stage 2 hashes ids: from a table of every id when the chunk hashes more (row, draw, id) triples
-    id_hash = _id_hashes(num_blocks * block, dev) if min(n, row_chunk) * num_samples >= num_blocks else None
+    id_hash = _id_hashes(num_blocks * block, dev)  # stage 2's per-id hashes (cached per vocabulary)
     for r0 in range(0, n, row_chunk):
-        x = logits[r0:r0 + row_chunk]
+        x = logits[r0:r0 + row_chunk].float()
         rows = x.shape[0]
-        fresh = x.dtype != torch.float32  # x is a new tensor (not the caller's), so it may be written
-        x = x.float()
         if temperature != 1.0:  # x / 1 is x: no pass (and no copy unless x is written below)
-            x, fresh = x / temperature, True
+            x = x / temperature
         if padded:
-            x, fresh = x.masked_fill((cols_v >= vocab_size).unsqueeze(0), float("-inf")), True
+            x = x.masked_fill((cols_v >= vocab_size).unsqueeze(0), float("-inf"))
         if exclude is not None:
-            if not fresh:
+            if x.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
                 x = x.clone()  # never write into the caller's logits
             ex = exclude[r0:r0 + row_chunk].to(torch.long) - start
             ok = (ex >= 0) & (ex < v_local)
@@ -177,13 +175,14 @@ def draw_tokens(logits: torch.Tensor, vocab_size: int, positions: torch.Tensor, 
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def _id_hashes(n: int, device: torch.device) -> torch.Tensor:
-    """``mix32((id ^ salt) & M32)`` of every id in [0, n) (stage 2's per-id hash, computed once per call
-    instead of once per (row, draw, id))."""
+    """``mix32((id ^ salt) & M32)`` of every id in [0, n): stage 2's per-id hash, computed once per
+    vocabulary instead of once per (row, draw, id). Read only (indexing copies)."""
     return mix32((torch.arange(n, device=device) ^ _SALT_ID) & _M32)
 
 
-def _stage2_noise(dkeys: torch.Tensor, ids: torch.Tensor, id_hash: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gumbel noise [rows, N, block] (float64) of draw keys [rows, N] at ids [rows, N, block]."""
-    c = id_hash[ids] if id_hash is not None else mix32((ids ^ _SALT_ID) & _M32)
-    return _to_unit(mix32(dkeys.unsqueeze(-1) ^ c)).log_().neg_().log_().neg_()  # -log(-log(u))
+def _stage2_noise(dkeys: torch.Tensor, ids: torch.Tensor, id_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [rows, N, block] (float64) of draw keys [rows, N] at ids [rows, N, block]; ``id_hash``:
+    :func:`_id_hashes` of the vocabulary."""
+    return _to_unit(mix32(dkeys.unsqueeze(-1) ^ id_hash[ids])).log_().neg_().log_().neg_()  # -log(-log(u))
