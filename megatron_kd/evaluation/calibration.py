@@ -49,8 +49,14 @@ def logprobs_and_top1(logits: torch.Tensor, labels: torch.Tensor, vocab_size: in
     The same numbers, to the bit, as ``token_logprobs(logits, labels, vocab_size)`` (megatron's
     cross-entropy steps: max, subtract, exp, sum, log) and :func:`top1_confidence` of
     ``logits[..., :vocab_size]``, which would each take their own max and exp pass: evaluation
-    computes both at every held-out position. ``logits`` is not modified.
+    computes both at every held-out position. ``logits`` is not modified. Single process only (the
+    vocabulary whole): under TP use those two functions.
     """
+    from megatron_kd.losses.vocab_parallel import resolve_tp
+
+    if resolve_tp(None).group is not None:
+        raise ValueError("logprobs_and_top1 needs the whole vocabulary (TP = 1): under tensor parallelism use "
+                         "token_logprobs and top1_confidence")
     x = logits.float()
     x = x.clone() if x.data_ptr() == logits.data_ptr() else x  # worked on in place below
     v = x.shape[-1]

@@ -48,12 +48,9 @@ def score_documents(model: torch.nn.Module, dataset: Any, vocab: int, seq_length
     document, in order).
     """
     from megatron_kd.evaluation.calibration import CalibrationAccumulator, logprobs_and_top1
-    from megatron_kd.losses.vocab_parallel import resolve_tp
     from megatron_kd.evaluation.forward import forward_reduce
     from megatron_kd.evaluation.lm_loss import _Documents, _pad_batch, document_windows
-    from megatron_kd.evaluation.vocab import token_logprobs
 
-    single = resolve_tp(None).group is None
     docs = _Documents(dataset)
     n_docs = len(docs) if max_documents is None else min(len(docs), max_documents)
     windows = document_windows(docs.lengths[:n_docs], seq_length)
@@ -77,12 +74,8 @@ def score_documents(model: torch.nn.Module, dataset: Any, vocab: int, seq_length
         def reduce_fn(logits, _i, labels=labels, mask=mask):
             lab = labels.to(logits.device)
             m = mask.to(logits.device)
-            if single:  # one pass over the vocabulary for both (the same bits as the two calls below)
-                lp, conf, correct = logprobs_and_top1(logits, lab, vocab)
-                calib.add(conf, correct, m)
-            else:
-                calib.add_logits(logits[..., :vocab], lab, m)  # first: token_logprobs may overwrite the logits
-                lp = token_logprobs(logits, lab, vocab)
+            lp, conf, correct = logprobs_and_top1(logits, lab, vocab)  # one pass over the vocabulary
+            calib.add(conf, correct, m)
             lp = lp.double()
             return torch.stack([-(lp * m).sum(-1), m.sum(-1)], dim=-1)
 
