@@ -3,17 +3,26 @@
 Definition (every TP layout gives the same ids): ``lp = log_softmax(logits)`` over the real
 vocabulary (padded columns masked) at temperature 1; entries sorted by decreasing ``lp`` (ties:
 smaller id first); keep the shortest prefix whose probability mass reaches ``top_p`` (an entry is
-kept when the mass *before* it is ``< top_p``, computed in float64), then at most ``top_k`` of
-them; always at least one.
+kept when the mass *before* it is ``< top_p``, computed in float64; ``top_p >= 1`` keeps every
+entry of finite log-prob), then at most ``top_k`` of them; always at least one.
 
 Vocab-parallel: each TP rank reduces its shard to a max and a sum of exponentials (one all-reduce
 each gives the global log-sum-exp) and to its local top-``k`` candidates; only ``tp * k``
 candidates per token are all-gathered, and every rank selects the same global top-``k``.
+
+On CPU at TP = 1 with fp32 logits, the C kernel of :mod:`megatron_kd.logits.native` does the whole
+selection of a row in three cached passes when it is built (``MEGATRON_KD_NATIVE=0`` turns it off):
+the same ids and counts; its own log-sum-exp (float64 sum) may differ from ``torch.logsumexp`` by a
+float32 ulp, and so may the log-probs. Rows holding a NaN take the torch path.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from megatron_kd.logits.native import available as native_available
+from megatron_kd.logits.native import flatten_native
+from megatron_kd.logits.native import select_native
 
 
 def _tp_group_and_size():
@@ -115,6 +124,17 @@ def _logsumexp_cpu(x: torch.Tensor, rowmax: torch.Tensor) -> torch.Tensor:
     return buf.exp_().sum(-1).log_().add_(m)
 
 
+def _top_p_count(p, cum, lp, top_p, kk):
+    """Kept entries per row (the mass before an entry ``< top_p``, finite log-probs; 1 to ``kk``) and
+    whether the count is final. ``top_p >= 1`` keeps every finite entry: the float32 log-sum-exp can
+    make the probabilities add up to a hair above 1, which must not cut the tail."""
+    if top_p >= 1.0:
+        n = torch.isfinite(lp).sum(dim=-1).clamp_(1, kk)
+        return n, torch.zeros_like(n, dtype=torch.bool)
+    n = ((cum - p < top_p) & torch.isfinite(lp)).sum(dim=-1).clamp_(1, kk)
+    return n, cum[:, -1] >= top_p
+
+
 def _truncate_cpu(x, kk, lse, top_p, bm=None):
     """:func:`_truncate` on CPU, one rank, fp32 contiguous ``x``: the same results, with one sort of
     :func:`_order_keys` instead of two sorts and four gathers (``bm``: :func:`_block_maxima`)."""
@@ -125,8 +145,7 @@ def _truncate_cpu(x, kk, lse, top_p, bm=None):
     lp = x.gather(-1, gids).double() - lse.unsqueeze(-1)
     p = torch.exp(lp)
     cum = torch.cumsum(p, dim=-1)
-    n = ((cum - p < top_p) & torch.isfinite(lp)).sum(dim=-1).clamp_(1, kk)
-    return gids, lp, n, cum[:, -1] >= top_p
+    return gids, lp, *_top_p_count(p, cum, lp, top_p, kk)
 
 
 def _truncate(x, kk, start, lse, top_p, group, tp):
@@ -146,8 +165,7 @@ def _truncate(x, kk, start, lse, top_p, group, tp):
     lp = vals[:, :kk].double() - lse.unsqueeze(-1)
     p = torch.exp(lp)
     cum = torch.cumsum(p, dim=-1)
-    n = ((cum - p < top_p) & torch.isfinite(lp)).sum(dim=-1).clamp_(1, kk)
-    return gids, lp, n, cum[:, -1] >= top_p
+    return gids, lp, *_top_p_count(p, cum, lp, top_p, kk)
 
 
 @torch.no_grad()
@@ -182,8 +200,17 @@ def _select(logits, vocab_size, top_p, top_k, chunk_tokens, group, tp):
     k = min(top_k, vocab_size)
     chunk = chunk_tokens or max(1, (1 << 26) // max(v_local, 1))
     out_ids, out_lp, out_n = [], [], []
+    native = tp == 1 and logits.device.type == "cpu" and logits.dtype == torch.float32 and native_available()
     for c0 in range(0, T, chunk):
-        x = logits[c0:c0 + chunk].float()
+        x = logits[c0:c0 + chunk]
+        if native:  # the C kernel over the real columns (padding skipped, not masked); None on a NaN row
+            got = select_native(x, min(v_local, vocab_size), k, top_p)
+            if got is not None:
+                out_ids.append(got[0])
+                out_lp.append(got[1])
+                out_n.append(got[2])
+                continue
+        x = x.float()
         if start + v_local > vocab_size:  # padded vocabulary columns get probability 0
             x = x.masked_fill(torch.arange(start, start + v_local, device=x.device) >= vocab_size, float("-inf"))
         k0 = min(FIRST_K, k) if _first_stage_hits[0] >= 0.5 else k
@@ -241,6 +268,9 @@ def flatten_selection(ids: torch.Tensor, logprobs: torch.Tensor, counts: torch.T
     ``ids``/``logprobs`` [T, k] and ``counts`` [T] as returned by :func:`select_top_p_top_k`;
     returns ``(ids [E], logprobs [E])`` with ``E = counts.sum()``.
     """
+    got = flatten_native(ids, logprobs, counts)
+    if got is not None:
+        return got
     valid = torch.arange(ids.shape[-1], device=ids.device).unsqueeze(0) < counts.unsqueeze(-1)
     if ids.device.type == "cpu" and logprobs.dtype == torch.float32 and ids.numel():
         with torch._C.DisableTorchFunction():

@@ -1,0 +1,108 @@
+"""The optional C kernel of the CPU top-p/top-k selection (``_topk_native.c``, issue 15 item 3).
+
+``pip install`` builds it where a C compiler is present (setup.py; x86-64 with AVX2/FMA at run
+time); otherwise, or with ``MEGATRON_KD_NATIVE=0`` in the environment, :func:`select_native`
+returns None and :mod:`megatron_kd.logits.truncation` takes its torch path. The kernel makes one
+pass per row for the maximum, one for the log-sum-exp and one heap scan for the top-k, all from
+cache, instead of a dozen torch ops over the chunk.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+ENV = "MEGATRON_KD_NATIVE"
+"""Set to ``0`` to use the torch paths even where the kernel is built."""
+_MIN_ROWS_PER_THREAD = 32
+
+
+@lru_cache(maxsize=1)
+def _module():
+    try:  # by name: the compiled module is optional (and not a source module of the package graph)
+        mod = importlib.import_module("megatron_kd.logits._topk_native")
+    except ImportError:
+        return None
+    return mod if mod.available() else None
+
+
+def available() -> bool:
+    """Whether :func:`select_native` runs here (kernel built, CPU supported, not disabled)."""
+    return os.environ.get(ENV, "1") != "0" and _module() is not None
+
+
+@lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kd-topk")
+
+
+def select_native(x: torch.Tensor, cols: int, k: int, top_p: float
+                  ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Top-p/top-k selection of each row of ``x`` over its first ``cols`` columns (the rest: padding).
+
+    Args:
+        x: fp32 [R, V] on CPU, rows contiguous (``x.stride(1) == 1``), ``V >= cols``.
+        cols: real vocabulary columns, ``1 <= k <= cols``.
+        k: entries returned per row (sorted by decreasing log-prob, ties: smaller id first).
+        top_p: nucleus mass; ``counts`` = the top-p prefix length (mass before an entry < top_p), >= 1.
+
+    Returns:
+        ``(ids int64 [R, k], logprobs fp32 [R, k], counts int64 [R], lse fp32 [R])``, or None where
+        the kernel is not available or a row holds a NaN (the caller then takes its torch path).
+    """
+    if not available() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        return None
+    if x.stride(1) != 1 or not (1 <= k <= cols <= x.shape[1]):
+        return None
+    mod = _module()
+    rows = x.shape[0]
+    ids = torch.empty(rows, k, dtype=torch.int64)
+    lp = torch.empty(rows, k, dtype=torch.float32)
+    counts = torch.empty(rows, dtype=torch.int64)
+    lse = torch.empty(rows, dtype=torch.float32)
+    ptrs = (ids.data_ptr(), lp.data_ptr(), counts.data_ptr(), lse.data_ptr())
+
+    def run(r0: int, r1: int) -> int:
+        return mod.select_rows(x.data_ptr(), x.stride(0), cols, k, float(top_p), r0, r1, *ptrs)
+
+    workers = min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD)
+    if workers > 1:  # the kernel releases the GIL: row ranges run in parallel
+        step = -(-rows // workers)
+        codes = list(_pool(workers).map(lambda r0: run(r0, min(r0 + step, rows)), range(0, rows, step)))
+    else:
+        codes = [run(0, rows)] if rows else []
+    if any(codes):
+        return None
+    return ids, lp, counts, lse
+
+
+def flatten_native(ids: torch.Tensor, logprobs: torch.Tensor, counts: torch.Tensor
+                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`~megatron_kd.logits.truncation.flatten_selection` in C: each row's first ``counts``
+    entries (distinct ids in ``[0, 2^31)``) sorted by id, rows after one another.
+
+    ``ids`` int64 [T, k], ``logprobs`` fp32 [T, k], ``counts`` int64 [T] (``<= k``), contiguous CPU
+    tensors. Returns ``(ids [E], logprobs [E])`` (``E = counts.sum()``), or None where the kernel
+    is not available (the caller then sorts in torch).
+    """
+    if not available() or ids.dim() != 2 or not ids.numel():
+        return None
+    if (ids.device.type != "cpu" or ids.dtype != torch.int64 or logprobs.dtype != torch.float32
+            or counts.dtype != torch.int64 or logprobs.shape != ids.shape or counts.shape != ids.shape[:1]):
+        return None
+    ids, logprobs, counts = ids.contiguous(), logprobs.contiguous(), counts.contiguous()
+    ends = torch.cumsum(counts, 0)
+    total = int(ends[-1])
+    k = ids.shape[1]
+    if total and (int(counts.max()) > k or int(counts.min()) < 0):
+        return None
+    offsets = ends - counts
+    out_ids = torch.empty(total, dtype=torch.int64)
+    out_lp = torch.empty(total, dtype=torch.float32)
+    _module().flatten_rows(ids.data_ptr(), logprobs.data_ptr(), counts.data_ptr(), offsets.data_ptr(), k, 0,
+                           ids.shape[0], out_ids.data_ptr(), out_lp.data_ptr())
+    return out_ids, out_lp

@@ -1,0 +1,125 @@
+"""The C kernel of the CPU top-p/top-k selection (issue 15 item 3) against the torch path and float64.
+
+The ids and order of the definition (a float64 lexsort), the counts of the torch path
+(``MEGATRON_KD_NATIVE=0``) on ties, signed zeros,
+-inf padding, all -inf and +inf rows, vocabularies that are not multiples of 8, padded columns,
+strided rows and threads; the log-sum-exp within float32 rounding of a float64 reference; a NaN
+row falls back to the torch path.
+"""
+import numpy as np
+import pytest
+import torch
+
+from megatron_kd.logits import codec, native, truncation
+from megatron_kd.logits.truncation import flatten_selection, select_top_p_top_k
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="C selection kernel not built / not supported here")
+
+
+def _torch_path(monkeypatch, *args):
+    monkeypatch.setenv(native.ENV, "0")
+    try:
+        return select_top_p_top_k(*args)
+    finally:
+        monkeypatch.delenv(native.ENV)
+
+
+def _rows(vocab: int, rows: int = 40, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * torch.linspace(0.3, 9.0, rows).unsqueeze(1)
+    x[1] = torch.round(x[1] * 2) / 2  # many exact ties, also at the top-k boundary
+    x[2] = 0.0
+    x[2, ::3] = -0.0
+    x[3, min(100, vocab // 2):] = float("-inf")
+    x[4] = float("-inf")
+    x[5, 3] = x[5, 9] = float("inf")
+    x[6] = 1.25  # one value everywhere
+    return x
+
+
+def _assert_same_selection(got, want, x, vocab):
+    (i1, l1, n1), (i2, l2, n2) = got, want
+    assert torch.equal(n1, n2)
+    for t in range(len(n1)):
+        n = int(n1[t])
+        # the definition: decreasing value, ties smaller id first (the torch path's top-k may take
+        # other members of a tie at the k-th value, so it is not the reference for the ids)
+        row = x[t, :vocab].double().numpy()
+        want_ids = np.lexsort((np.arange(vocab), -row))[:n]
+        assert i1[t, :n].tolist() == want_ids.tolist(), t
+        assert sorted(row[i2[t, :n].numpy()].tolist()) == sorted(row[want_ids].tolist())
+    valid = torch.arange(i1.shape[1]).unsqueeze(0) < n1.unsqueeze(1)
+    lse64 = torch.logsumexp(x[:, :vocab].double(), -1)
+    tol = 4 * torch.finfo(torch.float32).eps * lse64.abs().clamp(min=1.0)  # ulps of the log-sum-exp
+    diff = (l1.double() - l2.double()).abs()
+    ok = (diff <= tol.unsqueeze(1)) | (l1.isnan() & l2.isnan()) | (l1 == l2)
+    assert bool(ok[valid].all())
+
+
+@pytest.mark.parametrize("vocab,k,top_p", [(4096, 100, 0.95), (4096, 16, 0.6), (4001, 100, 0.99), (300, 300, 1.0),
+                                           (37, 5, 0.9), (8192, 7, 0.5), (1000, 1, 0.95)])
+def test_native_equals_torch_path(monkeypatch, vocab, k, top_p):
+    x = _rows(vocab, seed=vocab + k)
+    got = select_top_p_top_k(x, vocab, top_p, k)
+    _assert_same_selection(got, _torch_path(monkeypatch, x, vocab, top_p, k), x, vocab)
+    if top_p >= 1.0:  # every entry of finite log-prob up to top_k, whatever the rounding of the normaliser
+        finite = torch.isfinite(torch.log_softmax(x[:, :vocab].double(), -1)).sum(-1)
+        assert torch.equal(got[2], finite.clamp(1, k))
+    # the kept entries in id order (the codec's input), against the codec's numpy flattening
+    fi, fl = flatten_selection(*got)
+    ci, cl = codec.flatten_rows(got[0].numpy(), got[1].numpy(), got[2].numpy())
+    assert np.array_equal(fi.numpy(), ci) and np.array_equal(fl.numpy(), cl, equal_nan=True)
+
+
+def test_native_padding_strides_and_lse():
+    vocab, padded = 3000, 3072
+    wide = _rows(3200, rows=24, seed=5)
+    x = wide[:, :padded]  # strided rows; columns >= vocab are padding (ignored, not masked here)
+    assert not x.is_contiguous()
+    ids, lp, n, lse = native.select_native(x, vocab, 50, 0.9)
+    _, _, ref_n = truncation._select(x.contiguous().masked_fill(
+        torch.arange(padded) >= vocab, float("-inf")), vocab, 0.9, 50, None, None, 1)
+    assert torch.equal(n, ref_n) and bool((ids < vocab).all())
+    lse64 = torch.logsumexp(x[:, :vocab].double(), -1)
+    finite = torch.isfinite(lse64)
+    np.testing.assert_allclose(lse[finite].double().numpy(), lse64[finite].numpy(), rtol=3e-7, atol=1e-6)
+    assert lse[4] == float("-inf") and lse[5] == float("inf")
+    for t in range(len(n)):
+        want = np.lexsort((np.arange(vocab), -x[t, :vocab].double().numpy()))[:int(n[t])]
+        assert ids[t, :int(n[t])].tolist() == want.tolist()
+    # log-probs against float64 log_softmax where they are finite
+    lp64 = torch.log_softmax(x[:, :vocab].double(), -1).gather(1, ids)
+    sel = torch.isfinite(lp64) & (torch.arange(50).unsqueeze(0) < n.unsqueeze(1))
+    np.testing.assert_allclose(lp[sel].double().numpy(), lp64[sel].numpy(), atol=1e-5)
+
+
+def test_native_large_vocabulary_and_threads(monkeypatch):
+    vocab = 151_936
+    x = torch.randn(70, vocab, generator=torch.Generator().manual_seed(9)) * 3.0
+    x[:, :50] += 6.0  # a few frequent ids on top, as a trained LM
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.select_native(x, vocab, 100, 0.95)
+        torch.set_num_threads(2)  # rows split over two threads (>= 32 rows each)
+        two = native.select_native(x, vocab, 100, 0.95)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    _assert_same_selection(one[:3], _torch_path(monkeypatch, x, vocab, 0.95, 100), x, vocab)
+
+
+def test_nan_row_takes_the_torch_path(monkeypatch):
+    x = _rows(512, rows=8, seed=3)
+    x[7, 11] = float("nan")
+    assert native.select_native(x, 512, 20, 0.9) is None
+    got = select_top_p_top_k(x, 512, 0.9, 20)
+    want = _torch_path(monkeypatch, x, 512, 0.9, 20)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    assert not native.available() and native.select_native(_rows(64, rows=8), 64, 4, 0.9) is None
