@@ -310,7 +310,12 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"], os.environ["BENCH_LOGITS_CLOCK"] = str(THREADS), CLOCK  # the workers' settings
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_logits_"))
     work.mkdir(parents=True, exist_ok=True)
+    from megatron_kd.logits import native
+
     result: dict = {"benchmark": "logits_store", "torch_threads": THREADS, "clock": CLOCK,
+                    # which CPU top-p/top-k selection ran: the C kernel, or the torch path (no compiler at
+                    # install, another CPU, or MEGATRON_KD_NATIVE=0)
+                    "selection_kernel": "c" if native.available() else "torch",
                     "load_average_at_start": os.getloadavg()[0]}
     data, teacher = args.data, args.teacher
     if data is None:
