@@ -1,4 +1,5 @@
-/* Fused CPU selection of the logits store's top-p/top-k entries (issue 15, item 3).
+/* The logits store's C kernels (issue 15, item 3): the fused CPU selection of the top-p/top-k
+ * entries, their flattening to id order and the top-k shard encoder (further below).
  *
  * One call handles a range of rows of an fp32 [rows, stride] logits chunk. Per row it makes three
  * passes over the row's `cols` valid columns, all from cache: group maxima (also the row maximum and
@@ -321,6 +322,111 @@ static int cpu_ok(void) {
 
 #endif /* KD_HAVE_X86 */
 
+/* ---- the store codec's encoder, top-k layout (codec.py `_encode` with values, no draws) ---------
+ * Returns 0, or 1 on input the numpy encoder refuses or that this one does not handle (a count
+ * above 255, an id out of range or not increasing inside a token, a non-finite log-prob, a
+ * width beyond the table): the caller then runs the numpy encoder, which raises its own error. */
+#if defined(__FLT16_MAX__)
+#define KD_HAVE_F16 1
+static inline int bit_length64(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
+
+/* OR the low `width` (<= 25) bits of val at bit `pos` of buf (little-endian bit order; buf has 8
+ * bytes of slack past the last field). */
+static inline void put_field(uint8_t *buf, int64_t pos, int width, uint64_t val) {
+    if (!width) return;
+    uint64_t v = val << (pos & 7);
+    uint8_t *b = buf + (pos >> 3);
+    for (int i = 0; v; i++, v >>= 8) b[i] |= (uint8_t)v;
+}
+
+static int encode_topk(const int64_t *counts, int64_t T, const int64_t *ids, const float *lp, const int64_t *seg_len,
+                       int64_t S, int id_bits, double step, const int64_t *value_widths, int n_widths,
+                       int64_t max_q, uint8_t *out_count, uint8_t *out_widths, uint16_t *out_top,
+                       int64_t *out_seg_bytes, int64_t *tok_bits, int64_t *q, uint8_t *payload, int64_t payload_cap,
+                       int64_t *payload_len) {
+    /* pass 1: per token top, widths, bits; per entry quantised gaps q */
+    if (id_bits < 1 || id_bits > 25) return 1;
+    int64_t e = 0;
+    for (int64_t t = 0; t < T; t++) {
+        int64_t n = counts[t];
+        if (n < 0 || n > 255) return 1;
+        out_count[t] = (uint8_t)n;
+        if (!n) {
+            out_widths[t] = 0;
+            out_top[t] = 0;
+            tok_bits[t] = 0;
+            continue;
+        }
+        double top = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            double v = (double)lp[e + j];
+            if (!isfinite(v)) return 1;
+            top = v > top ? v : top;
+        }
+        _Float16 h = (_Float16)top;
+        memcpy(&out_top[t], &h, sizeof h);
+        double topd = (double)h;
+        uint64_t gmax = 0, qmax = 0;
+        if (ids[e] < 0 || ids[e] >= ((int64_t)1 << id_bits)) return 1;
+        for (int64_t j = 0; j < n; j++) {
+            if (j) {
+                int64_t g = ids[e + j] - ids[e + j - 1] - 1;
+                if (g < 0 || ids[e + j] >= ((int64_t)1 << id_bits)) return 1;
+                gmax = (uint64_t)g > gmax ? (uint64_t)g : gmax;
+            }
+            double r = rint((topd - (double)lp[e + j]) / step);
+            int64_t qq = r < 0 ? 0 : (r > (double)max_q ? max_q : (int64_t)r);
+            q[e + j] = qq;
+            qmax = (uint64_t)qq > qmax ? (uint64_t)qq : qmax;
+        }
+        int idw = bit_length64(gmax), vneed = bit_length64(qmax), vcode = 0;
+        while (vcode < n_widths && value_widths[vcode] < vneed) vcode++;
+        if (idw > 25 || vcode >= n_widths || vcode > 7) return 1;
+        out_widths[t] = (uint8_t)(idw | (vcode << 5));
+        tok_bits[t] = id_bits + (n - 1) * idw + n * value_widths[vcode];
+        e += n;
+    }
+    /* segments: byte-aligned runs of tokens */
+    int64_t t0 = 0, total = 0;
+    for (int64_t s = 0; s < S; s++) {
+        if (seg_len[s] < 0 || t0 + seg_len[s] > T) return 1;
+        int64_t bits = 0;
+        for (int64_t t = t0; t < t0 + seg_len[s]; t++) bits += tok_bits[t];
+        out_seg_bytes[s] = (bits + 7) / 8;
+        total += out_seg_bytes[s];
+        t0 += seg_len[s];
+    }
+    if (t0 != T || total + 8 > payload_cap) return 1;
+    memset(payload, 0, (size_t)(total + 8));
+    /* pass 2: the fields */
+    int64_t pos0 = 0;
+    e = 0;
+    t0 = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t pos = pos0 * 8;
+        for (int64_t t = t0; t < t0 + seg_len[s]; t++) {
+            int64_t n = counts[t];
+            if (!n) continue;
+            int idw = out_widths[t] & 31;
+            int vw = (int)value_widths[out_widths[t] >> 5];
+            put_field(payload, pos, id_bits, (uint64_t)ids[e]);
+            int64_t p = pos + id_bits;
+            for (int64_t j = 1; j < n; j++, p += idw) put_field(payload, p, idw, (uint64_t)(ids[e + j] - ids[e + j - 1] - 1));
+            for (int64_t j = 0; j < n; j++, p += vw) put_field(payload, p, vw, (uint64_t)q[e + j]);
+            pos = p;
+            e += n;
+        }
+        pos0 += out_seg_bytes[s];
+        t0 += seg_len[s];
+    }
+    *payload_len = total;
+    return 0;
+}
+#else
+#define KD_HAVE_F16 0
+#endif
+
+
 static PyObject *py_available(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -393,6 +499,31 @@ static PyObject *py_flatten_rows(PyObject *self, PyObject *args) {
 #endif
 }
 
+static PyObject *py_encode_topk(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long ca, ia, la, sa, vwa, oca, owa, ota, osa, tba, qa, pa;
+    long long T, S, nw, maxq, cap;
+    int id_bits;
+    double step;
+    if (!PyArg_ParseTuple(args, "KLKKKLidKLLKKKKKKKL", &ca, &T, &ia, &la, &sa, &S, &id_bits, &step, &vwa, &nw, &maxq,
+                          &oca, &owa, &ota, &osa, &tba, &qa, &pa, &cap))
+        return NULL;
+#if KD_HAVE_F16
+    int64_t len = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = encode_topk((const int64_t *)(uintptr_t)ca, T, (const int64_t *)(uintptr_t)ia, (const float *)(uintptr_t)la,
+                     (const int64_t *)(uintptr_t)sa, S, id_bits, step, (const int64_t *)(uintptr_t)vwa, (int)nw, maxq,
+                     (uint8_t *)(uintptr_t)oca, (uint8_t *)(uintptr_t)owa, (uint16_t *)(uintptr_t)ota,
+                     (int64_t *)(uintptr_t)osa, (int64_t *)(uintptr_t)tba, (int64_t *)(uintptr_t)qa,
+                     (uint8_t *)(uintptr_t)pa, cap, &len);
+    Py_END_ALLOW_THREADS
+    return rc ? PyLong_FromLong(-1) : PyLong_FromLongLong(len);
+#else
+    return PyLong_FromLong(-1);
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "Whether this CPU runs the kernel (AVX2 + FMA)."},
     {"select_rows", py_select_rows, METH_VARARGS,
@@ -402,6 +533,10 @@ static PyMethodDef methods[] = {
     {"flatten_rows", py_flatten_rows, METH_VARARGS,
      "flatten_rows(ids_ptr, lp_ptr, counts_ptr, offsets_ptr, k, r0, r1, out_ids_ptr, out_lp_ptr): each row's kept "
      "entries sorted by id, at offsets[r] of the flat outputs (int64 / fp32)."},
+    {"encode_topk", py_encode_topk, METH_VARARGS,
+     "encode_topk(counts, T, ids, lp_f32, seg_len, S, id_bits, step, value_widths, n_widths, max_q, out_count, "
+     "out_widths, out_top_f16, out_seg_bytes, scratch_tok_bits[T], scratch_q[E], payload, payload_cap) -> payload "
+     "bytes, or -1 where the numpy encoder must run (all arguments but the scalars are data pointers)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_topk_native",

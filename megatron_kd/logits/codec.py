@@ -138,6 +138,15 @@ def encode(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray | None, seg
         layout: a :class:`Layout` with draws and/or without values (default: top-k, values only).
     """
     layout = layout or Layout(id_bits, value_step)
+    if layout.values and not layout.num_draws and draws is None:  # top-k layout: the C encoder, same bytes
+        from megatron_kd.logits.native import encode_topk  # here: codec itself needs numpy only
+
+        got = encode_topk(counts, ids, logprobs, segment_lengths, layout.id_bits, layout.value_step, VALUE_WIDTHS,
+                          MAX_VALUE_Q)
+        if got is not None:
+            payload, count, widths, top, seg_bytes = got
+            return EncodedChunk(payload=payload, count=count, widths=widths, top=top, segment_bytes=seg_bytes,
+                                num_entries=len(ids))
     counts = np.asarray(counts, dtype=np.int64)
     seg_len = np.asarray(segment_lengths, dtype=np.int64)
     if len(seg_len) > 1 and len(ids) > 2 * GROUP_ENTRIES and seg_len.sum() == len(counts) and np.all(seg_len >= 0):

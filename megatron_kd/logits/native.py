@@ -1,4 +1,5 @@
-"""The optional C kernel of the CPU top-p/top-k selection (``_topk_native.c``, issue 15 item 3).
+"""The optional C kernels of the logits store (``_topk_native.c``, issue 15 item 3): the CPU
+top-p/top-k selection, its flattening to id order and the top-k shard encoder.
 
 ``pip install`` builds it where a C compiler is present (setup.py; x86-64 with AVX2/FMA at run
 time); otherwise, or with ``MEGATRON_KD_NATIVE=0`` in the environment, :func:`select_native`
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Optional
 
+import numpy as np
 import torch
 
 ENV = "MEGATRON_KD_NATIVE"
@@ -106,3 +108,40 @@ def flatten_native(ids: torch.Tensor, logprobs: torch.Tensor, counts: torch.Tens
     _module().flatten_rows(ids.data_ptr(), logprobs.data_ptr(), counts.data_ptr(), offsets.data_ptr(), k, 0,
                            ids.shape[0], out_ids.data_ptr(), out_lp.data_ptr())
     return out_ids, out_lp
+
+
+def encode_topk(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, segment_lengths: np.ndarray,
+                id_bits: int, value_step: float, value_widths: np.ndarray, max_q: int):
+    """The codec's top-k encoder (:func:`megatron_kd.logits.codec.encode` without draws) in C: the
+    same bytes and tables. ``logprobs`` must be float32 (the precompute's); returns
+    ``(payload, count, widths, top, segment_bytes)`` or None (kernel missing, other dtypes, or input
+    the numpy encoder refuses: it then runs and raises its own error)."""
+    mod = _module() if available() else None
+    if mod is None or not hasattr(mod, "encode_topk"):
+        return None
+    if not (isinstance(logprobs, np.ndarray) and logprobs.dtype == np.float32):
+        return None
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    logprobs = np.ascontiguousarray(logprobs)
+    seg = np.ascontiguousarray(segment_lengths, dtype=np.int64)
+    widths_table = np.ascontiguousarray(value_widths, dtype=np.int64)
+    T, E, S = len(counts), len(ids), len(seg)
+    if len(logprobs) != E:
+        return None
+    out_count = np.empty(T, np.uint8)
+    out_widths = np.empty(T, np.uint8)
+    out_top = np.empty(T, np.float16)
+    out_seg = np.empty(S, np.int64)
+    tok_bits = np.empty(T, np.int64)
+    q = np.empty(max(E, 1), np.int64)
+    # bound of the payload: every entry at its widest (25-bit gap + 12-bit value), a byte per segment, slack
+    cap = int((T * int(id_bits) + 37 * E) // 8 + S + 16)
+    payload = np.empty(cap, np.uint8)
+    n = mod.encode_topk(counts.ctypes.data, T, ids.ctypes.data, logprobs.ctypes.data, seg.ctypes.data, S,
+                        int(id_bits), float(value_step), widths_table.ctypes.data, len(widths_table), int(max_q),
+                        out_count.ctypes.data, out_widths.ctypes.data, out_top.ctypes.data, out_seg.ctypes.data,
+                        tok_bits.ctypes.data, q.ctypes.data, payload.ctypes.data, cap)
+    if n < 0:
+        return None
+    return payload[:n].copy(), out_count, out_widths, out_top, out_seg

@@ -123,3 +123,47 @@ def test_nan_row_takes_the_torch_path(monkeypatch):
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv(native.ENV, "0")
     assert not native.available() and native.select_native(_rows(64, rows=8), 64, 4, 0.9) is None
+
+
+def _store_rows(rng, T, K, vocab, segments):
+    counts = rng.integers(0, K + 1, T)
+    counts[rng.random(T) < 0.1] = 0
+    ids = [np.sort(rng.choice(vocab, c, replace=False)) for c in counts]
+    lps = [(-rng.exponential(3.0, c) - rng.random()).astype(np.float32) for c in counts]
+    cuts = np.sort(rng.integers(0, T + 1, segments - 1))
+    return (counts, np.concatenate(ids + [np.zeros(0, np.int64)]).astype(np.int64),
+            np.concatenate(lps + [np.zeros(0, np.float32)]), np.diff(np.concatenate([[0], cuts, [T]])))
+
+
+def test_native_encoder_gives_the_numpy_bytes():
+    """The C top-k encoder (issue 15) writes the numpy encoder's payload and tables byte for byte:
+    empty tokens and segments, 1-255 entries, 6- to 19-bit ids, three value steps."""
+    rng = np.random.default_rng(11)
+    for case in range(120):
+        T, K = int(rng.integers(0, 300)), int(rng.choice([1, 5, 40, 100, 255]))
+        vocab = int(rng.choice([50, 4096, 151_936, 300_000]))
+        counts, ids, lp, seg = _store_rows(rng, T, min(K, vocab), vocab, int(rng.integers(1, 6)))
+        bits, step = codec.id_bits_for(vocab), float(rng.choice([1 / 16, 1 / 128, 0.5]))
+        got = native.encode_topk(counts, ids, lp, seg, bits, step, codec.VALUE_WIDTHS, codec.MAX_VALUE_Q)
+        want = codec._encode(counts, ids, lp, seg, bits, step, None, codec.Layout(bits, step))
+        assert got is not None, case
+        payload, count, widths, top, seg_bytes = got
+        assert np.array_equal(payload, want.payload) and np.array_equal(count, want.count), case
+        assert np.array_equal(widths, want.widths) and np.array_equal(seg_bytes, want.segment_bytes), case
+        assert np.array_equal(top.view(np.uint16), want.top.view(np.uint16)), case
+        # and through encode() (the store writer's call), decodable to the same entries
+        enc = codec.encode(counts, ids, lp, seg, bits, step)
+        assert np.array_equal(enc.payload, want.payload) and enc.num_entries == len(ids)
+
+
+def test_native_encoder_leaves_bad_input_to_numpy():
+    rng = np.random.default_rng(12)
+    counts, ids, lp, seg = _store_rows(rng, 50, 20, 4096, 2)
+    j = int(np.flatnonzero(counts >= 2)[0])
+    start = int(counts[:j].sum())
+    ids[start], ids[start + 1] = ids[start + 1], ids[start]  # not increasing inside a token
+    assert native.encode_topk(counts, ids, lp, seg, 12, 1 / 16, codec.VALUE_WIDTHS, codec.MAX_VALUE_Q) is None
+    with pytest.raises(ValueError, match="increasing"):
+        codec.encode(counts, ids, lp, seg, 12, 1 / 16)
+    assert native.encode_topk(counts, ids, lp.astype(np.float64), seg, 12, 1 / 16, codec.VALUE_WIDTHS,
+                              codec.MAX_VALUE_Q) is None  # float64 log-probs: the numpy encoder
