@@ -1,11 +1,12 @@
 """The optional C kernels of the logits store (``_topk_native.c``, issue 15 item 3): the CPU
 top-p/top-k selection, its flattening to id order and the top-k shard encoder.
 
-``pip install`` builds it where a C compiler is present (setup.py; x86-64 with AVX2/FMA at run
-time); otherwise, or with ``MEGATRON_KD_NATIVE=0`` in the environment, :func:`select_native`
-returns None and :mod:`megatron_kd.logits.truncation` takes its torch path. The kernel makes one
-pass per row for the maximum, one for the log-sum-exp and one heap scan for the top-k, all from
-cache, instead of a dozen torch ops over the chunk.
+``pip install`` builds them where a C compiler is present (setup.py; x86-64 with AVX2/FMA at run
+time); otherwise, or with ``MEGATRON_KD_NATIVE=0`` in the environment, the functions here return
+None and their callers (:mod:`~megatron_kd.logits.truncation`, :mod:`~megatron_kd.logits.codec`)
+take their torch / numpy paths. The selection makes three passes per row over cached logits (group
+maxima, the log-sum-exp, a compare pass against a bisected threshold) and radix-sorts ~k
+candidates, instead of a dozen torch ops over the chunk.
 """
 from __future__ import annotations
 
