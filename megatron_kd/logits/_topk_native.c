@@ -31,11 +31,6 @@
 #define KD_HAVE_X86 0
 #endif
 
-/* ---- order keys: decreasing key = decreasing value, ties smaller id ------------------------- */
-
-
-
-
 #if KD_HAVE_X86
 
 /* exp of 8 floats, for arguments <= 0 or +inf (x - max): < 2 ulp on [-87.3, 0], exactly 0 below
@@ -210,8 +205,7 @@ KD_AVX2 static void row_topk(const float *x, int64_t cols, int64_t k, const floa
      * [mx - 16, mx] (most rows of an LM: the top-k lie within 16 nats of the maximum), widened
      * downwards when fewer than k group maxima are there; -inf as the last resort. */
     int64_t slack = k / 2 + 16;
-    float lo = -INFINITY, hi = mx;
-    int have_hi = 0;
+    float lo = -INFINITY, hi = mx;  /* hi = mx is not known to have fewer than k: checked at the end */
     if (isfinite(mx)) {
         for (float width = 16.0f; width <= 1024.0f; width *= 4.0f) {
             int64_t c = count_ge(bm, nbm, mx - width);
@@ -221,9 +215,7 @@ KD_AVX2 static void row_topk(const float *x, int64_t cols, int64_t k, const floa
                 break;
             }
             hi = mx - width;
-            have_hi = 1;
         }
-        if (!have_hi) hi = mx;  /* count(bm >= mx) may still be >= k (ties at the top): checked below */
         for (int it = 0; it < 64 && isfinite(lo); it++) {
             float mid = lo + (hi - lo) * 0.5f;
             if (!(mid > lo && mid < hi)) break;  /* float resolution reached */
@@ -235,7 +227,7 @@ KD_AVX2 static void row_topk(const float *x, int64_t cols, int64_t k, const floa
                 hi = mid;
             }
         }
-        if (!have_hi && count_ge(bm, nbm, mx) >= k) lo = mx;
+        if (hi == mx && count_ge(bm, nbm, mx) >= k) lo = mx;  /* k or more group maxima tie at the top */
     }
 found:;
     float t = lo;
@@ -540,7 +532,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_topk_native",
-                                    "Fused CPU top-p/top-k selection of the logits store.", -1, methods,
+                                    "The logits store's C kernels: CPU top-p/top-k selection, flattening, top-k encoder.", -1, methods,
                                     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__topk_native(void) { return PyModule_Create(&module); }

@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_kd.logits.native import available as native_available
 from megatron_kd.logits.native import flatten_native
 from megatron_kd.logits.native import select_native
 
@@ -200,10 +199,9 @@ def _select(logits, vocab_size, top_p, top_k, chunk_tokens, group, tp):
     k = min(top_k, vocab_size)
     chunk = chunk_tokens or max(1, (1 << 26) // max(v_local, 1))
     out_ids, out_lp, out_n = [], [], []
-    native = tp == 1 and logits.device.type == "cpu" and logits.dtype == torch.float32 and native_available()
     for c0 in range(0, T, chunk):
         x = logits[c0:c0 + chunk]
-        if native:  # the C kernel over the real columns (padding skipped, not masked); None on a NaN row
+        if tp == 1:  # the C kernel over the real columns (padding skipped, not masked); None where it does not run
             got = select_native(x, min(v_local, vocab_size), k, top_p)
             if got is not None:
                 out_ids.append(got[0])
