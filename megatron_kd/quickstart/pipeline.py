@@ -34,6 +34,10 @@ STAGE_COST = {  # seconds per stage of the `full` size, one thread, 2 idle cores
     "offline_sampled_kd": 29, "xtok_no_kd": 29, "xtok_kd": 86, "eval_teacher": 15, "eval": 5.5,
 }
 """Only orders the ready stages (longest remaining path first) and estimates the ETA."""
+LENDABLE_STAGES = frozenset({"teacher", "reference"})
+"""Stages that may use idle workers' cores (:attr:`StageSpec.lendable`): pre-training with megatron's
+loss trains bit-identically at 1 and 2 threads (tests/quickstart/test_thread_lease.py); on 2 cores the
+teacher gets both once the stages that need no teacher are done (~60 s less on the critical path)."""
 
 
 class Quickstart:
@@ -307,7 +311,8 @@ class Quickstart:
         """Every stage with the stages it needs (its inputs are those stages' markers and outputs) and
         its estimated cost (:data:`STAGE_COST`), in the order a ``--workers 1`` run used to take them."""
         def spec(name: str, *deps: str) -> StageSpec:
-            return StageSpec(name, deps, STAGE_COST.get(name, STAGE_COST["eval"] if name.startswith("eval_") else 5.0))
+            return StageSpec(name, deps, STAGE_COST.get(name, STAGE_COST["eval"] if name.startswith("eval_") else 5.0),
+                             lendable=name in LENDABLE_STAGES)
 
         data = ("tokenizer", "preprocess")
         specs = [spec("corpus"), spec("tokenizer", "corpus"), spec("preprocess", "tokenizer")]
@@ -409,7 +414,7 @@ class Quickstart:
                    "TOKENIZERS_PARALLELISM": "false", **host_malloc_env()}
             timeline = run_parallel(specs, done, workers,
                                     ["--out", str(self.out), "--size", self.size.name, "--seed", str(self.seed),
-                                     "--threads", str(threads)], self.out / "logs", self.log, env)
+                                     "--threads", str(threads)], self.out / "logs", self.log, env, threads=threads)
             self.load_completed()
         students = students_of(self.size)
         self.evals = {name: self.results[f"eval_{name}"] for name in ["teacher", "reference"] + [n for n, _ in students]}

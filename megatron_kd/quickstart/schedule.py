@@ -8,7 +8,10 @@ remaining path to the end (its own estimated cost plus its longest chain of depe
 first, then the teacher-dependent chains) starts first.
 
 A stage computes from its inputs only (the markers under ``OUT/stages`` of the stages it needs) with
-the same thread count in any mode, so any ``--workers`` gives the same numbers. Workers die with the
+the same thread count in any mode, so any ``--workers`` gives the same numbers; the one exception
+is a ``lendable`` stage (its numbers do not depend on the thread count), which gets the threads of
+idle workers while nothing else is ready (on 2 cores: the teacher, once the stages that need no
+teacher are done). Workers die with the
 parent (``PR_SET_PDEATHSIG``; each in its own process group, killed as a group when a stage fails or
 the run is interrupted). A failing stage stops the run with its one-line error and the stage name.
 
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from megatron_kd.utils.processes import set_parent_death_signal
+from megatron_kd.utils.threads import LEASE_ENV, write_lease
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class StageSpec:
     cost: float = 1.0
     """Estimated seconds (relative weights: the `full` size, one thread); orders the ready stages
     (critical path first) and drives the ETA. Never changes what a stage computes."""
+    lendable: bool = False
+    """The stage computes the same bits at any torch thread count (a test trains it at 1 and 2), so a
+    parallel run lends it the threads of workers that have nothing ready to run
+    (:mod:`megatron_kd.utils.threads`); it uses them from its next optimizer step."""
 
 
 class StageFailed(RuntimeError):
@@ -194,6 +202,20 @@ class _Worker:
         self.started = 0.0
 
 
+def lease_plan(running: dict[int, StageSpec | None], threads: int) -> dict[int, int]:
+    """Threads per worker index: ``threads`` each, plus the idle workers' threads shared among the
+    running ``lendable`` stages (evenly, the lower worker index first for a remainder)."""
+    plan = {i: threads for i in running}
+    idle = sum(1 for s in running.values() if s is None)
+    takers = sorted(i for i, s in running.items() if s is not None and s.lendable)
+    if not takers or not idle:
+        return plan
+    share, extra = divmod(idle * threads, len(takers))
+    for k, i in enumerate(takers):
+        plan[i] += share + (1 if k < extra else 0)
+    return plan
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL a worker's process group (the worker and anything it started), then reap it."""
     if proc.poll() is None:
@@ -216,9 +238,12 @@ def _worker_preexec(parent: int) -> Callable[[], None]:
 
 def run_parallel(specs: list[StageSpec], done: set[str], workers: int, worker_args: list[str], logs: Path,
                  log: Callable[[str], None] = print, env: dict[str, str] | None = None,
-                 module: str = "megatron_kd.quickstart.worker") -> dict[str, dict]:
+                 module: str = "megatron_kd.quickstart.worker", threads: int = 1) -> dict[str, dict]:
     """Run every stage of ``specs`` not in ``done`` on ``workers`` worker processes
     (``python -m <module> <worker_args> --index i``), critical path first.
+
+    ``threads``: each worker's torch threads; worker i reads its lease ``logs/threads-w<i>`` (written
+    here from :func:`lease_plan` whenever a stage starts or ends).
 
     Returns per stage run here: ``{"worker", "start", "end", "seconds"}`` (start/end: seconds since
     this call began). Raises :class:`StageFailed` on the first failing stage, after killing every worker.
@@ -240,19 +265,34 @@ def run_parallel(specs: list[StageSpec], done: set[str], workers: int, worker_ar
             path = logs / f"worker{i}.log"
             with open(path, "ab") as fh:
                 fh.write(f"=== worker {i} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            lease = logs / f"threads-w{i}"
+            write_lease(lease, threads)
             proc = subprocess.Popen([sys.executable, "-m", module, *worker_args,
                                      "--index", str(i)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, env=env, start_new_session=True,
-                                    preexec_fn=_worker_preexec(parent))
+                                    stderr=subprocess.DEVNULL, env={**(env or os.environ), LEASE_ENV: str(lease)},
+                                    start_new_session=True, preexec_fn=_worker_preexec(parent))
             pool.append(_Worker(i, proc, path))
         write_pids = logs / "workers.json"
         write_pids.write_text(json.dumps({"parent": parent, "workers": [w.proc.pid for w in pool]}))
+        by_name = {s.name: s for s in specs}
+        leased = {w.index: threads for w in pool}
         while pending or any(w.stage for w in pool):
             idle = [w for w in pool if w.stage is None]
             ready = sorted((s for s in pending if all(d in done for d in s.deps)), key=lambda s: -rank[s.name])
-            for w, s in zip(idle, ready):
+            starting = list(zip(idle, ready))
+            for w, s in starting:
                 w.stage, w.started = s.name, time.perf_counter()
                 pending.remove(s)
+            # leases before the new stages start, so a lent core is taken back first
+            for i, n in lease_plan({w.index: by_name[w.stage] if w.stage else None for w in pool}, threads).items():
+                if n != leased[i]:
+                    write_lease(logs / f"threads-w{i}", n)
+                    if n > threads:
+                        log(f"[quickstart] {pool[i].stage}: lent the idle workers' cores ({n} threads)")
+                    elif pool[i].stage:
+                        log(f"[quickstart] {pool[i].stage}: back to {n} thread(s)")
+                    leased[i] = n
+            for w, s in starting:
                 log(f"[quickstart] {s.name}: started on worker {w.index}")
                 w.proc.stdin.write(f"{s.name}\n".encode())
                 w.proc.stdin.flush()

@@ -6,7 +6,9 @@ the completed stages' markers under ``OUT/stages``); answers one JSON line per s
 stdout (``{"event": "done", "stage", "seconds"}`` or ``{"event": "failed", "stage", "error"}``, then
 exits 1). An empty line or end of input ends it. Everything the stages print goes to
 ``OUT/logs/worker<i>.log``. Torch runs ``--threads`` threads (fixed, so a stage computes the same
-numbers on any worker and in a ``--workers 1`` run).
+numbers on any worker and in a ``--workers 1`` run), except that a training loop follows the
+worker's thread lease (``$MEGATRON_KD_THREAD_LEASE``, :mod:`megatron_kd.utils.threads`), which the
+scheduler raises only for stages whose numbers do not depend on it.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if not name:
             return 0
         try:
+            set_stage_threads(args.threads)  # a lent count never carries over into the next stage
             qs = Quickstart(args.out, SIZES[args.size], args.seed, log=print)
             result = qs.run_stage(name, worker=args.index)
             answer.write(json.dumps({"event": "done", "stage": name, "seconds": result["seconds"]}) + "\n")

@@ -31,6 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_kd.models.config import ModelConfig
 from megatron_kd.models.moe import router_loss_metrics
 from megatron_kd.runtime.distributed import device, is_main_process
+from megatron_kd.utils.threads import ThreadLease
 from megatron_kd.training.checkpoint import has_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
 from megatron_kd.training.config import CheckpointConfig, LoggingConfig, TrainConfig
 from megatron_kd.training.metrics import (MetricsLogger, check_metrics_owner, claim_metrics_path,
@@ -340,9 +341,13 @@ class Trainer:
                                train_cfg.global_batch_size * train_cfg.seq_length, train_cfg.log_interval, self.desc)
         last: dict[str, Any] = {"iteration": self.iteration, "train": {}, "valid": {}}
         do_eval = self.evaluator is not None or (make_valid_iterator is not None and train_cfg.eval_iters > 0)
+        lease = ThreadLease()  # cores a scheduler lends between steps ($MEGATRON_KD_THREAD_LEASE; else none)
         try:
             with StopSignals() as self._signals:
                 while self.iteration < train_cfg.train_iters:
+                    threads = lease.current
+                    if lease.poll() != threads:
+                        self._print(f"step {self.iteration + 1}: {lease.current} intra-op threads (thread lease)")
                     t0 = time.perf_counter()
                     step_metrics = self.train_step(data_iterator)
                     self._handle_nonfinite_logged(logger, step_metrics, time.perf_counter() - t0)
@@ -369,6 +374,7 @@ class Trainer:
                 signal_name = self._signals.received
         finally:
             self._signals = None
+            lease.restore()
             logger.close()
         last["iteration"] = self.iteration
         if signal_name and not finished:

@@ -70,6 +70,18 @@ def test_parallel_run_respects_dependencies_and_overlaps(tmp_path, wait_gone):
     assert not wait_gone({e["pid"] for e in events})
 
 
+def test_idle_workers_lend_their_threads_to_a_lendable_stage_only(tmp_path, wait_gone):
+    specs = [StageSpec("teacher", (), 100, lendable=True), StageSpec("student", (), 30),
+             StageSpec("kd", ("teacher",), 30)]
+    _, events, lines = _run(tmp_path, {"sleep": {"teacher": 1.5, "student": 0.2, "kd": 0.2}}, specs=specs)
+    ev = {e["stage"]: e for e in events}
+    assert ev["student"]["lease"] == [1, 1]  # not lendable; and while it ran, nobody was idle
+    assert ev["teacher"]["lease"] == [1, 2]  # the student's worker idles from 0.2 s: the teacher gets its thread
+    assert ev["kd"]["lease"] == [1, 1]  # the lease is back to 1 before the next stage starts
+    assert any("teacher: lent the idle workers' cores (2 threads)" in line for line in lines)
+    assert not wait_gone({e["pid"] for e in events})
+
+
 def test_failing_stage_stops_the_run_and_kills_the_other_worker(tmp_path, wait_gone):
     t0 = time.time()
     with pytest.raises(StageFailed, match=r"stage ref failed: ref broke on purpose") as err:
