@@ -289,8 +289,8 @@ def run_parallel(specs: list[StageSpec], done: set[str], workers: int, worker_ar
                     write_lease(logs / f"threads-w{i}", n)
                     if n > threads:
                         log(f"[quickstart] {pool[i].stage}: lent the idle workers' cores ({n} threads)")
-                    elif pool[i].stage:
-                        log(f"[quickstart] {pool[i].stage}: back to {n} thread(s)")
+                    else:
+                        log(f"[quickstart] worker {i}: back to {n} thread(s)")
                     leased[i] = n
             for w, s in starting:
                 log(f"[quickstart] {s.name}: started on worker {w.index}")
