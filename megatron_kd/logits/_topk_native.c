@@ -1,5 +1,6 @@
 /* The logits store's C kernels (issue 15, item 3): the fused CPU selection of the top-p/top-k
- * entries, their flattening to id order and the top-k shard encoder (further below).
+ * entries, their flattening to id order, the top-k shard encoder and the sampled store's Gumbel-max
+ * draws (further below).
  *
  * One call handles a range of rows of an fp32 [rows, stride] logits chunk. Per row it makes three
  * passes over the row's `cols` valid columns, all from cache: group maxima (also the row maximum and
@@ -312,6 +313,135 @@ static int cpu_ok(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+
+/* ---- Gumbel-max draws of the sampled store (sampling.py `draw_tokens`, TP = 1, stages 1 and 2) ----
+ * The caller computes each row's block log-sum-exps `lse` [rows, B] (float64) and the draw keys
+ * `dkeys` [rows, N] in torch, as the eager path does; this replaces the eager path's two
+ * [rows, N, B] and [rows, N, block] noise tensors (a dozen passes each) by one pass per draw. The
+ * hash is the integer mix of sampling.py (exact); the Gumbel noise -log(-log(u)) uses the float64
+ * log below (< 1 ulp, like torch's), so scores can differ from the eager path's in the last bit and
+ * a draw can differ only where two scores of one race tie to ~1e-16 (not seen in the tests). */
+#define KD_M32 0xFFFFFFFFull
+
+static inline uint64_t mix32_1(uint64_t x) {
+    x ^= x >> 16;
+    x = (x * 0x7FEB352Dull) & KD_M32;
+    x ^= x >> 15;
+    x = (x * 0x2C1B3C6Dull) & KD_M32;
+    x ^= x >> 15;
+    x = (x * 0x297A2D39ull) & KD_M32;
+    return x ^ (x >> 16);
+}
+
+/* mix32_1 on four 64-bit lanes holding values < 2^32 (products of < 2^32 by < 2^31: exact in 64 bits) */
+KD_AVX2 static inline __m256i mix32_4(__m256i x) {
+    const __m256i m = _mm256_set1_epi64x((long long)KD_M32);
+    x = _mm256_xor_si256(x, _mm256_srli_epi64(x, 16));
+    x = _mm256_and_si256(_mm256_mul_epu32(x, _mm256_set1_epi64x(0x7FEB352D)), m);
+    x = _mm256_xor_si256(x, _mm256_srli_epi64(x, 15));
+    x = _mm256_and_si256(_mm256_mul_epu32(x, _mm256_set1_epi64x(0x2C1B3C6D)), m);
+    x = _mm256_xor_si256(x, _mm256_srli_epi64(x, 15));
+    x = _mm256_and_si256(_mm256_mul_epu32(x, _mm256_set1_epi64x(0x297A2D39)), m);
+    return _mm256_xor_si256(x, _mm256_srli_epi64(x, 16));
+}
+
+/* Exact float64 of four 64-bit lanes holding integers in [0, 2^52). */
+KD_AVX2 static inline __m256d small_u64_to_pd(__m256i v) {
+    const __m256i magic = _mm256_set1_epi64x(0x4330000000000000LL); /* 2^52 */
+    return _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(v, magic)), _mm256_set1_pd(4503599627370496.0));
+}
+
+/* Natural log of four positive normal doubles (no zeros, infinities, NaNs or subnormals: the
+ * arguments here are uniforms in [2^-33, 1) and their negated logs), < 1 ulp: x = 2^k (1 + f) with
+ * 1 + f in [sqrt(2)/2, sqrt(2)), s = f / (2 + f), log(1 + f) = f - s (f - R(s^2)) through the
+ * classical degree-14 minimax polynomial in s, and k ln2 in two parts. */
+KD_AVX2 static inline __m256d log4(__m256d x) {
+    const __m256i bits = _mm256_castpd_si256(x);
+    __m256d k = _mm256_sub_pd(small_u64_to_pd(_mm256_srli_epi64(bits, 52)), _mm256_set1_pd(1023.0));
+    __m256d m = _mm256_castsi256_pd(_mm256_or_si256(
+        _mm256_and_si256(bits, _mm256_set1_epi64x(0x000FFFFFFFFFFFFFLL)), _mm256_set1_epi64x(0x3FF0000000000000LL)));
+    __m256d big = _mm256_cmp_pd(m, _mm256_set1_pd(1.4142135623730951), _CMP_GE_OQ);
+    m = _mm256_blendv_pd(m, _mm256_mul_pd(m, _mm256_set1_pd(0.5)), big);
+    k = _mm256_add_pd(k, _mm256_and_pd(big, _mm256_set1_pd(1.0)));
+    const __m256d f = _mm256_sub_pd(m, _mm256_set1_pd(1.0));
+    const __m256d s = _mm256_div_pd(f, _mm256_add_pd(_mm256_set1_pd(2.0), f));
+    const __m256d z = _mm256_mul_pd(s, s), w = _mm256_mul_pd(z, z);
+    __m256d t1 = _mm256_fmadd_pd(w, _mm256_set1_pd(1.531383769920937332e-01), _mm256_set1_pd(2.222219843214978396e-01));
+    t1 = _mm256_fmadd_pd(w, t1, _mm256_set1_pd(3.999999999940941908e-01));
+    t1 = _mm256_mul_pd(w, t1);
+    __m256d t2 = _mm256_fmadd_pd(w, _mm256_set1_pd(1.479819860511658591e-01), _mm256_set1_pd(1.818357216161805012e-01));
+    t2 = _mm256_fmadd_pd(w, t2, _mm256_set1_pd(2.857142874366239149e-01));
+    t2 = _mm256_fmadd_pd(w, t2, _mm256_set1_pd(6.666666666666735130e-01));
+    t2 = _mm256_mul_pd(z, t2);
+    const __m256d r = _mm256_add_pd(t1, t2);
+    const __m256d hfsq = _mm256_mul_pd(_mm256_set1_pd(0.5), _mm256_mul_pd(f, f));
+    /* k ln2_hi - ((hfsq - (s (hfsq + R) + k ln2_lo)) - f) */
+    __m256d inner = _mm256_fmadd_pd(s, _mm256_add_pd(hfsq, r), _mm256_mul_pd(k, _mm256_set1_pd(1.90821492927058770002e-10)));
+    inner = _mm256_sub_pd(_mm256_sub_pd(hfsq, inner), f);
+    return _mm256_sub_pd(_mm256_mul_pd(k, _mm256_set1_pd(6.93147180369123816490e-01)), inner);
+}
+
+/* Standard Gumbel noise of four 32-bit hashes: u = (h + 0.5) / 2^32 (exact), -log(-log(u)). */
+KD_AVX2 static inline __m256d gumbel4(__m256i h) {
+    const __m256d u = _mm256_mul_pd(_mm256_add_pd(small_u64_to_pd(h), _mm256_set1_pd(0.5)),
+                                    _mm256_set1_pd(2.3283064365386963e-10));
+    const __m256d neg = _mm256_set1_pd(-0.0);
+    return _mm256_xor_pd(log4(_mm256_xor_pd(log4(u), neg)), neg);
+}
+
+/* Index of the first maximum of v[0..n) (the first entry for an all -inf row, as torch's argmax). */
+static inline int64_t first_argmax(const double *v, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* Rows [r0, r1): out[r, d] = the draw of key dkeys[r, d] (see sampling.py), -1 for an empty row.
+ * x fp32 [rows, stride] (the first cols columns used), lse float64 [rows, nb] (nb = ceil(cols / block)),
+ * scratch: 4 * (max(nb, block) + 4) doubles. */
+KD_AVX2 static void draw_rows(const float *x, int64_t stride, int64_t cols, const double *lse, int64_t nb, int64_t block,
+                              const int64_t *dkeys, int64_t n_draws, int64_t r0, int64_t r1, int64_t *out,
+                              double *scratch) {
+    const int64_t nb4 = (nb + 3) & ~(int64_t)3, bl4 = (block + 3) & ~(int64_t)3;
+    uint64_t *bhash = (uint64_t *)scratch;                 /* [nb4]: mix32((b ^ salt) & M32) */
+    double *score = scratch + nb4;                         /* [max(nb4, bl4)] */
+    for (int64_t b = 0; b < nb4; b++) bhash[b] = mix32_1(((uint64_t)b ^ 0x68E31DA4ull) & KD_M32);
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = x + r * stride;
+        const double *lr = lse + r * nb;
+        for (int64_t d = 0; d < n_draws; d++) {
+            const __m256i key = _mm256_set1_epi64x(dkeys[r * n_draws + d]);
+            /* stage 1: the block race lse_b + G_b */
+            for (int64_t b = 0; b < nb4; b += 4) {
+                __m256i h = mix32_4(_mm256_xor_si256(key, _mm256_loadu_si256((const __m256i *)(bhash + b))));
+                _mm256_storeu_pd(score + b, gumbel4(h));
+            }
+            for (int64_t b = 0; b < nb; b++) score[b] += lr[b];
+            const int64_t chosen = first_argmax(score, nb);
+            const double best = score[chosen];
+            if (!isfinite(best)) {
+                out[r * n_draws + d] = -1;
+                continue;
+            }
+            /* stage 2: the id race x_v + G_v inside the chosen block (ids past cols: -inf) */
+            const int64_t base = chosen * block;
+            for (int64_t j = 0; j < bl4; j += 4) {
+                const __m256i id = _mm256_add_epi64(_mm256_set1_epi64x(base + j), _mm256_setr_epi64x(0, 1, 2, 3));
+                __m256i ih = mix32_4(_mm256_and_si256(_mm256_xor_si256(id, _mm256_set1_epi64x(0x5BD1E995)),
+                                                      _mm256_set1_epi64x((long long)KD_M32)));
+                _mm256_storeu_pd(score + j, gumbel4(mix32_4(_mm256_xor_si256(key, ih))));
+            }
+            for (int64_t j = 0; j < block; j++) {
+                const int64_t v = base + j;
+                score[j] = v < cols ? score[j] + (double)xr[v] : -INFINITY;
+            }
+            const int64_t a = first_argmax(score, block);
+            out[r * n_draws + d] = isfinite(score[a]) ? base + a : -1;
+        }
+    }
+}
+
 #endif /* KD_HAVE_X86 */
 
 /* ---- the store codec's encoder, top-k layout (codec.py `_encode` with values, no draws) ---------
@@ -516,6 +646,37 @@ static PyObject *py_encode_topk(PyObject *self, PyObject *args) {
 #endif
 }
 
+static PyObject *py_draw_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long xa, la, ka, oa;
+    long long stride, cols, nb, block, n_draws, r0, r1;
+    if (!PyArg_ParseTuple(args, "KLLKLLKLLLK", &xa, &stride, &cols, &la, &nb, &block, &ka, &n_draws, &r0, &r1, &oa))
+        return NULL;
+    if (cols < 1 || stride < cols || block < 1 || nb != (cols + block - 1) / block || n_draws < 1 || r0 < 0 || r1 < r0) {
+        PyErr_SetString(PyExc_ValueError, "_topk_native.draw_rows: need cols <= stride, nb = ceil(cols / block), "
+                                          "n_draws >= 1, 0 <= r0 <= r1");
+        return NULL;
+    }
+#if KD_HAVE_X86
+    if (!cpu_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "_topk_native: this CPU has no AVX2/FMA");
+        return NULL;
+    }
+    const int64_t width = (nb > block ? nb : block) + 4;
+    double *scratch = (double *)malloc((size_t)(2 * width) * sizeof(double));
+    if (!scratch) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    draw_rows((const float *)(uintptr_t)xa, stride, cols, (const double *)(uintptr_t)la, nb, block,
+              (const int64_t *)(uintptr_t)ka, n_draws, r0, r1, (int64_t *)(uintptr_t)oa, scratch);
+    Py_END_ALLOW_THREADS
+    free(scratch);
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "_topk_native: built without x86-64 support");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"available", py_available, METH_NOARGS, "Whether this CPU runs the kernel (AVX2 + FMA)."},
     {"select_rows", py_select_rows, METH_VARARGS,
@@ -529,10 +690,14 @@ static PyMethodDef methods[] = {
      "encode_topk(counts, T, ids, lp_f32, seg_len, S, id_bits, step, value_widths, n_widths, max_q, out_count, "
      "out_widths, out_top_f16, out_seg_bytes, scratch_tok_bits[T], scratch_q[E], payload, payload_cap) -> payload "
      "bytes, or -1 where the numpy encoder must run (all arguments but the scalars are data pointers)."},
+    {"draw_rows", py_draw_rows, METH_VARARGS,
+     "draw_rows(x_ptr, stride, cols, lse_ptr, nb, block, dkeys_ptr, n_draws, r0, r1, out_ptr): the sampled store's "
+     "Gumbel-max draws (sampling.py draw_tokens at TP = 1): x fp32 [rows, stride], lse float64 [rows, nb], dkeys "
+     "int64 [rows, n_draws], out int64 [rows, n_draws] (-1: empty row)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_topk_native",
-                                    "The logits store's C kernels: CPU top-p/top-k selection, flattening, top-k encoder.", -1, methods,
+                                    "The logits store's C kernels: CPU top-p/top-k selection, flattening, top-k encoder, Gumbel-max draws.", -1, methods,
                                     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__topk_native(void) { return PyModule_Create(&module); }

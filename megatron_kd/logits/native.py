@@ -1,10 +1,11 @@
 """The optional C kernels of the logits store (``_topk_native.c``, issue 15 item 3): the CPU
-top-p/top-k selection, its flattening to id order and the top-k shard encoder.
+top-p/top-k selection, its flattening to id order, the top-k shard encoder and the sampled store's
+Gumbel-max draws.
 
 ``pip install`` builds them where a C compiler is present (setup.py; x86-64 with AVX2/FMA at run
 time); otherwise, or with ``MEGATRON_KD_NATIVE=0`` in the environment, the functions here return
-None and their callers (:mod:`~megatron_kd.logits.truncation`, :mod:`~megatron_kd.logits.codec`)
-take their torch / numpy paths. The selection makes three passes per row over cached logits (group
+None and their callers (:mod:`~megatron_kd.logits.truncation`, :mod:`~megatron_kd.logits.codec`,
+:mod:`~megatron_kd.logits.sampling`) take their torch / numpy paths. The selection makes three passes per row over cached logits (group
 maxima, the log-sum-exp, a compare pass against a bisected threshold) and radix-sorts ~k
 candidates, instead of a dozen torch ops over the chunk.
 """
@@ -72,15 +73,53 @@ def select_native(x: torch.Tensor, cols: int, k: int, top_p: float
     def run(r0: int, r1: int) -> int:
         return mod.select_rows(x.data_ptr(), x.stride(0), cols, k, float(top_p), r0, r1, *ptrs)
 
-    workers = min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD)
-    if workers > 1:  # the kernel releases the GIL: row ranges run in parallel
-        step = -(-rows // workers)
-        codes = list(_pool(workers).map(lambda r0: run(r0, min(r0 + step, rows)), range(0, rows, step)))
-    else:
-        codes = [run(0, rows)] if rows else []
-    if any(codes):
+    if any(_over_rows(run, rows)):
         return None
     return ids, lp, counts, lse
+
+
+def _over_rows(run, rows: int) -> list:
+    """``run(r0, r1)`` over row ranges covering ``[0, rows)``: in parallel on torch's intra-op threads
+    (the kernels release the GIL), at least ``_MIN_ROWS_PER_THREAD`` rows each; the results in order."""
+    workers = min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD)
+    if workers > 1:
+        step = -(-rows // workers)
+        return list(_pool(workers).map(lambda r0: run(r0, min(r0 + step, rows)), range(0, rows, step)))
+    return [run(0, rows)] if rows else []
+
+
+def draw_native(x: torch.Tensor, cols: int, lse: torch.Tensor, dkeys: torch.Tensor, block: int
+                ) -> Optional[torch.Tensor]:
+    """Stages 1 and 2 of :func:`~megatron_kd.logits.sampling.draw_tokens` (TP = 1) in C: per row and
+    draw key, the block race ``argmax_b(lse_b + G_b)`` and the id race ``argmax_v(x_v + G_v)`` inside the
+    chosen block, with the same counter-based noise (float64, the log within an ulp of torch's).
+
+    Args:
+        x: fp32 [R, V] on CPU, rows contiguous; columns at or past ``cols`` are never drawn.
+        cols: columns in play, ``B = ceil(cols / block)`` blocks.
+        lse: float64 [R, B] block log-sum-exps of ``x`` (-inf: empty block).
+        dkeys: int64 [R, N] draw keys (32-bit values).
+        block: ids per block.
+
+    Returns:
+        int64 [R, N] drawn ids (-1: the row has nothing to draw), or None where the kernel is not
+        available or ``lse`` holds a NaN (the caller then takes its torch path).
+    """
+    if not available() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+        return None
+    mod = _module()
+    if not hasattr(mod, "draw_rows") or not (1 <= cols <= x.shape[1]) or block < 1:
+        return None
+    rows, nb = x.shape[0], -(-cols // block)
+    if lse.shape != (rows, nb) or dkeys.dim() != 2 or dkeys.shape[0] != rows or bool(torch.isnan(lse).any()):
+        return None
+    lse = lse.to(torch.float64).contiguous()
+    dkeys = dkeys.to(torch.int64).contiguous()
+    n_draws = dkeys.shape[1]
+    out = torch.empty(rows, n_draws, dtype=torch.int64)
+    _over_rows(lambda r0, r1: mod.draw_rows(x.data_ptr(), x.stride(0), cols, lse.data_ptr(), nb, block,
+                                            dkeys.data_ptr(), n_draws, r0, r1, out.data_ptr()), rows)
+    return out
 
 
 def flatten_native(ids: torch.Tensor, logprobs: torch.Tensor, counts: torch.Tensor

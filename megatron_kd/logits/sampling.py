@@ -12,6 +12,8 @@ the block ``argmax_b(lse_b + G_b)``, which has probability ``mass_b / total``. (
 chosen block it picks ``argmax_v(x_v + G_v)`` over the block's ids (probability
 ``p_v / mass_b``): each rank scores the ids it owns, one all-reduce MAX of ``[n, N]`` values and
 one of the winning ids. Cost per draw: ``V / block + block`` hash evaluations instead of ``V``.
+At TP = 1 on CPU both races run in C where the kernel is built (:func:`~megatron_kd.logits.native.draw_native`:
+the same hash and noise, one pass per draw instead of a dozen over [rows, N, B] tensors).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_kd.logits.native import draw_native
 
 _M32 = 0xFFFFFFFF
 # Odd multipliers below 2**31: (x < 2**32) * c never overflows int64.
@@ -156,6 +160,11 @@ def draw_tokens(logits: torch.Tensor, vocab_size: int, positions: torch.Tensor, 
         lse = (safe + torch.log(bsum)).double()  # -inf for empty blocks
         keys = position_keys(seed, positions[r0:r0 + rows].to(dev))
         dkeys = mix32(keys.unsqueeze(-1) ^ mix32(torch.arange(num_samples, device=dev) ^ _SALT_DRAW))  # [rows, N]
+        if tp.group is None:  # both races in C (TP = 1, CPU, kernel built; None: the torch path below)
+            drawn = draw_native(x, min(v_local, num_blocks * block), lse, dkeys, block)
+            if drawn is not None:
+                out[r0:r0 + rows] = drawn
+                continue
         score = gumbel(dkeys, blocks_all, _SALT_BLOCK).add_(lse.unsqueeze(1))  # lse + G: [rows, N, B]
         best = score.amax(-1)
         chosen = score.argmax(-1)  # identical on every rank (same inputs)

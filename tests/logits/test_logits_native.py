@@ -167,3 +167,67 @@ def test_native_encoder_leaves_bad_input_to_numpy():
         codec.encode(counts, ids, lp, seg, 12, 1 / 16)
     assert native.encode_topk(counts, ids, lp.astype(np.float64), seg, 12, 1 / 16, codec.VALUE_WIDTHS,
                               codec.MAX_VALUE_Q) is None  # float64 log-probs: the numpy encoder
+
+
+# ---- the sampled store's Gumbel-max draws (sampling.draw_tokens at TP = 1) -------------------------
+def _draws(monkeypatch, native_on: bool, *args):
+    from megatron_kd.logits.sampling import draw_tokens
+
+    monkeypatch.setenv(native.ENV, "1" if native_on else "0")
+    try:
+        return draw_tokens(*args)
+    finally:
+        monkeypatch.delenv(native.ENV)
+
+
+@pytest.mark.parametrize("n, vocab, real, draws, temp, block, dtype, exclude, row_chunk", [
+    (300, 4096, 4096, 12, 1.0, 64, torch.float32, False, None),  # the quickstart's shape
+    (97, 1000, 990, 5, 0.8, 64, torch.float32, True, None),      # padded ids, excluded head, temperature
+    (64, 513, 500, 24, 1.0, 16, torch.bfloat16, False, 9),       # partial last block, row chunks
+    (40, 2048, 2048, 3, 1.5, 128, torch.float32, True, 11),
+    (33, 37, 37, 7, 1.0, 64, torch.float32, False, None),        # one partial block
+    (16, 151_936, 151_936, 4, 1.0, 64, torch.float32, False, None),  # Qwen's vocabulary: 2,374 blocks
+])
+def test_native_draws_equal_the_torch_path(monkeypatch, n, vocab, real, draws, temp, block, dtype, exclude,
+                                           row_chunk):
+    g = torch.Generator().manual_seed(n * 7 + vocab)
+    x = (torch.randn(n, vocab, generator=g) * 4).to(dtype)
+    x[1] = float("-inf")  # nothing to draw: -1
+    x[2, : vocab // 2] = float("-inf")  # half the vocabulary impossible
+    x[3] = 0.0  # uniform
+    x[4, 5] = float("inf")  # an infinite logit: lse +inf, nothing drawn (as the torch path)
+    x[5, 7] = 30.0  # one id carries (almost) all the mass
+    pos = torch.randint(0, 10**12, (n,), generator=g)
+    ex = torch.randint(-1, vocab, (n, 7), generator=g) if exclude else None
+    args = (x, real, pos, draws, 1234, temp, ex, block, row_chunk)
+    got, want = _draws(monkeypatch, True, *args), _draws(monkeypatch, False, *args)
+    assert torch.equal(got, want)
+    assert (got[1] == -1).all() and (got[0] >= 0).all() and (got < real).all()
+    assert (got[5] == 7).float().mean() > 0.5
+
+
+def test_native_draws_threads_and_refusals(monkeypatch):
+    from megatron_kd.logits.sampling import draw_tokens
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 4096, generator=g) * 3
+    pos = torch.arange(256) * 1_000_003
+    base = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = draw_tokens(x, 4096, pos, 12, 9)
+        torch.set_num_threads(2)
+        two = draw_tokens(x, 4096, pos, 12, 9)
+    finally:
+        torch.set_num_threads(base)
+    assert torch.equal(one, two)
+    assert torch.equal(one, _draws(monkeypatch, False, x, 4096, pos, 12, 9))
+    lse = torch.zeros(4, 64, dtype=torch.float64)
+    keys = torch.zeros(4, 3, dtype=torch.int64)
+    assert native.draw_native(x[:4], 4096, lse, keys, 64) is not None
+    lse[2, 5] = float("nan")  # a NaN row: the torch path decides
+    assert native.draw_native(x[:4], 4096, lse, keys, 64) is None
+    assert native.draw_native(x[:4].double(), 4096, lse, keys, 64) is None
+    assert native.draw_native(x[:4], 4096, lse[:, :10], keys, 64) is None  # wrong block count
+    x[3, 0] = float("nan")
+    assert torch.equal(draw_tokens(x[:4], 4096, pos[:4], 3, 9), _draws(monkeypatch, False, x[:4], 4096, pos[:4], 3, 9))
