@@ -35,9 +35,10 @@ STAGE_COST = {  # seconds per stage of the `full` size, one thread, 2 idle cores
 }
 """Only orders the ready stages (longest remaining path first) and estimates the ETA."""
 LENDABLE_STAGES = frozenset({"teacher", "reference"})
-"""Stages that may use idle workers' cores (:attr:`StageSpec.lendable`): pre-training with megatron's
-loss trains bit-identically at 1 and 2 threads (tests/quickstart/test_thread_lease.py); on 2 cores the
-teacher gets both once the stages that need no teacher are done (~60 s less on the critical path)."""
+"""Stages that may use an idle worker's core (:attr:`StageSpec.lendable`): pre-training with megatron's
+loss trains bit-identically at 1 and 2 threads (tests/quickstart/test_thread_lease.py; also at 4, not
+at 3, hence leases only double); on 2 cores the teacher gets both once the stages that need no teacher
+are done (40-60 s less teacher)."""
 
 
 class Quickstart:

@@ -9,9 +9,9 @@ first, then the teacher-dependent chains) starts first.
 
 A stage computes from its inputs only (the markers under ``OUT/stages`` of the stages it needs) with
 the same thread count in any mode, so any ``--workers`` gives the same numbers; the one exception
-is a ``lendable`` stage (its numbers do not depend on the thread count), which gets the threads of
-idle workers while nothing else is ready (on 2 cores: the teacher, once the stages that need no
-teacher are done). Workers die with the
+is a ``lendable`` stage (its numbers are the same at twice its thread count), which runs with twice
+its threads while another worker has nothing ready (on 2 cores: the teacher, once the stages that
+need no teacher are done). Workers die with the
 parent (``PR_SET_PDEATHSIG``; each in its own process group, killed as a group when a stage fails or
 the run is interrupted). A failing stage stops the run with its one-line error and the stage name.
 
@@ -44,8 +44,8 @@ class StageSpec:
     """Estimated seconds (relative weights: the `full` size, one thread); orders the ready stages
     (critical path first) and drives the ETA. Never changes what a stage computes."""
     lendable: bool = False
-    """The stage computes the same bits at any torch thread count (a test trains it at 1 and 2), so a
-    parallel run lends it the threads of workers that have nothing ready to run
+    """The stage computes the same bits at its thread count and at twice that (a test trains it at 1 and
+    2), so a parallel run doubles its threads while another worker has nothing ready to run
     (:mod:`megatron_kd.utils.threads`); it uses them from its next optimizer step."""
 
 
@@ -203,16 +203,16 @@ class _Worker:
 
 
 def lease_plan(running: dict[int, StageSpec | None], threads: int) -> dict[int, int]:
-    """Threads per worker index: ``threads`` each, plus the idle workers' threads shared among the
-    running ``lendable`` stages (evenly, the lower worker index first for a remainder)."""
+    """Threads per worker index: ``threads`` each, and ``2 * threads`` for running ``lendable`` stages
+    while idle workers' threads are left (the lower worker index first). A lease only ever doubles a
+    stage's count: the quickstart teacher trains bit-identically at 1, 2 and 4 threads but not at 3."""
     plan = {i: threads for i in running}
-    idle = sum(1 for s in running.values() if s is None)
-    takers = sorted(i for i, s in running.items() if s is not None and s.lendable)
-    if not takers or not idle:
-        return plan
-    share, extra = divmod(idle * threads, len(takers))
-    for k, i in enumerate(takers):
-        plan[i] += share + (1 if k < extra else 0)
+    spare = threads * sum(1 for s in running.values() if s is None)
+    for i in sorted(i for i, s in running.items() if s is not None and s.lendable):
+        if spare < threads:
+            break
+        plan[i] = 2 * threads
+        spare -= threads
     return plan
 
 

@@ -51,7 +51,8 @@ def test_lease_plan_lends_idle_threads_to_lendable_stages_only():
     assert lease_plan({0: teacher, 1: None}, 1) == {0: 2, 1: 1}
     assert lease_plan({0: teacher, 1: student}, 1) == {0: 1, 1: 1}  # nobody idle
     assert lease_plan({0: student, 1: None}, 1) == {0: 1, 1: 1}  # not lendable: keeps its own count
-    assert lease_plan({0: teacher, 1: None, 2: None}, 2) == {0: 6, 1: 2, 2: 2}
+    assert lease_plan({0: teacher, 1: None, 2: None}, 2) == {0: 4, 1: 2, 2: 2}  # at most doubled
+    assert lease_plan({0: teacher, 1: None, 2: None, 3: None}, 1) == {0: 2, 1: 1, 2: 1, 3: 1}  # never 3, 4
     ref = StageSpec("reference", lendable=True)
     assert lease_plan({0: teacher, 1: ref, 2: None}, 1) == {0: 2, 1: 1, 2: 1}  # remainder: lower index
     assert LENDABLE_STAGES == {"teacher", "reference"}
