@@ -288,7 +288,7 @@ def run_parallel(specs: list[StageSpec], done: set[str], workers: int, worker_ar
                 if n != leased[i]:
                     write_lease(logs / f"threads-w{i}", n)
                     if n > threads:
-                        log(f"[quickstart] {pool[i].stage}: lent the idle workers' cores ({n} threads)")
+                        log(f"[quickstart] {pool[i].stage}: lent an idle worker's core ({n} threads)")
                     else:
                         log(f"[quickstart] worker {i}: back to {n} thread(s)")
                     leased[i] = n

@@ -78,7 +78,7 @@ def test_idle_workers_lend_their_threads_to_a_lendable_stage_only(tmp_path, wait
     assert ev["student"]["lease"] == [1, 1]  # not lendable; and while it ran, nobody was idle
     assert ev["teacher"]["lease"] == [1, 2]  # the student's worker idles from 0.2 s: the teacher gets its thread
     assert ev["kd"]["lease"] == [1, 1]  # the lease is back to 1 before the next stage starts
-    assert any("teacher: lent the idle workers' cores (2 threads)" in line for line in lines)
+    assert any("teacher: lent an idle worker's core (2 threads)" in line for line in lines)
     assert not wait_gone({e["pid"] for e in events})
 
 
