@@ -559,6 +559,18 @@ static PyObject *py_available(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* 1 where this build and this CPU run the AVX2 kernels; otherwise 0 with a RuntimeError set (the
+ * entry points below then return NULL: their bodies exist only in x86-64 builds). */
+static int require_avx2(void) {
+#if KD_HAVE_X86
+    if (cpu_ok()) return 1;
+    PyErr_SetString(PyExc_RuntimeError, "_topk_native: this CPU has no AVX2/FMA");
+#else
+    PyErr_SetString(PyExc_RuntimeError, "_topk_native: built without x86-64 support");
+#endif
+    return 0;
+}
+
 static PyObject *py_select_rows(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long xa, ida, lpa, na, lsea;
@@ -566,11 +578,8 @@ static PyObject *py_select_rows(PyObject *self, PyObject *args) {
     double top_p;
     if (!PyArg_ParseTuple(args, "KLLLdLLKKKK", &xa, &stride, &cols, &k, &top_p, &r0, &r1, &ida, &lpa, &na, &lsea))
         return NULL;
+    if (!require_avx2()) return NULL;
 #if KD_HAVE_X86
-    if (!cpu_ok()) {
-        PyErr_SetString(PyExc_RuntimeError, "_topk_native: this CPU has no AVX2/FMA");
-        return NULL;
-    }
     if (k < 1 || k > cols || cols < 1 || stride < cols || r0 < 0 || r1 < r0) {
         PyErr_SetString(PyExc_ValueError, "_topk_native.select_rows: need 1 <= k <= cols <= stride, 0 <= r0 <= r1");
         return NULL;
@@ -591,7 +600,6 @@ static PyObject *py_select_rows(PyObject *self, PyObject *args) {
     free(mem);
     return PyLong_FromLong(rc);
 #else
-    PyErr_SetString(PyExc_RuntimeError, "_topk_native: built without x86-64 support");
     return NULL;
 #endif
 }
@@ -605,6 +613,7 @@ static PyObject *py_flatten_rows(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "_topk_native.flatten_rows: need k >= 1, 0 <= r0 <= r1");
         return NULL;
     }
+    if (!require_avx2()) return NULL;
 #if KD_HAVE_X86
     void *mem = malloc((size_t)(2 * k) * (sizeof(uint32_t) + sizeof(int32_t)));
     if (!mem) return PyErr_NoMemory();
@@ -616,7 +625,6 @@ static PyObject *py_flatten_rows(PyObject *self, PyObject *args) {
     free(mem);
     Py_RETURN_NONE;
 #else
-    PyErr_SetString(PyExc_RuntimeError, "_topk_native: built without x86-64 support");
     return NULL;
 #endif
 }
@@ -657,11 +665,8 @@ static PyObject *py_draw_rows(PyObject *self, PyObject *args) {
                                           "n_draws >= 1, 0 <= r0 <= r1");
         return NULL;
     }
+    if (!require_avx2()) return NULL;
 #if KD_HAVE_X86
-    if (!cpu_ok()) {
-        PyErr_SetString(PyExc_RuntimeError, "_topk_native: this CPU has no AVX2/FMA");
-        return NULL;
-    }
     const int64_t width = (nb > block ? nb : block) + 4;
     double *scratch = (double *)malloc((size_t)(2 * width) * sizeof(double));
     if (!scratch) return PyErr_NoMemory();
@@ -672,7 +677,6 @@ static PyObject *py_draw_rows(PyObject *self, PyObject *args) {
     free(scratch);
     Py_RETURN_NONE;
 #else
-    PyErr_SetString(PyExc_RuntimeError, "_topk_native: built without x86-64 support");
     return NULL;
 #endif
 }

@@ -41,7 +41,13 @@ def available() -> bool:
 
 @lru_cache(maxsize=1)
 def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kd-topk")
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kd-native")
+
+
+def _takes_rows(x: torch.Tensor) -> bool:
+    """Whether the kernels run here on logits ``x``: built and enabled, fp32 [R, V] on CPU, rows contiguous."""
+    return (available() and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+            and x.stride(1) == 1)
 
 
 def select_native(x: torch.Tensor, cols: int, k: int, top_p: float
@@ -58,9 +64,7 @@ def select_native(x: torch.Tensor, cols: int, k: int, top_p: float
         ``(ids int64 [R, k], logprobs fp32 [R, k], counts int64 [R], lse fp32 [R])``, or None where
         the kernel is not available or a row holds a NaN (the caller then takes its torch path).
     """
-    if not available() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
-        return None
-    if x.stride(1) != 1 or not (1 <= k <= cols <= x.shape[1]):
+    if not _takes_rows(x) or not (1 <= k <= cols <= x.shape[1]):
         return None
     mod = _module()
     rows = x.shape[0]
@@ -105,10 +109,10 @@ def draw_native(x: torch.Tensor, cols: int, lse: torch.Tensor, dkeys: torch.Tens
         int64 [R, N] drawn ids (-1: the row has nothing to draw), or None where the kernel is not
         available or ``lse`` holds a NaN (the caller then takes its torch path).
     """
-    if not available() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+    if not _takes_rows(x) or not (1 <= cols <= x.shape[1]) or block < 1:
         return None
     mod = _module()
-    if not hasattr(mod, "draw_rows") or not (1 <= cols <= x.shape[1]) or block < 1:
+    if not hasattr(mod, "draw_rows"):  # a build from before the draws
         return None
     rows, nb = x.shape[0], -(-cols // block)
     if lse.shape != (rows, nb) or dkeys.dim() != 2 or dkeys.shape[0] != rows or bool(torch.isnan(lse).any()):

@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         if not name:
             return 0
         try:
-            set_stage_threads(args.threads)  # a lent count never carries over into the next stage
             qs = Quickstart(args.out, SIZES[args.size], args.seed, log=print)
             result = qs.run_stage(name, worker=args.index)
             answer.write(json.dumps({"event": "done", "stage": name, "seconds": result["seconds"]}) + "\n")
