@@ -7,6 +7,13 @@ after the final norm, ``[s, b, H]`` (``[s/tp, b, H]`` under sequence parallelism
 the weight it would have used. Fused heads (the distillation loss, the logits precompute, MiniPLM
 scoring) then produce logits chunk by chunk themselves and never hold ``[tokens, V]`` whole.
 Inactive, the layer behaves exactly as before.
+
+With ``keep_logits`` the layer computes its logits as usual but keeps them (``[s, b, V/tp]``, the
+layer's own layout, :meth:`HeadCapture.pop_logits`) and hands back its input: megatron's
+``GPTModel`` ends with a ``[s, b] -> [b, s]`` transposed copy of what the layer returns, which for
+the logits is a full [tokens, V] copy in forward and two more of their gradient in backward (the
+output layer's backward copies a non-contiguous gradient twice); the hidden states are V/H times
+smaller. Same logits, same gradients, bit for bit (:func:`megatron_kd.training.lm_loss.lm_forward_step`).
 """
 from __future__ import annotations
 
@@ -22,12 +29,19 @@ class HeadCapture:
     def __init__(self, layer: torch.nn.Module):
         self.layer = layer
         self.active = False
+        self.keep_logits = False
+        """While active: run the layer and keep its logits (instead of recording its weight)."""
         self.weight: Optional[torch.Tensor] = None
+        self.logits: Optional[torch.Tensor] = None
         original = layer.forward
 
         def forward(input_, weight=None, runtime_gather_output=None, **kwargs):
             if not self.active:
                 return original(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
+            if self.keep_logits:
+                self.logits, _ = original(input_, weight=weight, runtime_gather_output=runtime_gather_output,
+                                          **kwargs)
+                return input_, None
             self.weight = weight if weight is not None else layer.weight
             return input_, None
 
@@ -37,6 +51,13 @@ class HeadCapture:
     def sequence_parallel(self) -> bool:
         """Whether the layer's input is a sequence-parallel shard."""
         return bool(getattr(self.layer, "sequence_parallel", False))
+
+    def pop_logits(self) -> torch.Tensor:
+        """The logits ``[s, b, V/tp]`` kept by the last ``keep_logits`` forward (then forgotten)."""
+        logits, self.logits = self.logits, None
+        if logits is None:
+            raise RuntimeError("LM head: the model's output layer did not run during the captured forward")
+        return logits
 
     def pop_weight(self) -> torch.Tensor:
         """The output weight recorded by the last captured forward (then forgotten)."""

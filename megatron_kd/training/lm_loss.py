@@ -29,24 +29,37 @@ def batch_to_device(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token cross entropy [b, s] (fp32) from vocab-parallel logits [b, s, V/tp].
+def vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                           inplace: bool = False) -> torch.Tensor:
+    """Per-token cross entropy [b, s] (fp32) from vocab-parallel logits [b, s, V/tp] (any two leading
+    dims: [s, b, V/tp] with [s, b] labels gives [s, b]).
 
     Padded vocabulary columns (ids >= ``vocab_size``) are masked to -inf first, so the result
     equals CE over the real vocabulary (the megatron kernel subtracts the row max before ``exp``,
     and the target column is always a real one, so -inf gives exact zeros and no NaN). The input
-    is not modified (megatron's kernel works in place, so an aliasing fp32 input is copied first).
+    is not modified (megatron's kernel works in place, so an aliasing fp32 input is copied first)
+    unless ``inplace``: logits nobody reads afterwards (the output layer's backward needs only its
+    input and weight) are overwritten, which saves a [tokens, V] copy.
     """
     masked = mask_padded_vocab(logits.float(), vocab_size)
-    if masked.data_ptr() == logits.data_ptr():
+    if masked.data_ptr() == logits.data_ptr() and not inplace:
         masked = masked.clone()  # megatron's kernel works in place: keep the caller's logits intact
     return tensor_parallel.vocab_parallel_cross_entropy(masked, labels)
 
 
 def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *, labels: torch.Tensor,
-                 vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss_sum, num_tokens, {"lm": [sum, count]})`` for logits ``output_tensor`` [b, s, V/tp]."""
-    per_token = vocab_parallel_lm_loss(output_tensor, labels, vocab_size)
+                 vocab_size: int, seq_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss_sum, num_tokens, {"lm": [sum, count]})`` for logits ``output_tensor`` [b, s, V/tp].
+
+    ``seq_first``: ``output_tensor`` is [s, b, V/tp], megatron's own layout, and private to this loss
+    (:func:`lm_forward_step`): the cross entropy runs on it in place and in that layout. Every row's
+    arithmetic is the same, and the per-token losses are put back in [b, s] order before the sum, so
+    the result has the same bits as the [b, s] form."""
+    if seq_first:
+        per_token = vocab_parallel_lm_loss(output_tensor, labels.t().contiguous(), vocab_size, inplace=True)
+        per_token = per_token.t().contiguous()
+    else:
+        per_token = vocab_parallel_lm_loss(output_tensor, labels, vocab_size)
     mask = loss_mask.to(per_token.dtype)
     loss_sum = (per_token * mask).sum()
     num_tokens = mask.sum().to(torch.int)
@@ -60,13 +73,28 @@ def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: tor
 
     Every pipeline stage reads the same batch (only the first uses tokens, only the last the
     labels). ``vocab_size`` is the real (unpadded) vocabulary; None masks nothing, so pass it
-    (:func:`make_lm_forward_step`).
+    (:func:`make_lm_forward_step`). On the last stage the output layer keeps its logits in its own
+    ``[s, b, V/tp]`` layout (:class:`megatron_kd.models.head.HeadCapture` ``keep_logits``) and the
+    loss reads them there: megatron's ``[b, s]`` transposed copy of the logits, and the two copies
+    of its gradient in the output layer's backward, are not made (~8% of a CPU step of the
+    quickstart's teacher; the same bits: tests/training/test_lm_loss.py).
     """
+    from megatron_kd.models.head import capture_for
+
     batch = batch_to_device(next(data_iterator))
-    output = model(batch["tokens"], batch["position_ids"], None)
     if vocab_size is None:
         vocab_size = 1 << 62  # no padded columns to mask
-    return output, partial(lm_loss_func, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab_size)
+    cap = capture_for(model)
+    if cap is None:  # not the last pipeline stage: its output is the activation sent on
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(lm_loss_func, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab_size)
+    cap.active = cap.keep_logits = True
+    try:
+        model(batch["tokens"], batch["position_ids"], None)
+    finally:
+        cap.active = cap.keep_logits = False
+    return cap.pop_logits(), partial(lm_loss_func, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab_size,
+                                     seq_first=True)
 
 
 def fused_lm_loss_func(loss_mask: torch.Tensor, hidden: torch.Tensor, *, labels: torch.Tensor, weight: torch.Tensor,

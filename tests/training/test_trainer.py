@@ -169,6 +169,43 @@ def test_fused_lm_loss_equals_megatron_cross_entropy(reference, tp, pp):
         assert valid == pytest.approx(reference["ref_valid"], abs=1e-5)
 
 
+def _megatron_logits_forward_step(data_iterator, model, vocab_size):
+    """The LM step before the seq-first head: the model's own [b, s, V] (transposed, copied) logits."""
+    from megatron_kd.training.lm_loss import batch_to_device, lm_loss_func
+
+    batch = batch_to_device(next(data_iterator))
+    output = model(batch["tokens"], batch["position_ids"], None)
+    return output, functools.partial(lm_loss_func, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab_size)
+
+
+def _bits_worker(rank, world_size, tp, state):
+    from megatron_kd.models.sharding import gather_full_state
+    from megatron_kd.training import unwrap_model
+
+    out = {}
+    for name, step in (("megatron", functools.partial(_megatron_logits_forward_step, vocab_size=MODEL["vocab_size"])),
+                       ("seq_first", None)):
+        trainer, make_train, make_valid, _ = _trainer(tp, 1, 2, 8, state, forward_step=step)
+        steps = []
+        trainer.on_step_end = lambda i, m: steps.append((m["loss"], m["grad_norm"]))
+        valid = trainer.fit(make_train, make_valid)["valid"]["loss"]
+        weights = gather_full_state(unwrap_model(trainer.model_chunks[0]), trainer.model_config)
+        out[name] = (steps, valid, {k: v.clone() for k, v in weights.items()})
+    return _packed(out)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_lm_step_without_logits_copy_trains_bit_identically(reference, tp):
+    """The default LM step reads the output layer's [s, b, V] logits in place (no [b, s] copy of them,
+    none of their gradient): the same losses, gradient norms and weights, bit for bit."""
+    for data in run_workers(_bits_worker, tp, tp, reference["state"]):
+        got = _unpacked(data)
+        assert got["seq_first"][0] == got["megatron"][0]
+        assert got["seq_first"][1] == got["megatron"][1]
+        a, b = got["seq_first"][2], got["megatron"][2]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_tp2_pp2_equals_tp1_pp1(reference):
     outs = run_workers(_pp_worker, 4, 2, 2, reference["state"], timeout=900)
