@@ -93,6 +93,10 @@ class KDConfig(KDLossConfig):
     alignment: str = "exact"
     """cross_tokenizer: exact (teacher position ending at the same byte, else unaligned) |
     nearest_earlier (the last teacher position ending at or before it)."""
+    eval_with_teacher: bool = True
+    """online: held-out evaluation also runs the teacher and reports the held-out KD term (``kd`` of
+    the ``valid`` metrics); false: the student's held-out LM loss only, without the teacher's forward
+    (one teacher forward less per evaluation batch; training is unchanged, to the bit)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # validates the Literal fields (kd.kind, kd.mode, ...)

@@ -235,10 +235,12 @@ class CrossTokenizerForwardStep:
         vocab_map: matched ids for ``hybrid``, the projection array for ``projected`` (:func:`build_plan_vocab_map`).
         state: the shared ``KDState`` (alpha schedule step).
         evaluation: report held-out ``lm``, ``kd`` and ``xtok_aligned`` only.
+        with_teacher: evaluation with the teacher (``kd.eval_with_teacher``); False: the held-out
+            ``lm`` only (the teacher does not run: :class:`DistillationModel` ``run_teacher``).
     """
 
     def __init__(self, kd: Any, plan: CrossTokenizerPlan, vocab_map: Any = None, state: Any = None,
-                 evaluation: bool = False, offline: bool = False):
+                 evaluation: bool = False, offline: bool = False, with_teacher: bool = True):
         from megatron_kd.distill.forward_step import KDState
 
         if kd.cross_tokenizer not in CROSS_TOKENIZER_LOSSES:
@@ -247,11 +249,12 @@ class CrossTokenizerForwardStep:
             raise ValueError(f"kd.cross_tokenizer={kd.cross_tokenizer} needs a vocab map (build_plan_vocab_map)")
         self.kd, self.plan, self.vocab_map, self.evaluation = kd, plan, vocab_map, evaluation
         self.offline = offline
+        self.lm_only = evaluation and not with_teacher
         self.state = state or KDState()
 
     def __call__(self, data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module):
         batch = batch_to_device(next(data_iterator))
-        if self.offline:  # stored targets (ByteKeyedTargetsDataset): no teacher in the job
+        if self.offline or self.lm_only:  # stored targets (ByteKeyedTargetsDataset), or no KD: no teacher
             return model(batch["tokens"], batch["position_ids"], None), partial(self.loss_func, batch, None)
         model.loss_mask = batch["loss_mask"]
         model.teacher_inputs = (batch["teacher_tokens"], batch["teacher_position_ids"])
@@ -280,7 +283,9 @@ class CrossTokenizerForwardStep:
         mask = (loss_mask != 0) & (labels != kd.ignore_index)
         alpha = alpha_at(kd, self.state.step, self.state.total_steps)
         scale = kd.temperature ** 2 if kd.t2_scale else 1.0
-        if self.offline:
+        if self.lm_only:
+            rows, kd_mask = None, torch.zeros_like(mask)
+        elif self.offline:
             if "target_ids" in batch:
                 from megatron_kd.losses.vocab_parallel import resolve_tp
 
@@ -315,7 +320,9 @@ class CrossTokenizerForwardStep:
         def pair(a, b):
             return torch.stack((a.detach().float(), b.float()))
 
-        report = {"lm": pair(lm_sum, count), "kd": pair(kd_sum, aligned), "xtok_aligned": pair(aligned, count)}
+        report = {"lm": pair(lm_sum, count)}
+        if not self.lm_only:
+            report.update(kd=pair(kd_sum, aligned), xtok_aligned=pair(aligned, count))
         if self.evaluation:
             return lm_sum, count.to(torch.int), report
         report["total"] = pair(total, count)

@@ -10,7 +10,8 @@ student's pipeline dtype; the 1F1B schedule learns the wider shape from
   gradient goes back up the pipeline), the teacher part is detached and cast to the teacher dtype;
 * ``forward`` runs the teacher stage under ``no_grad`` and then the student stage; non-last stages
   return the concatenation, the last stage returns the student's vocab-parallel logits and keeps
-  the teacher's for the loss (:meth:`pop_teacher_output`);
+  the teacher's for the loss (:meth:`pop_teacher_output`); with ``run_teacher`` off (evaluation
+  without KD) only the student runs;
 * DDP plumbing (``zero_grad_buffer``, ``no_sync``, ``finish_grad_sync``) and checkpoints
   (``.module`` chain, ``sharded_state_dict``) see the student only: the teacher is a plain
   attribute, not a sub-module, so it is in no state dict, no ``parameters()``, and ``train()``
@@ -90,6 +91,9 @@ class DistillationModel(torch.nn.Module):
         self.teacher_inputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._teacher_output: Optional[torch.Tensor] = None
         self._aux: Optional[torch.Tensor] = None
+        self.run_teacher = True
+        """False: forwards skip the teacher (evaluation without KD, ``kd.eval_with_teacher``); a
+        pipeline stage then sends zeros in the teacher's part of the activation."""
 
     # ------------------------------------------------------------------ schedule interface
     def set_input_tensor(self, input_tensor: Any) -> None:
@@ -112,8 +116,10 @@ class DistillationModel(torch.nn.Module):
         """Teacher stage (no grad), then student stage; see the module docstring for the output."""
         t_ids, t_pos = self.teacher_inputs if self.teacher_inputs is not None else (input_ids, position_ids)
         self.teacher_inputs = None
-        with torch.no_grad(), self.teacher_timer():
-            teacher_out = self.teacher(t_ids, t_pos, attention_mask)
+        teacher_out = None
+        if self.run_teacher:
+            with torch.no_grad(), self.teacher_timer():
+                teacher_out = self.teacher(t_ids, t_pos, attention_mask)
         with self.student_timer():
             student_out = self.module(input_ids, position_ids, attention_mask, **kwargs)
         aux = None
@@ -125,6 +131,8 @@ class DistillationModel(torch.nn.Module):
         if self.is_last_stage:
             self._teacher_output, self._aux = teacher_out, aux
             return student_out
+        if teacher_out is None:  # the next stage's teacher does not run either: any values do
+            teacher_out = student_out.new_zeros(*student_out.shape[:-1], self.teacher_hidden)
         out = torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
         if aux is not None:  # back-propagated together with this stage's output (intermediate.py)
             out = InjectAuxLoss.apply(out, aux, self._loss_scale(out))

@@ -46,10 +46,21 @@ class DistillTrainer(Trainer):
     the pairs may live on any stage, so only a collective over all ranks sees all of them."""
 
     def __init__(self, *args: Any, kd_state: KDState, distill_model: DistillationModel | None = None,
-                 intermediate: tuple[int, float] | None = None, **kwargs: Any):
+                 intermediate: tuple[int, float] | None = None, eval_with_teacher: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.kd_state, self.distill_model = kd_state, distill_model
         self.intermediate = intermediate
+        self.eval_with_teacher = eval_with_teacher
+
+    def evaluate(self, valid_iterator: Iterator) -> dict[str, float]:
+        """Held-out evaluation; without ``kd.eval_with_teacher`` the teacher sits it out."""
+        if self.distill_model is None or self.eval_with_teacher:
+            return super().evaluate(valid_iterator)
+        self.distill_model.run_teacher = False
+        try:
+            return super().evaluate(valid_iterator)
+        finally:
+            self.distill_model.run_teacher = True
 
     def train_step(self, data_iterator: Iterator) -> dict[str, float]:
         """One optimizer step at alpha(iteration); see :meth:`Trainer.train_step`."""
@@ -256,10 +267,13 @@ def build_distill_trainer(cfg: DistillConfig, model_cfg: ModelConfig, spec: Teac
             else spec.vocab
         vmap = build_plan_vocab_map(plan, cfg.kd.cross_tokenizer)
         step = CrossTokenizerForwardStep(cfg.kd, plan, vmap, state, offline=xtok_offline)
-        valid_step = CrossTokenizerForwardStep(cfg.kd, plan, vmap, state, evaluation=True, offline=xtok_offline)
+        valid_step = CrossTokenizerForwardStep(cfg.kd, plan, vmap, state, evaluation=True, offline=xtok_offline,
+                                               with_teacher=cfg.kd.eval_with_teacher)
     else:
         step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state)
-        valid_step = DistillForwardStep(cfg.kd.mode, cfg.kd, vocab, state, evaluation=True)
+        # without the teacher, online evaluation is the student's plain LM evaluation (mode none)
+        eval_mode = cfg.kd.mode if cfg.kd.eval_with_teacher or cfg.kd.mode != "online" else "none"
+        valid_step = DistillForwardStep(eval_mode, cfg.kd, vocab, state, evaluation=True)
 
     def extra_state() -> dict[str, Any]:
         # alpha is a function of the iteration, which the checkpoint restores: recorded for reference.
@@ -269,7 +283,7 @@ def build_distill_trainer(cfg: DistillConfig, model_cfg: ModelConfig, spec: Teac
     trainer = DistillTrainer(chunks, optimizer, scheduler, step, model_cfg, cfg.train, cfg.checkpoint, cfg.logging,
                              valid_forward_step_func=valid_step, adjust_tensor_shapes_fn=adjust,
                              extra_state=extra_state, tokenizer=cfg.data.tokenizer, desc=f"distill[{cfg.kd.mode}]",
-                             kd_state=state, distill_model=distill_model,
+                             kd_state=state, distill_model=distill_model, eval_with_teacher=cfg.kd.eval_with_teacher,
                              intermediate=((len(cfg.kd.intermediate), cfg.kd.intermediate_weight)
                                            if spec is not None and cfg.kd.intermediate else None))
     return trainer

@@ -187,6 +187,8 @@ class Quickstart:
         data["teacher"] = {"load": self.results["teacher"]["checkpoint"]}
         data["kd"] = {"mode": mode, "kind": "forward_kl", "temperature": s.kd_temperature, "alpha": s.kd_alpha,
                       "alpha_schedule": "constant"}
+        if mode == "online":  # the held-out curves are LM losses: no teacher forward in evaluation (~6 s/student)
+            data["kd"]["eval_with_teacher"] = False
         if xtok:  # the teacher re-reads the same text with its own tokenizer in the job (issue 17)
             data["teacher"]["tokenizer"] = self.tokenizer_path
             data["kd"].update(cross_tokenizer=cross_tokenizer, alpha=s.xtok_alpha)

@@ -75,8 +75,13 @@ def _identical_worker(rank, world_size, tmp):
     for name, extra in (("kl", []), ("hybrid", ["kd.cross_tokenizer=hybrid"]),
                         ("projected", ["kd.cross_tokenizer=projected"])):
         out[name] = _student(tmp, name, "tt", 3, extra + ["kd.alpha=0.5"])["train"]
-    # A teacher with another tokenizer (the student reads "st"): runs, aligns most positions.
-    out["cross"] = _student(tmp, "cross", "st", 2, ["kd.cross_tokenizer=uld", "kd.uld_top_m=8"])["train"]
+    # A teacher with another tokenizer (the student reads "st"): runs, aligns most positions; with
+    # kd.eval_with_teacher=false its held-out evaluation is the student's LM loss alone, training unchanged.
+    cross = ["kd.cross_tokenizer=uld", "kd.uld_top_m=8", f"data.valid_prefixes=[{tmp}/st_held_text_document]"]
+    run = _student(tmp, "cross", "st", 2, cross)
+    out["cross"], out["cross_valid"] = run["train"], run["valid"]
+    run = _student(tmp, "cross_lm_eval", "st", 2, cross + ["kd.eval_with_teacher=false"])
+    out["cross_lm_eval"], out["cross_lm_eval_valid"] = run["train"], run["valid"]
     return out
 
 
@@ -92,6 +97,10 @@ def test_identical_tokenizers_reduce_to_plain_online_kd(tmp_path):
     assert 0.5 < cross["xtok_aligned"] < 1.0 and cross["kd"] > 0 and "teacher_time_s" in cross
     records = [json.loads(ln) for ln in (tmp_path / "cross" / "metrics.jsonl").read_text().splitlines()]
     assert "xtok_aligned" in records[0]
+    no_time = lambda m: {k: v for k, v in m.items() if not k.endswith(("time_s", "_frac", "tokens_per_s"))}  # noqa: E731
+    assert no_time(out["cross_lm_eval"]) == no_time(cross)
+    valid, lm_only = out["cross_valid"], out["cross_lm_eval_valid"]
+    assert lm_only["lm"] == valid["lm"] and valid["kd"] > 0 and "kd" not in lm_only and "xtok_aligned" not in lm_only
 
 
 def _e2e_worker(rank, world_size, tmp):
