@@ -1,7 +1,8 @@
 """Quickstart sizes: how big each model is and how long each stage runs.
 
-``full`` (the default of ``megatron-kd quickstart``) takes about 12 minutes on 2 idle CPU cores (731 s
-measured with two workers, 2026-12-07; 777 s the day before, 872 s before the shared teacher pass),
+``full`` (the default of ``megatron-kd quickstart``) takes about 9 minutes on 2 idle CPU cores (544-546 s
+measured with two workers, 2026-12-07, evening; 729 s that morning, 777 s the day before, 872 s before the
+shared teacher pass; docs/quickstart.md),
 ``tiny`` at a few minutes (CI smoke use; 303 s of stage time with all eight students, measured
 2026-12-06 on a 2-core machine at load average ~30). Both keep
 the teacher clearly stronger than the students (2x deeper, 2x wider, more tokens), so that
