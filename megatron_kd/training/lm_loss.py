@@ -76,8 +76,8 @@ def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: tor
     (:func:`make_lm_forward_step`). On the last stage the output layer keeps its logits in its own
     ``[s, b, V/tp]`` layout (:class:`megatron_kd.models.head.HeadCapture` ``keep_logits``) and the
     loss reads them there: megatron's ``[b, s]`` transposed copy of the logits, and the two copies
-    of its gradient in the output layer's backward, are not made (~8% of a CPU step of the
-    quickstart's teacher; the same bits: tests/training/test_lm_loss.py).
+    of its gradient in the output layer's backward, are not made (-4.6% per one-thread CPU step of
+    the quickstart's teacher; the same bits: tests/training/test_trainer.py).
     """
     from megatron_kd.models.head import capture_for
 
