@@ -48,14 +48,11 @@ class FusedHead:
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         """Within: the output layers return their hidden states (module doc)."""
-        caps = [c for c in (self.student, self.teacher) if c is not None]
-        for c in caps:
-            c.active = True
-        try:
+        with contextlib.ExitStack() as stack:
+            for c in (self.student, self.teacher):
+                if c is not None:
+                    stack.enter_context(c.capturing())
             yield
-        finally:
-            for c in caps:
-                c.active = False
 
     def weights(self) -> HeadWeights:
         """The weights recorded by the last captured forward."""

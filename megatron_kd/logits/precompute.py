@@ -138,11 +138,8 @@ def _forward_calls(model, calls, source: _BatchSource, collect, pp: int, fused_h
             b = next(data_iterator)
             if cap is None:
                 return model_(b["tokens"], b["position_ids"], None), partial(collect, b)
-            cap.active = True
-            try:
+            with cap.capturing():
                 out = model_(b["tokens"], b["position_ids"], None)
-            finally:
-                cap.active = False
             return out, partial(collect, b, head=(cap.pop_weight(), cap.sequence_parallel))
 
         with torch.no_grad():

@@ -17,7 +17,8 @@ smaller. Same logits, same gradients, bit for bit (:func:`megatron_kd.training.l
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 from megatron.core.utils import get_attr_wrapped_model
@@ -51,6 +52,16 @@ class HeadCapture:
     def sequence_parallel(self) -> bool:
         """Whether the layer's input is a sequence-parallel shard."""
         return bool(getattr(self.layer, "sequence_parallel", False))
+
+    @contextlib.contextmanager
+    def capturing(self, keep_logits: bool = False) -> Iterator["HeadCapture"]:
+        """Within: the layer hands back its input and records its weight (``keep_logits``: keeps its
+        logits instead); the next :meth:`pop_weight` / :meth:`pop_logits` reads what it recorded."""
+        self.active, self.keep_logits = True, keep_logits
+        try:
+            yield self
+        finally:
+            self.active = self.keep_logits = False
 
     def pop_logits(self) -> torch.Tensor:
         """The logits ``[s, b, V/tp]`` kept by the last ``keep_logits`` forward (then forgotten)."""

@@ -88,11 +88,8 @@ def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: tor
     if cap is None:  # not the last pipeline stage: its output is the activation sent on
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(lm_loss_func, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab_size)
-    cap.active = cap.keep_logits = True
-    try:
+    with cap.capturing(keep_logits=True):
         model(batch["tokens"], batch["position_ids"], None)
-    finally:
-        cap.active = cap.keep_logits = False
     return cap.pop_logits(), partial(lm_loss_func, batch["loss_mask"], labels=batch["labels"], vocab_size=vocab_size,
                                      seq_first=True)
 
@@ -129,11 +126,8 @@ def fused_lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], mode
     if cap is None:
         return lm_forward_step(data_iterator, model, vocab_size)
     batch = batch_to_device(next(data_iterator))
-    cap.active = True
-    try:
+    with cap.capturing():
         hidden = model(batch["tokens"], batch["position_ids"], None)
-    finally:
-        cap.active = False
     return hidden, partial(fused_lm_loss_func, batch["loss_mask"], labels=batch["labels"], weight=cap.pop_weight(),
                            vocab_size=vocab_size, sequence_parallel=cap.sequence_parallel)
 
